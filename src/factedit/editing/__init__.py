@@ -1,0 +1,1 @@
+"""Editing methods and what they share: requests, keys, values, templates, patches, hyper-parameters."""

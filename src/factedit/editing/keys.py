@@ -1,0 +1,77 @@
+"""Keys: the rewrite module's input at the subject's last token (ROME's k*, MEMIT's K).
+
+One implementation for every method: a batched partial forward over prompts,
+reading each requested layer's rewrite-module input and stopping after the
+deepest one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from factedit.hooks import TraceDict
+from factedit.models.architectures import ArchSpec
+from factedit.text import SubjectPrompt, encode_with_subject, pad_id, pad_right
+
+
+def lookup_position(prompt: SubjectPrompt, fact_token: str) -> int:
+    """Where a fact is looked up: the subject's last token, or the prompt's last token."""
+    if fact_token == "subject_last":
+        return prompt.subject_last
+    if fact_token == "last":
+        return len(prompt.ids) - 1
+    raise ValueError(f"unknown fact_token {fact_token!r}")
+
+
+@torch.no_grad()
+def module_inputs_at(
+    model: nn.Module,
+    names: Sequence[str],
+    prompts: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    *,
+    pad: int,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Input of each named module at one position per prompt: ``{name: (n_prompts, d_in)}``.
+
+    ``names`` must be in execution order; the forward stops after the last.
+    """
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
+        pos = torch.tensor(positions[start : start + batch_size], device=device)
+        ids, mask = pad_right(chunk, pad, device)
+        with TraceDict(model, names, retain_input=True, retain_output=False, stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        rows = torch.arange(len(chunk), device=device)
+        for name in names:
+            out[name].append(tr[name].input[rows, pos])
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def subject_keys(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    arch: ArchSpec,
+    layers: Sequence[int],
+    prompt: str,
+    subject: str,
+    templates: Sequence[str],
+    fact_token: str = "subject_last",
+) -> dict[int, torch.Tensor]:
+    """Keys of one (prompt, subject) under every context template: ``{layer: (n_templates, d_in)}``.
+
+    Row 0 is the bare prompt when ``templates[0] == "{}"``; the mean over rows is ROME's k*.
+    """
+    encoded = [encode_with_subject(tok, t.replace("{}", prompt), subject) for t in templates]
+    positions = [lookup_position(p, fact_token) for p in encoded]
+    layers = sorted(layers)
+    names = [arch.rewrite_at(layer) for layer in layers]
+    inputs = module_inputs_at(model, names, [p.ids for p in encoded], positions, pad=pad_id(tok))
+    return {layer: inputs[name] for layer, name in zip(layers, names)}

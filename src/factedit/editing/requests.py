@@ -1,0 +1,69 @@
+"""An edit request: (subject, relation prompt) should now complete to a new target."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from factedit.errors import FactEditError
+from factedit.text import check_prompt, check_subject, with_leading_space
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """``prompt`` holds ``{}`` where ``subject`` goes, e.g. ``"The {} is located in the city of"``."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    case_id: int | str | None = None
+
+    def __post_init__(self) -> None:
+        check_prompt(self.prompt)
+        check_subject(self.subject)
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise FactEditError("target is empty")
+        if self.target_true is not None and not str(self.target_true).strip():
+            raise FactEditError("true target is empty (leave it out instead)")
+
+    @property
+    def text(self) -> str:
+        return self.prompt.format(self.subject) if "{}" in self.prompt else self.prompt
+
+    @property
+    def new_text(self) -> str:
+        """The new target as it follows the prompt (with ROME's leading space)."""
+        return with_leading_space(self.target_new.strip())
+
+    @property
+    def true_text(self) -> str | None:
+        return with_leading_space(self.target_true.strip()) if self.target_true else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditRequest:
+        """Accept the simple form ``{prompt, subject, target[_new], target_true}`` or a CounterFact record."""
+        if "requested_rewrite" in data:
+            rw = data["requested_rewrite"]
+            return cls(
+                prompt=rw["prompt"],
+                subject=rw["subject"],
+                target_new=rw["target_new"]["str"],
+                target_true=rw["target_true"]["str"],
+                case_id=data.get("case_id"),
+            )
+        if "prompt" in data and "subject" in data:
+            new = data.get("target_new", data.get("target"))
+            if isinstance(new, dict):
+                new = new.get("str")
+            true = data.get("target_true")
+            if isinstance(true, dict):
+                true = true.get("str")
+            if new is None:
+                raise FactEditError("request has no 'target' / 'target_new'")
+            return cls(prompt=data["prompt"], subject=data["subject"], target_new=new, target_true=true,
+                       case_id=data.get("case_id"))
+        raise FactEditError("a request needs 'prompt', 'subject' and 'target' (or a CounterFact 'requested_rewrite')")

@@ -1,0 +1,156 @@
+"""ROME: Rank-One Model Editing (Meng et al. 2022, arXiv 2202.05262), as in kmeng01/rome.
+
+For each edited layer: k* = mean key over context templates, u = C⁻¹k* / |C⁻¹k*|,
+v* from the value optimisation, and ΔW = (v* − W k)(u)ᵀ / (kᵀu), so the edited
+weight maps k to v*. ``consistent_key`` (default, r-ROME) uses k = k*; switched
+off, k is the bare prompt's key, as in the original code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from factedit import __version__
+from factedit.editing.hparams import ROMEHyperParams
+from factedit.editing.keys import subject_keys
+from factedit.editing.patch import Patch, PatchEntry
+from factedit.editing.requests import EditRequest
+from factedit.editing.templates import context_templates
+from factedit.editing.values import build_value_problem, optimize_values
+from factedit.errors import FactEditError
+from factedit.models.architectures import arch_for, get_module, get_parameter
+from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
+from factedit.stats.second_moment import second_moments
+from factedit.text import pad_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RomeLayerResult:
+    """Everything ROME computed for one layer (useful for inspection and equivalence tests)."""
+
+    layer: int
+    keys: torch.Tensor  # (n_templates, d_in)
+    u: torch.Tensor
+    v: torch.Tensor  # right vector: (v* − W k) / (kᵀu)
+    v_star: torch.Tensor
+    k_update: torch.Tensor
+    losses: list[dict[str, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def left_vector(k_mean: torch.Tensor, second_moment: torch.Tensor | None) -> torch.Tensor:
+    """u = C⁻¹k (solved in float64), normalised; k itself when ``second_moment`` is None."""
+    u = k_mean.double()
+    if second_moment is not None:
+        u = torch.linalg.solve(second_moment.double().to(u.device), u)
+    return (u / u.norm()).float()
+
+
+def compute_rome(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: ROMEHyperParams | None = None,
+    *,
+    second_moment: dict[int, torch.Tensor] | None = None,
+    templates: list[str] | None = None,
+    corpus: str | None = None,
+    progress: bool = False,
+) -> tuple[Patch, list[RomeLayerResult]]:
+    """Compute a ROME edit as a :class:`Patch`; the model is left unchanged.
+
+    ``second_moment``: ``{layer: C}`` to use instead of the cached statistics;
+    ``templates``: context templates to use instead of generating them.
+    """
+    hp = hparams or ROMEHyperParams.for_model(model)
+    hp.check_model(model)
+    arch = arch_for(model)
+    base_fp = model_fingerprint(model)
+    if templates is None:
+        templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
+                                      fingerprint=base_fp)
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise FactEditError("every context template must contain exactly one '{}'")
+    if hp.mom2_adjustment:
+        missing = [layer for layer in hp.layers if second_moment is None or layer not in second_moment]
+        stats = second_moments(model, tok, missing, corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
+                               max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=progress) if missing else {}
+        second_moment = {**(second_moment or {}), **stats}
+    problem = build_value_problem(tok, request, templates, hp.fact_token)  # validates subject and target first
+
+    results: list[RomeLayerResult] = []
+    entries: list[PatchEntry] = []
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for layer in hp.layers:
+            results.append(_edit_layer(model, tok, arch, request, hp, layer, templates, problem,
+                                       second_moment.get(layer) if hp.mom2_adjustment else None))
+            res = results[-1]
+            name = arch.rewrite_weight_at(layer)
+            weight = get_parameter(model, name)
+            entries.append(PatchEntry(name=name, shape=tuple(weight.shape), transposed=arch.conv1d,
+                                      left=res.v[:, None].cpu(), right=res.u[None, :].cpu(),
+                                      base_sha256=tensor_sha256(weight)))
+            if layer != hp.layers[-1]:  # later layers are computed on the model with this layer edited
+                with torch.no_grad():
+                    originals.setdefault(name, weight.detach().clone())
+                    weight.copy_((weight.float() + entries[-1].delta().to(weight.device)).to(weight.dtype))
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                get_parameter(model, name).copy_(original)
+
+    patch = Patch(
+        method="rome" if hp.consistent_key else "rome-original",
+        entries=entries,
+        base_fingerprint=base_fp,
+        model_identity=model_identity(model),
+        requests=[request.to_dict()],
+        hparams=hp.model_dump(mode="json"),
+        info={"losses": [r.losses for r in results], "timings": [r.timings for r in results],
+              "templates": templates},
+        version=__version__,
+    )
+    return patch, results
+
+
+def _edit_layer(model, tok, arch, request, hp: ROMEHyperParams, layer, templates, problem, moment) -> RomeLayerResult:
+    started = time.perf_counter()
+    keys = subject_keys(model, tok, arch, [layer], request.prompt, request.subject, templates, hp.fact_token)[layer]
+    k_mean = keys.mean(0)
+    u = left_vector(k_mean, moment)
+    t_k = time.perf_counter()
+    values = optimize_values(model, arch, [problem], site=arch.rewrite_at(layer), layer=layer, hparams=hp,
+                             pad=pad_id(tok))
+    t_v = time.perf_counter()
+    v_star = values.targets[0]
+    if hp.consistent_key:
+        k_update = k_mean
+    elif templates[0] == "{}":
+        k_update = keys[0]
+    else:
+        k_update = subject_keys(model, tok, arch, [layer], request.prompt, request.subject, ["{}"], hp.fact_token)[layer][0]
+    with torch.no_grad():
+        w_k = get_module(model, arch.rewrite_at(layer))(k_update[None].to(model.dtype))[0].float()
+        denom = torch.dot(k_update.float(), u)
+        if abs(float(denom)) < 1e-8:
+            raise FactEditError(f"layer {layer}: key is orthogonal to u (kᵀu={float(denom):.3g}); cannot edit")
+        v = (v_star - w_k) / denom
+    timings = {"k": t_k - started, "v": t_v - t_k, "update": time.perf_counter() - t_v}
+    return RomeLayerResult(layer=layer, keys=keys, u=u, v=v, v_star=v_star, k_update=k_update,
+                           losses=values.losses[0], timings=timings)
+
+
+def apply_rome(model: nn.Module, tok: PreTrainedTokenizerBase, request: EditRequest,
+               hparams: ROMEHyperParams | None = None, **kwargs) -> Patch:
+    """Compute a ROME edit and apply it; returns the applied :class:`Patch` (``patch.revert(model)`` undoes it)."""
+    patch, _ = compute_rome(model, tok, request, hparams, **kwargs)
+    return patch.apply(model)

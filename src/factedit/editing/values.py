@@ -1,0 +1,316 @@
+"""Values: optimise the vector a module should output at the subject so the model says the target.
+
+ROME's v* (added to the rewrite module's output) and MEMIT's z (added to a
+block's output) are the same optimisation: a per-request vector ``delta`` added
+at the subject's last token of every prompt, trained with Adam on
+
+    NLL(target | prompts) + kl_factor * KL(p(.|"{subject} is a") || p_init) + wd * |delta| / |v_init|²,
+
+clamped to ``clamp_norm_factor * |v_init|``, stopped early below ``early_stop_loss``
+(kmeng01/rome ``compute_v.py``). Several requests are optimised together, each
+with its own delta and its own early stop.
+
+The fast path (``prefix_cache``) does the same arithmetic with less work: the
+prompt tokens before the subject's last token never depend on delta (causal
+attention) and no block below the edited one does either, so one no-grad pass
+stores their keys/values and the hidden state entering the edited block; each
+step then runs only the edited block and those above it, only on the tokens from
+the subject's last one on, and applies the LM head only where the loss reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from factedit.editing.hparams import ValueOptimizationParams
+from factedit.editing.keys import lookup_position
+from factedit.editing.requests import EditRequest
+from factedit.hooks import Trace, frozen, swap_modules
+from factedit.models.architectures import ArchSpec, get_module
+from factedit.text import encode_with_subject, pad_right, target_ids
+
+log = logging.getLogger(__name__)
+
+KL_PROMPT = "{} is a"
+
+
+@dataclass
+class ValueProblem:
+    """One request: prompts whose continuation must become ``target``, and prompts kept close (KL)."""
+
+    rewrite_prompts: list[list[int]]  # prompt ids followed by target ids[:-1]
+    rewrite_lookup: list[int]
+    prompt_lengths: list[int]  # where the target starts in each rewrite prompt
+    kl_prompts: list[list[int]]
+    kl_lookup: list[int]
+    target: list[int]
+
+
+def build_value_problem(
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    templates: list[str],
+    fact_token: str = "subject_last",
+    kl_prompts: tuple[str, ...] = (KL_PROMPT,),
+) -> ValueProblem:
+    target = target_ids(tok, request.text, request.new_text)
+    rewrite, lookup, lengths = [], [], []
+    for template in templates:
+        encoded = encode_with_subject(tok, template.replace("{}", request.prompt), request.subject)
+        rewrite.append(encoded.ids + target[:-1])
+        lookup.append(lookup_position(encoded, fact_token))
+        lengths.append(len(encoded.ids))
+    kl = [encode_with_subject(tok, p, request.subject) for p in kl_prompts]
+    return ValueProblem(
+        rewrite_prompts=rewrite,
+        rewrite_lookup=lookup,
+        prompt_lengths=lengths,
+        kl_prompts=[p.ids for p in kl],
+        kl_lookup=[lookup_position(p, fact_token) for p in kl],
+        target=target,
+    )
+
+
+@dataclass
+class ValueResult:
+    target_init: torch.Tensor  # (n, d): the module's unedited output at the lookup of each problem's first prompt
+    delta: torch.Tensor  # (n, d)
+    steps: int
+    losses: list[list[dict[str, float]]] = field(default_factory=list)  # per problem, per evaluated step
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.target_init + self.delta
+
+
+class _KnownOutput(nn.Module):
+    """Stands in for a block whose output is already known; other attributes come from the block."""
+
+    def __init__(self, block: nn.Module, value: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        self.value = value
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.value
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+@dataclass
+class _Rows:
+    """All prompts of all problems, flattened into one batch."""
+
+    ids: list[list[int]]
+    lookup: torch.Tensor  # (B,)
+    problem: torch.Tensor  # (B,) problem index of each row
+    rw_rows: torch.Tensor  # (M,) row of each target token
+    rw_pos: torch.Tensor  # (M,) position whose logits predict it
+    rw_ids: torch.Tensor  # (M,) the target token
+    rw_row_of_token: torch.Tensor  # (M,) index into rewrite rows
+    rw_problem: torch.Tensor  # (R,) problem of each rewrite row
+    rw_target_len: torch.Tensor  # (R,)
+    kl_rows: torch.Tensor  # (K,)
+    kl_problem: torch.Tensor  # (K,)
+    first_rows: torch.Tensor  # (n,) first rewrite row of each problem
+
+
+def _flatten(problems: list[ValueProblem], device: torch.device) -> _Rows:
+    ids, lookup, problem = [], [], []
+    rw_rows, rw_pos, rw_ids, rw_tok_row, rw_problem, rw_len = [], [], [], [], [], []
+    kl_rows, kl_problem, first_rows = [], [], []
+    for p_idx, prob in enumerate(problems):
+        first_rows.append(len(ids))
+        for prompt, look, length in zip(prob.rewrite_prompts, prob.rewrite_lookup, prob.prompt_lengths):
+            row = len(ids)
+            for j, token in enumerate(prob.target):
+                rw_rows.append(row)
+                rw_pos.append(length - 1 + j)
+                rw_ids.append(token)
+                rw_tok_row.append(len(rw_problem))
+            rw_problem.append(p_idx)
+            rw_len.append(len(prob.target))
+            ids.append(prompt)
+            lookup.append(look)
+            problem.append(p_idx)
+        for prompt, look in zip(prob.kl_prompts, prob.kl_lookup):
+            kl_rows.append(len(ids))
+            kl_problem.append(p_idx)
+            ids.append(prompt)
+            lookup.append(look)
+            problem.append(p_idx)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return _Rows(ids, t(lookup), t(problem), t(rw_rows), t(rw_pos), t(rw_ids), t(rw_tok_row), t(rw_problem),
+                 t(rw_len).float(), t(kl_rows), t(kl_problem), t(first_rows))
+
+
+def lm_logits(model: nn.Module, arch: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits from final-norm outputs (with the config's logit soft-capping, if any)."""
+    logits = get_module(model, arch.lm_head)(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _per_problem_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
+    count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, torch.ones_like(values))
+    return total / count.clamp_min(1)
+
+
+class _PrefixCache:
+    """What one no-grad pass knows that no optimisation step can change."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, site: str, layer: int, rows: _Rows, pad: int) -> None:
+        device = rows.lookup.device
+        ids, mask = pad_right(rows.ids, pad, device)
+        cache = DynamicCache(config=model.config)
+        names = [site] + ([arch.block(layer - 1)] if layer > 0 else [])
+        traces = {name: Trace(model, name, retain_output=True) for name in names}
+        try:
+            with torch.no_grad(), Trace(model, arch.final_norm, retain_output=False, stop=True):
+                model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        finally:
+            for trace in traces.values():
+                trace.close()
+        b = torch.arange(len(rows.ids), device=device)
+        self.site_at_lookup = traces[site].output[b, rows.lookup]
+        self.layer = layer
+        self.past = int(rows.lookup.max())
+        lengths = mask.sum(1)
+        self.suffix_len = lengths - rows.lookup
+        width = int(self.suffix_len.max())
+        offsets = torch.arange(width, device=device)
+        gather = (rows.lookup[:, None] + offsets[None, :]).clamp(max=ids.shape[1] - 1)
+        self.suffix_ids = torch.where(offsets[None] < self.suffix_len[:, None], ids.gather(1, gather), pad)
+        self.position_ids = rows.lookup[:, None] + offsets[None, :]
+        self.below = traces[arch.block(layer - 1)].output.gather(
+            1, gather[..., None].expand(-1, -1, traces[arch.block(layer - 1)].output.shape[-1])
+        ) if layer > 0 else None
+        self.kv = [(lyr.keys[:, :, : self.past], lyr.values[:, :, : self.past]) for lyr in cache.layers]
+        self.mask = self._attention_mask(rows.lookup, offsets, model.dtype)
+
+    def _attention_mask(self, lookup: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, S, P+S) additive mask: each row sees its own prefix, then its suffix causally."""
+        past_ok = torch.arange(self.past, device=lookup.device)[None, None, :] < lookup[:, None, None]
+        past_ok = past_ok.expand(-1, offsets.numel(), -1)
+        causal = offsets[None, :, None] >= offsets[None, None, :]
+        real_key = offsets[None, None, :] < self.suffix_len[:, None, None]
+        suffix_ok = causal & real_key
+        allowed = torch.cat([past_ok, suffix_ok.expand(lookup.numel(), -1, -1)], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=lookup.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def new_cache(self, model: nn.Module) -> DynamicCache:
+        return DynamicCache(ddp_cache_data=self.kv, config=model.config)
+
+
+def optimize_values(
+    model: nn.Module,
+    arch: ArchSpec,
+    problems: list[ValueProblem],
+    *,
+    site: str,
+    layer: int,
+    hparams: ValueOptimizationParams,
+    pad: int,
+) -> ValueResult:
+    """Optimise one delta per problem at the output of module ``site`` (inside block ``layer``)."""
+    device = next(model.parameters()).device
+    rows = _flatten(problems, device)
+    n = len(problems)
+    prefix = _PrefixCache(model, arch, site, layer, rows, pad)
+    target_init = prefix.site_at_lookup[rows.first_rows].float()
+    delta = torch.zeros_like(target_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = hparams.clamp_norm_factor * target_init.norm(dim=1)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    kl_init: torch.Tensor | None = None
+    history: list[list[dict[str, float]]] = [[] for _ in range(n)]
+    blocks = get_module(model, arch.blocks)
+    steps = 0
+
+    with frozen(model):
+        for it in range(hparams.v_num_grad_steps):
+            steps = it + 1
+            opt.zero_grad()
+            if hparams.prefix_cache:
+                rw_logits, kl_logits = _fast_forward(model, arch, site, rows, prefix, delta, blocks)
+            else:
+                rw_logits, kl_logits = _plain_forward(model, arch, site, rows, delta, pad)
+            rw_logp = torch.log_softmax(rw_logits.float(), dim=-1).gather(1, rows.rw_ids[:, None]).squeeze(1)
+            per_row = torch.zeros(len(rows.rw_problem), device=device).index_add(0, rows.rw_row_of_token, rw_logp)
+            nll_each = -per_row / rows.rw_target_len
+            nll = _per_problem_mean(nll_each, rows.rw_problem, n)
+            kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl_each = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # = F.kl_div(init, cur, log_target=True)
+            kl = hparams.kl_factor * _per_problem_mean(kl_each, rows.kl_problem, n)
+            wd = hparams.v_weight_decay * (delta.norm(dim=1) / target_init.norm(dim=1) ** 2)
+            total = nll + kl + wd
+            avg_prob = _per_problem_mean(torch.exp(-nll_each).detach(), rows.rw_problem, n)
+            for i in range(n):
+                if not done[i]:
+                    history[i].append({"total": float(total[i].detach()), "nll": float(nll[i].detach()), "kl": float(kl[i].detach()),
+                                       "wd": float(wd[i].detach()), "avg_prob": float(avg_prob[i])})
+            done |= total.detach() < hparams.early_stop_loss
+            if bool(done.all()) or it == hparams.v_num_grad_steps - 1:
+                break
+            total[~done].sum().backward()
+            kept = delta.detach()[done].clone()
+            opt.step()
+            with torch.no_grad():
+                delta[done] = kept
+                norms = delta.norm(dim=1)
+                over = norms > max_norm
+                delta[over] = delta[over] * (max_norm[over] / norms[over])[:, None]
+    log.debug("value optimisation: %d problems, %d steps", n, steps)
+    return ValueResult(target_init=target_init, delta=delta.detach(), steps=steps, losses=history)
+
+
+def _plain_forward(model, arch, site, rows: _Rows, delta, pad):
+    """The official computation: every prompt, every layer, logits everywhere."""
+    device = delta.device
+    ids, mask = pad_right(rows.ids, pad, device)
+    b = torch.arange(len(rows.ids), device=device)
+
+    def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
+        return out.index_put((b, rows.lookup), delta[rows.problem].to(out.dtype), accumulate=True)
+
+    with Trace(model, site, retain_output=False, edit_output=add_delta):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits[rows.rw_rows, rows.rw_pos], logits[rows.kl_rows, rows.lookup[rows.kl_rows]]
+
+
+def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, delta, blocks):
+    """Only the edited block and above, only from the lookup token on, logits only where read."""
+
+    def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
+        first = out[:, :1] + delta[rows.problem].to(out.dtype)[:, None]
+        return torch.cat([first, out[:, 1:]], dim=1)
+
+    stubs = {f"{arch.blocks}.{i}": _KnownOutput(blocks[i], prefix.below) for i in range(prefix.layer)}
+    with swap_modules(model, stubs), Trace(model, site, retain_output=False, edit_output=add_delta), \
+            Trace(model, arch.final_norm, retain_output=True, detach=False, stop=True) as final:
+        model(input_ids=prefix.suffix_ids, attention_mask=prefix.mask, position_ids=prefix.position_ids,
+              cache=prefix.new_cache(model), use_cache=True)
+    hidden = final.output
+    rw_hidden = hidden[rows.rw_rows, rows.rw_pos - rows.lookup[rows.rw_rows]]
+    kl_hidden = hidden[rows.kl_rows, 0]
+    logits = lm_logits(model, arch, torch.cat([rw_hidden, kl_hidden]))
+    return logits[: len(rows.rw_rows)], logits[len(rows.rw_rows):]

