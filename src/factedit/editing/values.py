@@ -173,12 +173,21 @@ def _per_problem_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torc
 
 
 class _PrefixCache:
-    """What one no-grad pass knows that no optimisation step can change."""
+    """What one no-grad pass knows that no optimisation step can change.
+
+    The prefix keys/values are stored *left-aligned*: row i's ``lookup[i]`` prefix
+    tokens sit at cache slots ``past - lookup[i] .. past - 1`` (earlier slots are
+    masked out). Every suffix token is then exactly as far from each prefix token
+    in cache slots as in the real sequence, so the model builds the correct
+    causal, padding and sliding-window masks itself from a 2D mask; RoPE/learned
+    positions come from ``position_ids``. The caches have only full (non-sliding)
+    layers so that sliding-window layers keep their whole prefix.
+    """
 
     def __init__(self, model: nn.Module, arch: ArchSpec, site: str, layer: int, rows: _Rows, pad: int) -> None:
         device = rows.lookup.device
         ids, mask = pad_right(rows.ids, pad, device)
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()  # no config: full layers, which keep every position (a sliding layer would not)
         names = [site] + ([arch.block(layer - 1)] if layer > 0 else [])
         traces = {name: Trace(model, name, retain_output=True) for name in names}
         try:
@@ -201,22 +210,23 @@ class _PrefixCache:
         self.below = traces[arch.block(layer - 1)].output.gather(
             1, gather[..., None].expand(-1, -1, traces[arch.block(layer - 1)].output.shape[-1])
         ) if layer > 0 else None
-        self.kv = [(lyr.keys[:, :, : self.past], lyr.values[:, :, : self.past]) for lyr in cache.layers]
-        self.mask = self._attention_mask(rows.lookup, offsets, model.dtype)
+        # slot s of row i holds prefix token s - (past - lookup[i]) (slots before the prefix: masked filler)
+        shift = self.past - rows.lookup
+        slots = torch.arange(self.past, device=device)
+        source = (slots[None, :] - shift[:, None]).clamp(min=0)
+        self.kv = [(self._left_align(lyr.keys, source), self._left_align(lyr.values, source)) for lyr in cache.layers]
+        prefix_ok = slots[None, :] >= shift[:, None]
+        suffix_ok = offsets[None, :] < self.suffix_len[:, None]
+        self.mask = torch.cat([prefix_ok, suffix_ok], dim=1).long()  # (B, past + S)
 
-    def _attention_mask(self, lookup: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, S, P+S) additive mask: each row sees its own prefix, then its suffix causally."""
-        past_ok = torch.arange(self.past, device=lookup.device)[None, None, :] < lookup[:, None, None]
-        past_ok = past_ok.expand(-1, offsets.numel(), -1)
-        causal = offsets[None, :, None] >= offsets[None, None, :]
-        real_key = offsets[None, None, :] < self.suffix_len[:, None, None]
-        suffix_ok = causal & real_key
-        allowed = torch.cat([past_ok, suffix_ok.expand(lookup.numel(), -1, -1)], dim=2)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=lookup.device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    @staticmethod
+    def _left_align(states: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, D) states -> (B, H, past, D) with row i's slots read from positions ``source[i]``."""
+        index = source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+        return states.gather(2, index)
 
     def new_cache(self, model: nn.Module) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=self.kv, config=model.config)
+        return DynamicCache(ddp_cache_data=self.kv)
 
 
 def optimize_values(

@@ -89,7 +89,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp="gpt_neox.layers.{}.mlp",
         rewrite="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",  # transformers 5 renamed GPTNeoXForCausalLM.embed_out to lm_head
     ),
     "llama": _llama_like("llama"),
     "qwen2": _llama_like("qwen2"),

@@ -129,23 +129,36 @@ def collect_second_moments(
         seen += take
         bar.update(take)
 
-    batch: list[list[int]] = []
-    width = 0
-    for doc in corpus.iter_documents(shuffle_seed):
-        if seen >= n_tokens:
+    def batches(pool: list[list[int]]):
+        """Length-sorted batches of at most ``batch_tokens`` padded tokens (little padding waste)."""
+        batch: list[list[int]] = []
+        for ids in sorted(pool, key=len):
+            if batch and len(ids) * (len(batch) + 1) > batch_tokens:
+                yield batch
+                batch = []
+            batch.append(ids)
+        if batch:
+            yield batch
+
+    pool: list[list[int]] = []
+    pool_tokens = 0
+    docs = corpus.iter_documents(shuffle_seed)
+    while seen < n_tokens:
+        doc = next(docs, None)
+        if doc is not None:
+            ids = tok(doc, truncation=True, max_length=max_length)["input_ids"]
+            if ids:
+                pool.append(ids)
+                pool_tokens += len(ids)
+        # Sort and run a pool once it holds enough text for the remaining sample (or the corpus ends).
+        if pool and (doc is None or pool_tokens >= min(n_tokens - seen, 16 * batch_tokens)):
+            for batch in batches(pool):
+                if seen >= n_tokens:
+                    break
+                run_batch(batch)
+            pool, pool_tokens = [], 0
+        if doc is None:
             break
-        ids = tok(doc, truncation=True, max_length=max_length)["input_ids"]
-        if not ids:
-            continue
-        if batch and max(width, len(ids)) * (len(batch) + 1) > batch_tokens:
-            run_batch(batch)
-            batch, width = [], 0
-            if seen >= n_tokens:
-                break
-        batch.append(ids)
-        width = max(width, len(ids))
-    if batch and seen < n_tokens:
-        run_batch(batch)
     bar.close()
     if seen == 0:
         raise FactEditError(f"corpus {corpus.name} produced no tokens")

@@ -1,0 +1,65 @@
+"""Issue check: the first N CounterFact dev records, each edited alone from the unedited model.
+
+Counts new-beats-true on the rewrite prompt and paraphrases, and true-beats-new on the
+neighbourhood prompts, before and after each ROME edit (default hyper-parameters).
+
+    python bench/counterfact10.py [--n 10] [--method rome|rome-original] [--layer L]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import counterfact, machine, score_record
+
+from factedit import EditRequest, ROMEHyperParams, compute_rome, load_model
+from factedit.stats.second_moment import second_moments
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--method", default="rome", choices=["rome", "rome-original"])
+    ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    print(machine())
+    model, tok = load_model()
+    changes = {"consistent_key": args.method == "rome"}
+    if args.layer is not None:
+        changes["layers"] = [args.layer]
+    hp = ROMEHyperParams.for_model(model, **changes)
+    stats = second_moments(model, tok, hp.layers, n_tokens=hp.mom2_n_tokens, dtype=hp.mom2_dtype)
+    totals = {"pre": {}, "post": {}}
+    rows, seconds = [], []
+    for record in counterfact(args.n, args.start):
+        request = EditRequest.from_dict(record)
+        pre = score_record(model, tok, record, request)
+        started = time.perf_counter()
+        patch, _ = compute_rome(model, tok, request, hp, second_moment=stats)
+        seconds.append(time.perf_counter() - started)
+        patch.apply(model)
+        post = score_record(model, tok, record, request)
+        patch.revert(model)
+        rows.append({"case_id": record["case_id"], "pre": pre, "post": post, "seconds": seconds[-1]})
+        for phase, s in (("pre", pre), ("post", post)):
+            for k, v in s.items():
+                totals[phase][k] = totals[phase].get(k, 0) + v
+        print(record["case_id"], request.text, "->", request.new_text, "post:", post, f"{seconds[-1]:.1f}s", flush=True)
+    for phase in ("pre", "post"):
+        t = totals[phase]
+        print(f"{phase}: rewrite new>true {t['rewrite']}/{args.n}; paraphrase new>true "
+              f"{t['paraphrase']}/{t['n_paraphrase']}; neighbourhood true>new "
+              f"{t['neighbourhood_kept']}/{t['n_neighbourhood']}")
+    seconds.sort()
+    print(f"method {args.method}, layer {hp.layers}; median edit time {seconds[len(seconds) // 2]:.1f}s")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"method": args.method, "layers": hp.layers, "totals": totals, "cases": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Choose ROME's default layer for a model: edit CounterFact records at each candidate layer.
+
+Uses records *after* the first 10 (those are the acceptance check), so the choice is not
+tuned on the check. Statistics for all candidate layers come from one pass.
+
+    python bench/rome_layer_sweep.py --layers 2 4 6 8 10 12 15 18 --n 20 --start 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import counterfact, machine, score_record
+
+from factedit import EditRequest, ROMEHyperParams, compute_rome, load_model
+from factedit.stats.second_moment import second_moments
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 6, 8, 10, 12, 15, 18])
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--start", type=int, default=10)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    print(machine())
+    model, tok = load_model(args.model)
+    base = ROMEHyperParams.for_model(model)
+    stats = second_moments(model, tok, args.layers, n_tokens=base.mom2_n_tokens, dtype=base.mom2_dtype)
+    records = counterfact(args.n, args.start)
+    table = []
+    for layer in args.layers:
+        hp = base.replace(layers=[layer])
+        tot = {}
+        for record in records:
+            request = EditRequest.from_dict(record)
+            patch, _ = compute_rome(model, tok, request, hp, second_moment=stats)
+            patch.apply(model)
+            for k, v in score_record(model, tok, record, request).items():
+                tot[k] = tot.get(k, 0) + v
+            patch.revert(model)
+        row = {"layer": layer, "efficacy": tot["rewrite"] / len(records),
+               "paraphrase": tot["paraphrase"] / tot["n_paraphrase"],
+               "neighbourhood": tot["neighbourhood_kept"] / tot["n_neighbourhood"]}
+        row["score"] = 3 / sum(1 / max(row[k], 1e-9) for k in ("efficacy", "paraphrase", "neighbourhood"))
+        table.append(row)
+        print(json.dumps(row), flush=True)
+    print("| layer | efficacy | paraphrase | neighbourhood | harmonic mean |")
+    print("|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['layer']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} | {r['neighbourhood']:.2f} | {r['score']:.3f} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(table, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
