@@ -1,10 +1,11 @@
 """Tiny, randomly initialised causal LMs of every supported family (no download).
 
-Each model has 4 layers, hidden size 64, 4 attention heads (2 key/value heads
-where the family supports grouped-query attention), MLP width 128 and the
+By default a model has 4 layers, hidden size 64, 4 attention heads (2 key/value
+heads where the family supports grouped-query attention), MLP width 128 and the
 vocabulary of the default model's tokenizer (49152), so real text tokenizes.
 Weights come from ``torch.manual_seed(seed)``: the same call always builds the
-same model.
+same model. Attention is the library default (sdpa) unless
+``attn_implementation`` says otherwise (e.g. ``"eager"``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ from transformers import (
 )
 
 VOCAB = 49152
+LAYERS = 4
+HIDDEN = 64
+HEADS = 4
+KV_HEADS = 2
+INTERMEDIATE = 128
+INIT_STD = 0.02
 MAX_POSITIONS = 2048
 # Shorter than the longer test prompts, so Gemma 3's local (sliding-window) layers really mask.
 GEMMA_SLIDING_WINDOW = 8
@@ -78,12 +85,12 @@ def tiny_model(
     family: str,
     *,
     seed: int = 0,
-    hidden: int = 64,
-    layers: int = 4,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    init: float = 0.02,
+    hidden: int = HIDDEN,
+    layers: int = LAYERS,
+    heads: int = HEADS,
+    kv_heads: int = KV_HEADS,
+    intermediate: int = INTERMEDIATE,
+    init: float = INIT_STD,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A tiny random model of ``family`` (a key of ``ARCHITECTURES``), float32, in eval mode.

@@ -304,12 +304,12 @@ def patch_revert(
 
 def _register_optional() -> None:
     """Commands from other sub-packages (tracing, evaluation, web) register themselves here."""
+    import importlib
     import importlib.util
 
-    if importlib.util.find_spec("factedit.cli.trace") is not None:
-        from factedit.cli import trace
-
-        trace.register(app)
+    for module in ("trace", "evaluate", "serve"):
+        if importlib.util.find_spec(f"factedit.cli.{module}") is not None:
+            importlib.import_module(f"factedit.cli.{module}").register(app)
 
 
 _register_optional()

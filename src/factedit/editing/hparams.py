@@ -103,3 +103,31 @@ class ROMEHyperParams(ValueOptimizationParams):
         if len(set(v)) != len(v):
             raise ValueError("layers must be distinct")
         return sorted(v)
+
+
+class MEMITHyperParams(ValueOptimizationParams):
+    """MEMIT (kmeng01/memit ``hparams/MEMIT/*.json``): z at the last layer, update spread over ``layers``."""
+
+    layers: list[int] = Field(min_length=1)
+    fact_token: Literal["subject_last", "last"] = "subject_last"
+    clamp_norm_factor: float = Field(0.75, gt=0)
+    context_template_length_params: list[tuple[int, int]] = [(10, 5)]
+    template_starts: list[str] = ["The", "Therefore", "Because", "I", "You"]
+    template_seed: int = 0
+    mom2_update_weight: float = Field(15000.0, gt=0)  # lambda in (lambda C + K Kᵀ)
+    mom2_dataset: str | None = None
+    mom2_n_tokens: int = Field(100_000, ge=1)
+    mom2_max_length: int = Field(1024, ge=8)
+    mom2_dtype: Literal["float32", "float64"] = "float32"
+    batch_size: int = Field(32, ge=1)  # requests whose z vectors are optimised together
+
+    @classmethod
+    def method(cls) -> str:
+        return "memit"
+
+    @field_validator("layers")
+    @classmethod
+    def _consecutive(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("layers must be distinct")
+        return sorted(v)

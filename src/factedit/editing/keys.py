@@ -36,10 +36,12 @@ def module_inputs_at(
     *,
     pad: int,
     batch_size: int = 64,
+    output: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Input of each named module at one position per prompt: ``{name: (n_prompts, d_in)}``.
+    """Input (or, with ``output``, output) of each named module at one position per prompt.
 
-    ``names`` must be in execution order; the forward stops after the last.
+    Returns ``{name: (n_prompts, d)}``. ``names`` must be in execution order; the
+    forward stops after the last.
     """
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -47,11 +49,12 @@ def module_inputs_at(
         chunk = [list(p) for p in prompts[start : start + batch_size]]
         pos = torch.tensor(positions[start : start + batch_size], device=device)
         ids, mask = pad_right(chunk, pad, device)
-        with TraceDict(model, names, retain_input=True, retain_output=False, stop=True) as tr:
+        with TraceDict(model, names, retain_input=not output, retain_output=output, stop=True) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(chunk), device=device)
         for name in names:
-            out[name].append(tr[name].input[rows, pos])
+            act = tr[name].output if output else tr[name].input
+            out[name].append(act[rows, pos])
     return {name: torch.cat(v) for name, v in out.items()}
 
 
@@ -75,3 +78,26 @@ def subject_keys(
     names = [arch.rewrite_at(layer) for layer in layers]
     inputs = module_inputs_at(model, names, [p.ids for p in encoded], positions, pad=pad_id(tok))
     return {layer: inputs[name] for layer, name in zip(layers, names)}
+
+
+def mean_keys(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    arch: ArchSpec,
+    layer: int,
+    requests: Sequence,
+    templates: Sequence[str],
+    template_weights: Sequence[float],
+    fact_token: str = "subject_last",
+) -> torch.Tensor:
+    """Weighted mean key of each request over the templates: ``(n_requests, d_in)``, one batched pass."""
+    prompts, positions = [], []
+    for request in requests:
+        for template in templates:
+            enc = encode_with_subject(tok, template.replace("{}", request.prompt), request.subject)
+            prompts.append(enc.ids)
+            positions.append(lookup_position(enc, fact_token))
+    name = arch.rewrite_at(layer)
+    keys = module_inputs_at(model, [name], prompts, positions, pad=pad_id(tok))[name]
+    weights = torch.tensor(template_weights, dtype=keys.dtype, device=keys.device)
+    return (keys.view(len(requests), len(templates), -1) * weights[None, :, None]).sum(1)

@@ -40,29 +40,35 @@ def generate_context_templates(
     *,
     seed: int = 0,
     top_k: int = 5,
+    starts: list[str] | None = None,
 ) -> list[str]:
-    """``["{}"]`` plus, for each (length, n), n sampled texts of ``length`` tokens (prompt token included)."""
+    """``["{}"]`` plus, for each (length, n), n sampled texts of ``length`` tokens (prompt included).
+
+    Without ``starts`` (ROME) sampling begins at the document-start token, which is dropped
+    from the text; with ``starts`` (MEMIT: "The", "Therefore", ...) each start word gets
+    ``n // len(starts)`` samples and stays part of the text.
+    """
     device = next(model.parameters()).device
-    start = torch.tensor([_start_ids(tok)], device=device)
+    prompts = [(_start_ids(tok), False)] if not starts else [(tok(s)["input_ids"], True) for s in starts]
     templates = ["{}"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for length, n_gen in length_params:
-            out = model.generate(
-                start.repeat(n_gen, 1),
-                attention_mask=torch.ones_like(start).repeat(n_gen, 1),
-                do_sample=True,
-                top_k=top_k,
-                top_p=1.0,
-                temperature=1.0,
-                max_new_tokens=max(1, length - start.shape[1]),
-                min_new_tokens=max(1, length - start.shape[1]),
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            )
-            for row in out[:, start.shape[1]:]:
-                text = tok.decode(row, skip_special_tokens=True)
-                text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
-                templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+            per_prompt = n_gen if not starts else max(1, n_gen // len(starts))
+            for ids, keep_prompt in prompts:
+                start = torch.tensor([ids], device=device)
+                new_tokens = max(1, length - start.shape[1])
+                out = model.generate(
+                    start.repeat(per_prompt, 1),
+                    attention_mask=torch.ones_like(start).repeat(per_prompt, 1),
+                    do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                )
+                for row in out if keep_prompt else out[:, start.shape[1]:]:
+                    text = tok.decode(row, skip_special_tokens=True)
+                    text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+                    templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return templates
 
 
@@ -72,12 +78,14 @@ def context_templates(
     length_params: list[tuple[int, int]],
     *,
     seed: int = 0,
+    starts: list[str] | None = None,
     cache_folder: Path | None = None,
     fingerprint: str | None = None,
 ) -> list[str]:
     """Seeded templates, read from the on-disk cache when this model already made them."""
     fingerprint = fingerprint or model_fingerprint(model)
-    key = json.dumps({"fp": fingerprint, "len": [list(p) for p in length_params], "seed": seed}, sort_keys=True)
+    key = json.dumps({"fp": fingerprint, "len": [list(p) for p in length_params], "seed": seed, "starts": starts},
+                     sort_keys=True)
     path = (cache_folder or cache_dir("templates")) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     if path.is_file():
         try:
@@ -87,6 +95,6 @@ def context_templates(
         except json.JSONDecodeError:
             pass
         log.warning("ignoring unreadable template cache %s", path)
-    templates = generate_context_templates(model, tok, length_params, seed=seed)
+    templates = generate_context_templates(model, tok, length_params, seed=seed, starts=starts)
     atomic_write_bytes(path, json.dumps(templates, indent=1).encode())
     return templates

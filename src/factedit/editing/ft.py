@@ -1,0 +1,211 @@
+"""FT and FT-L baselines (ROME paper, §4; kmeng01/rome ``baselines/ft``): fine-tune one weight.
+
+The weight is the architecture's rewrite weight (the MLP output projection ROME edits),
+at ROME's layer by default. Adam (``lr``, ``weight_decay``) runs for up to ``num_steps`` steps
+on the edit prompt; a step is skipped once the loss is below ``early_stop_loss`` and the loop
+stops. FT-L additionally clamps every entry of the change to ``[-norm_constraint,
+norm_constraint]`` after each step (an L∞ bound). The weight is trained through
+``torch.func.functional_call`` on a float32 copy, so the model itself is never modified;
+the result is a :class:`Patch` with a dense delta.
+
+``objective='prompt_last'`` is ROME's loss: the log-probabilities of *all* target tokens read
+from the prompt's last position (exact for one-token targets). ``'target_new'`` is the
+teacher-forced NLL of the target tokens (EasyEdit's alternative).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from factedit import __version__
+from factedit.editing.hparams import HyperParams
+from factedit.editing.patch import Patch, PatchEntry
+from factedit.editing.requests import EditRequest
+from factedit.editing.values import lm_logits
+from factedit.errors import FactEditError
+from factedit.hooks import Trace, frozen
+from factedit.models.architectures import arch_for, get_parameter
+from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
+from factedit.text import pad_id, pad_right, target_ids
+
+log = logging.getLogger(__name__)
+
+
+class FTHyperParams(HyperParams):
+    """ROME's FT settings (``hparams/FT``): lr 5e-4, 25 steps, no weight decay, no norm constraint."""
+
+    layers: list[int] = Field(min_length=1)
+    num_steps: int = Field(25, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    norm_constraint: float | None = Field(None, gt=0)  # L∞ bound on the change (FT-L); None = unconstrained
+    early_stop_loss: float = Field(1e-2, ge=0)
+    batch_size: int = Field(128, ge=1)
+    objective: Literal["prompt_last", "target_new"] = "prompt_last"
+
+    @classmethod
+    def method(cls) -> str:
+        return "ft"
+
+    @field_validator("layers")
+    @classmethod
+    def _sorted_unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("layers must be distinct")
+        return sorted(v)
+
+
+class FTLHyperParams(FTHyperParams):
+    """FT-L: the same fine-tuning with an L∞ constraint (ROME's FT+L: ``norm_constraint`` 5e-4)."""
+
+    norm_constraint: float | None = Field(5e-4, gt=0)
+
+    @classmethod
+    def method(cls) -> str:
+        return "ft-l"
+
+
+@dataclass
+class FTResult:
+    """Loss per step, steps taken and timings (kept in the patch's ``info`` too)."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    max_abs_delta: dict[str, float] = field(default_factory=dict)
+
+
+def _batches(model, tok, requests: Sequence[EditRequest], hp: FTHyperParams):
+    """Per chunk of requests: right-padded ids, mask, and (row, position, token) of every target token."""
+    device = next(model.parameters()).device
+    out = []
+    for lo in range(0, len(requests), hp.batch_size):
+        chunk = requests[lo : lo + hp.batch_size]
+        seqs, rows, pos, toks, owner = [], [], [], [], []
+        for r, req in enumerate(chunk):
+            prompt = tok(req.text)["input_ids"]
+            target = target_ids(tok, req.text, req.new_text)
+            if hp.objective == "prompt_last":
+                seqs.append(prompt)
+                positions = [len(prompt) - 1] * len(target)
+            else:
+                seqs.append(prompt + target[:-1])
+                positions = list(range(len(prompt) - 1, len(prompt) - 1 + len(target)))
+            rows += [r] * len(target)
+            pos += positions
+            toks += target
+            owner += [r] * len(target)
+        ids, mask = pad_right(seqs, pad_id(tok), device)
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        out.append((ids, mask, t(rows), t(pos), t(toks), t(owner), len(chunk)))
+    return out
+
+
+def compute_ft(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: EditRequest | Sequence[EditRequest],
+    hparams: FTHyperParams | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[Patch, FTResult]:
+    """Fine-tune the rewrite weight(s) on the request(s); returns the change as a dense :class:`Patch`.
+
+    The model is left unchanged (its weights are never written).
+    """
+    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if not reqs:
+        raise FactEditError("no edit requests")
+    hp = hparams or FTHyperParams.for_model(model)
+    hp.check_model(model)
+    arch = arch_for(model)
+    base_fp = model_fingerprint(model)
+    names = [arch.rewrite_weight_at(layer) for layer in hp.layers]
+    originals = {name: get_parameter(model, name) for name in names}
+    trained = {name: p.detach().float().clone().requires_grad_(True) for name, p in originals.items()}
+    opt = torch.optim.Adam(list(trained.values()), lr=hp.lr, weight_decay=hp.weight_decay)
+    batches = _batches(model, tok, reqs, hp)
+    result = FTResult()
+    started = time.perf_counter()
+
+    def loss_of(ids, mask, rows, pos, toks, owner, n) -> torch.Tensor:
+        params = {name: w.to(originals[name].dtype) for name, w in trained.items()}
+        with Trace(model, arch.final_norm, retain_output=True, detach=False, stop=True) as fin:
+            functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask,
+                                                          "use_cache": False}, strict=False)
+        logp = torch.log_softmax(lm_logits(model, arch, fin.output[rows, pos]).float(), dim=-1)
+        token_logp = logp.gather(1, toks[:, None]).squeeze(1)
+        per_req = torch.zeros(n, device=ids.device).index_add(0, owner, token_logp)
+        counts = torch.zeros(n, device=ids.device).index_add(0, owner, torch.ones_like(token_logp))
+        return (-per_req / counts).mean()
+
+    bar = tqdm(range(hp.num_steps), desc="ft", disable=not progress, leave=False)
+    with frozen(model):
+        for _ in bar:
+            total, count = 0.0, 0
+            for batch in batches:
+                opt.zero_grad()
+                loss = loss_of(*batch)
+                total += float(loss.detach()) * batch[-1]
+                count += batch[-1]
+                if float(loss.detach()) >= hp.early_stop_loss:
+                    loss.backward()
+                    opt.step()
+                    result.steps += 1
+                if hp.norm_constraint is not None:
+                    eps = hp.norm_constraint
+                    with torch.no_grad():
+                        for name, w in trained.items():
+                            base = originals[name].detach().float()
+                            w.copy_(torch.clamp(w, min=base - eps, max=base + eps))
+            result.losses.append(total / count)
+            bar.set_postfix(loss=f"{result.losses[-1]:.3g}")
+            if result.losses[-1] < hp.early_stop_loss:
+                break
+    result.seconds = time.perf_counter() - started
+
+    entries = []
+    for name, w in trained.items():
+        param = originals[name]
+        delta = (w.detach() - param.detach().float())
+        if hp.norm_constraint is not None:  # exact bound despite float rounding of the clamp limits
+            delta = delta.clamp(-hp.norm_constraint, hp.norm_constraint)
+        result.max_abs_delta[name] = float(delta.abs().max())
+        dense = delta.T if arch.conv1d else delta  # stored in the (out, in) view
+        entries.append(PatchEntry(name=name, shape=tuple(param.shape), transposed=arch.conv1d,
+                                  dense=dense.contiguous().cpu(), base_sha256=tensor_sha256(param)))
+    method = "ft-l" if hp.norm_constraint is not None else "ft"
+    patch = Patch(
+        method=method,
+        entries=entries,
+        base_fingerprint=base_fp,
+        model_identity=model_identity(model),
+        requests=[r.to_dict() for r in reqs],
+        hparams=hp.model_dump(mode="json"),
+        info={"losses": result.losses, "steps": result.steps, "seconds": result.seconds,
+              "max_abs_delta": result.max_abs_delta},
+        version=__version__,
+    )
+    log.debug("%s: %d steps, final loss %.4g", method, result.steps, result.losses[-1])
+    return patch, result
+
+
+def apply_ft(model: nn.Module, tok: PreTrainedTokenizerBase, requests, hparams: FTHyperParams | None = None,
+             **kwargs) -> Patch:
+    """Compute an FT/FT-L edit and apply it; ``patch.revert(model)`` undoes it bit-exact."""
+    patch, _ = compute_ft(model, tok, requests, hparams, **kwargs)
+    return patch.apply(model)

@@ -1,0 +1,152 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al. 2022, arXiv 2210.07229), as in kmeng01/memit.
+
+1. z: for every request, the last critical layer's block output at the subject that makes
+   the model say the target (the shared value optimisation, batched across requests).
+2. For each critical layer l_i in order: keys K (template-averaged rewrite-module inputs),
+   residual R = z − (current last-layer output), spread as R / (n_layers − i), and
+   ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ solved in float64; later layers see earlier updates.
+The statistics C, keys, templates and value optimisation are the core's, shared with ROME.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from factedit import __version__
+from factedit.editing.hparams import MEMITHyperParams
+from factedit.editing.keys import lookup_position, mean_keys, module_inputs_at
+from factedit.editing.patch import Patch, PatchEntry
+from factedit.editing.requests import EditRequest
+from factedit.editing.templates import context_templates
+from factedit.editing.values import build_value_problem, optimize_values
+from factedit.errors import FactEditError
+from factedit.models.architectures import arch_for, get_parameter
+from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
+from factedit.stats.second_moment import second_moments
+from factedit.text import encode_with_subject, pad_id
+
+log = logging.getLogger(__name__)
+
+
+def check_batch(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """Refuse empty batches and conflicting duplicates; drop exact duplicates (one key, one value)."""
+    if not requests:
+        raise FactEditError("empty batch: give at least one request")
+    seen: dict[tuple[str, str], EditRequest] = {}
+    unique = []
+    for r in requests:
+        key = (r.prompt, r.subject)
+        if key in seen:
+            if seen[key].target_new.strip() != r.target_new.strip():
+                raise FactEditError(
+                    f"conflicting targets for {r.text!r}: {seen[key].target_new!r} and {r.target_new!r}; "
+                    "a batch may hold one target per (prompt, subject)"
+                )
+            continue
+        seen[key] = r
+        unique.append(r)
+    return unique
+
+
+def _template_weights(templates: Sequence[str]) -> list[float]:
+    """MEMIT averages the bare prompt and the mean of the generated templates with equal weight."""
+    if len(templates) == 1:
+        return [1.0]
+    rest = len(templates) - 1
+    return [0.5] + [0.5 / rest] * rest
+
+
+def compute_memit(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    hparams: MEMITHyperParams | None = None,
+    *,
+    second_moment: dict[int, torch.Tensor] | None = None,
+    templates: list[str] | None = None,
+    corpus: str | None = None,
+    progress: bool = False,
+) -> Patch:
+    """Compute one MEMIT patch for a whole batch of requests; the model is left unchanged."""
+    hp = hparams or MEMITHyperParams.for_model(model)
+    hp.check_model(model)
+    arch = arch_for(model)
+    requests = check_batch(list(requests))
+    base_fp = model_fingerprint(model)
+    if templates is None:
+        templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
+                                      starts=hp.template_starts, fingerprint=base_fp)
+    problems = [build_value_problem(tok, r, templates, hp.fact_token) for r in requests]  # validates every request
+    missing = [layer for layer in hp.layers if second_moment is None or layer not in second_moment]
+    if missing:
+        second_moment = {**(second_moment or {}), **second_moments(
+            model, tok, missing, corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
+            max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=progress)}
+    timings: dict[str, float] = {}
+    z_layer = hp.layers[-1]
+
+    started = time.perf_counter()
+    zs = []
+    for start in tqdm(range(0, len(problems), hp.batch_size), desc="MEMIT z", disable=not progress):
+        chunk = problems[start : start + hp.batch_size]
+        zs.append(optimize_values(model, arch, chunk, site=arch.block(z_layer), layer=z_layer, hparams=hp,
+                                  pad=pad_id(tok)).targets)
+    zs = torch.cat(zs)  # (n, d)
+    timings["z"] = time.perf_counter() - started
+
+    bare = [encode_with_subject(tok, r.prompt, r.subject) for r in requests]
+    bare_pos = [lookup_position(b, hp.fact_token) for b in bare]
+    weights_tw = _template_weights(templates)
+    entries: list[PatchEntry] = []
+    originals: dict[str, torch.Tensor] = {}
+    timings["keys"] = timings["solve"] = 0.0
+    try:
+        for i, layer in enumerate(hp.layers):
+            t0 = time.perf_counter()
+            keys = mean_keys(model, tok, arch, layer, requests, templates, weights_tw, hp.fact_token)  # (n, d_in)
+            name_z = arch.block(z_layer)
+            cur = module_inputs_at(model, [name_z], [b.ids for b in bare], bare_pos, pad=pad_id(tok), output=True)[name_z]
+            t1 = time.perf_counter()
+            resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out)
+            k = keys.double().T  # (d_in, n)
+            moment = second_moment[layer].to(k.device).double()
+            adj = torch.linalg.solve(hp.mom2_update_weight * moment + k @ k.T, k)  # (d_in, n)
+            left, right = resid.T, adj.T  # ΔW (out, in) = resid.T @ adj.T
+            name = arch.rewrite_weight_at(layer)
+            weight = get_parameter(model, name)
+            out_dim, in_dim = left.shape[0], right.shape[1]
+            dense = left.shape[1] > min(out_dim, in_dim) // 2  # low rank only while it is smaller
+            entry = PatchEntry(name=name, shape=tuple(weight.shape), transposed=arch.conv1d,
+                               base_sha256=tensor_sha256(weight),
+                               dense=(left @ right).float().cpu() if dense else None,
+                               left=None if dense else left.float().cpu(), right=None if dense else right.float().cpu())
+            entries.append(entry)
+            with torch.no_grad():
+                originals.setdefault(name, weight.detach().clone())
+                weight.copy_((weight.float() + entry.delta().to(weight.device)).to(weight.dtype))
+            timings["keys"] += t1 - t0
+            timings["solve"] += time.perf_counter() - t1
+            log.info("layer %d: |resid| %.3f, |ΔW| %.3f", layer, float(resid.norm(dim=1).mean()),
+                     float(entry.delta().norm()))
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                get_parameter(model, name).copy_(original)
+
+    return Patch(
+        method="memit",
+        entries=entries,
+        base_fingerprint=base_fp,
+        model_identity=model_identity(model),
+        requests=[r.to_dict() for r in requests],
+        hparams=hp.model_dump(mode="json"),
+        info={"timings": timings, "templates": templates},
+        version=__version__,
+    )

@@ -1,0 +1,88 @@
+"""MEMIT on tiny random models: batch edits land, patches revert bit-exact, one request ≈ ROME."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factedit import EditRequest, FactEditError, ROMEHyperParams, compute_rome
+from factedit.editing.hparams import MEMITHyperParams
+from factedit.editing.memit import check_batch, compute_memit
+from factedit.stats.second_moment import second_moments
+
+from .tiny_models import tiny_model
+
+# Random tiny models need the settings explained in test_families.py (edit at the last token,
+# no weight decay, loose clamp): information at the subject barely reaches the last position.
+SETTINGS = dict(fact_token="last", v_weight_decay=0.0, clamp_norm_factor=100.0, v_num_grad_steps=15,
+                mom2_update_weight=1.0)
+REQUESTS = [
+    EditRequest("The {} is located in the city of", "Eiffel Tower", "Rome"),
+    EditRequest("{} plays the sport of", "LeBron James", "football"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer, corpus_file):
+    model = tiny_model("llama", hidden=256, intermediate=512)
+    moments = second_moments(model, tokenizer, [1, 2], corpus=corpus_file, n_tokens=4000, cache=False,
+                             progress=False)
+    return model, tokenizer, moments
+
+
+def _argmax(model, tok, text):
+    with torch.no_grad():
+        return int(model(**tok(text, return_tensors="pt")).logits[0, -1].argmax())
+
+
+def test_batch_of_two_edits_makes_both_targets_top1_and_reverts_bit_exact(setup, tmp_path):
+    model, tok, moments = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = [tok(r.new_text, add_special_tokens=False)["input_ids"][0] for r in REQUESTS]
+    assert [_argmax(model, tok, r.text) for r in REQUESTS] != targets
+    hp = MEMITHyperParams.for_model(model, layers=[1, 2], **SETTINGS)
+    patch = compute_memit(model, tok, REQUESTS, hp, second_moment=moments, templates=["{}", "Hello. {}"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [e.name for e in patch.entries] == ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    patch.apply(model)
+    assert [_argmax(model, tok, r.text) for r in REQUESTS] == targets
+    patch.revert(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_single_request_points_where_rome_does(setup):
+    """With one layer, one request and the same templates, MEMIT's update is ROME's up to scale:
+    (λC + kkᵀ)⁻¹k ∝ C⁻¹k, and z at the block output is v* at the MLP output (residual add)."""
+    model, tok, moments = setup
+    request = REQUESTS[0]
+    memit = compute_memit(model, tok, [request], MEMITHyperParams.for_model(model, layers=[1], **SETTINGS),
+                          second_moment=moments, templates=["{}"])
+    rome, _ = compute_rome(model, tok, request,
+                           ROMEHyperParams.for_model(model, layers=[1], fact_token="last", v_weight_decay=0.0,
+                                                     clamp_norm_factor=100.0, v_num_grad_steps=15),
+                           second_moment=moments, templates=["{}"])
+    d_memit, d_rome = memit.entries[0].delta().flatten(), rome.entries[0].delta().flatten()
+    cos = float(torch.nn.functional.cosine_similarity(d_memit, d_rome, dim=0))
+    print(f"cosine(MEMIT update, ROME update) = {cos:.4f}")
+    assert cos > 0.95
+
+
+def test_bad_batches_are_refused(setup):
+    model, tok, moments = setup
+    with pytest.raises(FactEditError, match="empty batch"):
+        check_batch([])
+    conflicting = [REQUESTS[0], EditRequest(REQUESTS[0].prompt, REQUESTS[0].subject, "Berlin")]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FactEditError, match="conflicting targets"):
+        compute_memit(model, tok, conflicting, MEMITHyperParams.for_model(model, layers=[1], **SETTINGS),
+                      second_moment=moments, templates=["{}"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert len(check_batch([REQUESTS[0], REQUESTS[0]])) == 1  # exact duplicates collapse to one edit
