@@ -86,3 +86,31 @@ def test_bad_batches_are_refused(setup):
                       second_moment=moments, templates=["{}"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert len(check_batch([REQUESTS[0], REQUESTS[0]])) == 1  # exact duplicates collapse to one edit
+
+
+def test_alphaedit_sequence_keeps_updates_in_the_null_space(setup):
+    """Each AlphaEdit update leaves the preserved keys' principal directions untouched: ΔW P_⊥ = 0."""
+    from factedit.editing.alphaedit import compute_alphaedit
+    from factedit.editing.hparams import AlphaEditHyperParams
+
+    model, tok, moments = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    c = moments[1].double()
+    threshold = float(torch.linalg.eigvalsh(c).median())  # half of the key space is "preserved"
+    hp = AlphaEditHyperParams.for_model(model, layers=[1], nullspace_threshold=threshold, L2=1e-3, **SETTINGS)
+    state, patches = None, []
+    for request in REQUESTS:  # a sequence of two one-request batches
+        patch, state = compute_alphaedit(model, tok, [request], hp, state=state, second_moment=moments,
+                                         templates=["{}"])
+        patch.apply(model)
+        state.commit()
+        patches.append(patch)
+    p = state.projection[1]
+    assert 0 < state.null_space_dim(1) < c.shape[0]
+    for patch in patches:
+        delta = patch.entries[0].delta().double()  # (out, in)
+        assert float((delta @ (torch.eye(p.shape[0], dtype=p.dtype) - p)).norm()) < 1e-6 * float(delta.norm())
+    assert torch.linalg.matrix_rank(state.previous[1]) == len(REQUESTS)  # K_p K_pᵀ holds one key per edit
+    for patch in reversed(patches):
+        patch.revert(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -131,3 +131,14 @@ class MEMITHyperParams(ValueOptimizationParams):
         if len(set(v)) != len(v):
             raise ValueError("layers must be distinct")
         return sorted(v)
+
+
+class AlphaEditHyperParams(MEMITHyperParams):
+    """AlphaEdit (Fang et al. 2024, arXiv 2410.02355): MEMIT's z and keys, null-space projected update."""
+
+    nullspace_threshold: float = Field(2e-2, gt=0)  # eigenvalues of C below this span the null space
+    L2: float = Field(10.0, ge=0)
+
+    @classmethod
+    def method(cls) -> str:
+        return "alphaedit"

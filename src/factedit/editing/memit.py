@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -63,6 +64,20 @@ def _template_weights(templates: Sequence[str]) -> list[float]:
     return [0.5] + [0.5 / rest] * rest
 
 
+class KeySolver(Protocol):
+    """Turns keys K (d_in, n) at a layer into A (d_in, n) with ΔW = R Aᵀ; MEMIT's is (λC + KKᵀ)⁻¹K."""
+
+    def __call__(self, layer: int, keys: torch.Tensor) -> torch.Tensor: ...
+
+
+def memit_solver(second_moment: dict[int, torch.Tensor], weight: float) -> KeySolver:
+    def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
+        moment = second_moment[layer].to(keys.device).double()
+        return torch.linalg.solve(weight * moment + keys @ keys.T, keys)
+
+    return solve
+
+
 def compute_memit(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -73,8 +88,13 @@ def compute_memit(
     templates: list[str] | None = None,
     corpus: str | None = None,
     progress: bool = False,
+    solver: KeySolver | None = None,
+    method: str = "memit",
 ) -> Patch:
-    """Compute one MEMIT patch for a whole batch of requests; the model is left unchanged."""
+    """Compute one MEMIT patch for a whole batch of requests; the model is left unchanged.
+
+    ``solver`` replaces MEMIT's least-squares step (AlphaEdit passes its null-space projected one).
+    """
     hp = hparams or MEMITHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
@@ -89,6 +109,7 @@ def compute_memit(
         second_moment = {**(second_moment or {}), **second_moments(
             model, tok, missing, corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
             max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=progress)}
+    solver = solver or memit_solver(second_moment, hp.mom2_update_weight)
     timings: dict[str, float] = {}
     z_layer = hp.layers[-1]
 
@@ -115,9 +136,7 @@ def compute_memit(
             cur = module_inputs_at(model, [name_z], [b.ids for b in bare], bare_pos, pad=pad_id(tok), output=True)[name_z]
             t1 = time.perf_counter()
             resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out)
-            k = keys.double().T  # (d_in, n)
-            moment = second_moment[layer].to(k.device).double()
-            adj = torch.linalg.solve(hp.mom2_update_weight * moment + k @ k.T, k)  # (d_in, n)
+            adj = solver(layer, keys.double().T)  # (d_in, n)
             left, right = resid.T, adj.T  # ΔW (out, in) = resid.T @ adj.T
             name = arch.rewrite_weight_at(layer)
             weight = get_parameter(model, name)
@@ -141,7 +160,7 @@ def compute_memit(
                 get_parameter(model, name).copy_(original)
 
     return Patch(
-        method="memit",
+        method=method,
         entries=entries,
         base_fingerprint=base_fp,
         model_identity=model_identity(model),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from factedit.errors import FactEditError
@@ -56,6 +58,12 @@ class EditRequest:
                 case_id=data.get("case_id"),
             )
         if "prompt" in data and "subject" in data:
+            prompt, subject = data["prompt"], data["subject"]
+            if isinstance(prompt, str) and "{}" not in prompt and isinstance(subject, str) and subject.strip():
+                if subject not in prompt:
+                    raise FactEditError(f"subject {subject!r} not found in prompt {prompt!r}")
+                prompt = prompt.replace(subject, "{}", 1)  # a prompt may spell the subject out instead of {}
+            data = {**data, "prompt": prompt}
             new = data.get("target_new", data.get("target"))
             if isinstance(new, dict):
                 new = new.get("str")
@@ -67,3 +75,31 @@ class EditRequest:
             return cls(prompt=data["prompt"], subject=data["subject"], target_new=new, target_true=true,
                        case_id=data.get("case_id"))
         raise FactEditError("a request needs 'prompt', 'subject' and 'target' (or a CounterFact 'requested_rewrite')")
+
+
+def load_requests(path: str | Path) -> list[EditRequest]:
+    """Read a JSON list of requests (simple ``{prompt, subject, target}`` or CounterFact records).
+
+    Every record is validated first; if any is bad the whole file is refused with one line
+    per bad record, so a batch is never half-applied.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FactEditError(f"cannot read requests from {path}: {exc}") from exc
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise FactEditError(f"{path}: expected a non-empty JSON list of requests")
+    requests, problems = [], []
+    for i, record in enumerate(data):
+        try:
+            if not isinstance(record, dict):
+                raise FactEditError("not a JSON object")
+            requests.append(EditRequest.from_dict(record))
+        except (FactEditError, KeyError, TypeError) as exc:
+            problems.append(f"  request {i}: {exc}")
+    if problems:
+        raise FactEditError(f"{path}: {len(problems)} bad request(s), nothing edited:\n" + "\n".join(problems))
+    return requests

@@ -72,7 +72,7 @@ DEFAULT_SAMPLES = 10
 DEFAULT_WINDOW = 10
 DEFAULT_NOISE_FACTOR = 3.0
 DEFAULT_SEED = 1
-DEFAULT_BATCH_SIZE = 256
+DEFAULT_BATCH_SIZE = 128
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -236,7 +236,7 @@ class _Fact:
         # Corrupted run: noised copies; keep block outputs, embeddings, keys/values (and severed modules' outputs).
         sever = [n for k, ns in (("hidden_sever_mlp", mlps), ("hidden_sever_attn", attns)) if k in kinds for n in ns]
         batch = self.ids[None].expand(self.samples, -1)
-        cache = DynamicCache(config=model.config) if keep_corrupted_kv else None
+        cache = DynamicCache() if keep_corrupted_kv else None  # full layers: keep every token's keys/values
         with torch.no_grad(), Trace(model, arch.embed, edit_output=self.add_noise) as emb, \
                 TraceDict(model, blocks + sever) as td, Trace(model, arch.final_norm, stop=True) as fin:
             model(input_ids=batch, cache=cache, use_cache=keep_corrupted_kv)
@@ -254,11 +254,16 @@ class _Fact:
         return x
 
 
-def _packed_mask(t_slot: torch.Tensor, job_slot: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, S, P+S) additive mask for restorations packed into one sequence.
+def _packed_masks(config: Any, t_slot: torch.Tensor, job_slot: torch.Tensor, pos: torch.Tensor, past: int,
+                  dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Additive (1, 1, S, P+S) masks for restorations packed into one sequence.
 
-    Slot ``q`` (of restoration ``job_slot[q]``, which restarts at token ``t``) sees the
-    cached corrupted keys of tokens ``< t`` and, causally, the slots of its own restoration.
+    Slot ``q`` (of restoration ``job_slot[q]``, which restarts at token ``t_slot[q]``)
+    sees the cached corrupted keys of tokens ``< t`` and, causally, the slots of its
+    own restoration. Packing breaks the model's own mask construction, so sliding
+    windows are applied here from the config: a ``{layer type: mask}`` dict for
+    models with ``layer_types`` (Gemma 3, Qwen 2/3), one windowed mask for models
+    whose every layer slides (Mistral, Phi-3 with ``sliding_window``).
     """
     device = t_slot.device
     n = t_slot.numel()
@@ -266,8 +271,26 @@ def _packed_mask(t_slot: torch.Tensor, job_slot: torch.Tensor, past: int, dtype:
     idx = torch.arange(n, device=device)
     own_ok = (job_slot[:, None] == job_slot[None, :]) & (idx[:, None] >= idx[None, :])
     allowed = torch.cat([past_ok, own_ok], dim=1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    key_pos = torch.cat([torch.arange(past, device=device), pos])
+    window = getattr(config, "sliding_window", None)
+
+    def additive(ok: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(ok.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~ok, torch.finfo(dtype).min)[None, None]
+
+    def windowed() -> torch.Tensor:
+        return additive(allowed & (key_pos[None, :] > pos[:, None] - int(window)))
+
+    types = set(getattr(config, "layer_types", None) or [])
+    if types and types != {"full_attention"}:
+        unknown = types - {"full_attention", "sliding_attention"}
+        if unknown or window is None:
+            raise FactEditError(f"fast tracing does not support attention layer types {sorted(unknown)}; "
+                                "use method='straightforward'")
+        return {"full_attention": additive(allowed), "sliding_attention": windowed()}
+    if not types and window is not None:
+        return windowed()
+    return additive(allowed)
 
 
 class _FastTracer:
@@ -327,9 +350,12 @@ class _FastTracer:
         t_slot = torch.tensor([j.t for j in jobs], device=dev)[job_slot]
         pos = t_slot + torch.arange(job_slot.numel(), device=dev) - torch.tensor(first_slot, device=dev)[job_slot]
         past = max(j.t for j in jobs)
-        mask = _packed_mask(t_slot, job_slot, past, model.dtype).expand(N, -1, -1, -1)
+        masks = _packed_masks(model.config.get_text_config(), t_slot, job_slot, pos, past, model.dtype)
+        mask = ({k: m.expand(N, -1, -1, -1) for k, m in masks.items()} if isinstance(masks, dict)
+                else masks.expand(N, -1, -1, -1))
+        # No config: full layers keep the whole prefix (a sliding layer would drop early tokens).
         kv = [(None, None) if i < start else (k[:, :, :past], v[:, :, :past]) for i, (k, v) in enumerate(f.corr_kv)]
-        cache = DynamicCache(ddp_cache_data=kv, config=model.config)
+        cache = DynamicCache(ddp_cache_data=kv)
 
         # Edits of module outputs: name -> [(slots, values (N, len(slots), d))].
         edits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
@@ -445,6 +471,7 @@ def causal_trace(
     method: str = "fast",
     batch_size: int = DEFAULT_BATCH_SIZE,
     tokens: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    layers: Sequence[int] | None = None,
     sever_all_tokens: bool = False,
     progress: bool = False,
 ) -> TraceResult:
@@ -453,7 +480,8 @@ def causal_trace(
     ``prompt`` is the full prompt containing ``subject`` (or a template with ``{}``).
     ``noise``: fixed noise scale; ``None`` uses ``noise_factor`` × the std of subject-token
     embeddings over the known facts (computed once per model, cached on disk).
-    ``tokens``: restrict the traced token positions (all kinds, or per kind); others are NaN.
+    ``tokens``: restrict the traced token positions (all kinds, or per kind); ``layers``:
+    restrict the (centre) layers; scores not traced are NaN.
     """
     from factedit.tracing.noise import noise_scale  # local: noise.py imports this module's constants
 
@@ -474,14 +502,20 @@ def causal_trace(
         raise FactEditError("prompt tokenizes to nothing")
     answer_given = answer is not None
     answer_id = answer_token(tokenizer, encoded.text, answer) if answer_given else None
+    T, L = len(encoded), num_layers(model)
+    wanted = _token_positions(tokens, kinds, T)
+    if layers is None:
+        layer_list = list(range(L))
+    else:
+        layer_list = sorted({int(x) + L if int(x) < 0 else int(x) for x in layers})
+        if not layer_list or any(not 0 <= x < L for x in layer_list):
+            raise FactEditError(f"layers {list(layers)} out of range: this model has layers 0..{L - 1}")
     if noise is None:
         scale = noise_factor * noise_scale(model, tokenizer)
     else:
         scale = float(noise)
         if not math.isfinite(scale) or scale < 0:
             raise FactEditError(f"noise scale must be a non-negative number, got {noise!r}")
-    T, L = len(encoded), num_layers(model)
-    wanted = _token_positions(tokens, kinds, T)
 
     embed_module = get_module(model, arch.embed)
     d = int(getattr(embed_module, "embedding_dim", 0) or model.config.get_text_config().hidden_size)
@@ -513,9 +547,9 @@ def causal_trace(
     for kind in kinds:
         for t in wanted[kind]:
             if method == "fast" and t < encoded.subject_first:
-                scores[kind][t, :] = low_prob  # nothing differs from the clean run before the subject
+                scores[kind][t, layer_list] = low_prob  # nothing differs from the clean run before the subject
                 continue
-            for layer in range(L):
+            for layer in layer_list:
                 start = tracer.start_layer(kind, layer) if isinstance(tracer, _FastTracer) else 0
                 jobs.append(_Job(kind, t, layer, start))
     with tqdm(total=len(jobs), desc=f"trace ({method})", unit="restore", disable=not progress, leave=False) as bar:

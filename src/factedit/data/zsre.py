@@ -1,0 +1,110 @@
+"""zsRE question-answering edits in the MEND/ROME format (``subject, src, rephrase, alt, answers, loc, loc_ans``).
+
+As in ROME/MEMIT (``dsets/zsre.py``): the rewrite prompt is ``src`` with the subject replaced by
+``{}``, the new target is ``answers[0]`` (``target='alt'`` uses MEND's alternative answer instead),
+the paraphrase is ``rephrase``, and the neighbourhood prompt is ``loc + "?"`` followed by
+``" " + loc_ans``, scored token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from factedit.data.common import (
+    EvalDataset,
+    OnError,
+    file_sha256,
+    find_data_file,
+    need_str,
+    read_json_records,
+    report_malformed,
+    select,
+)
+from factedit.editing.requests import EditRequest
+from factedit.errors import FactEditError
+
+ZSRE_FILES = ("zsre/zsre_mem_eval.json", "zsre_mem_eval.json", "zsre/zsre_mend_eval.json",
+              "zsre_mend_eval.json", "zsre/zsre_mend_train_1k.json")
+ZsreTarget = Literal["answers", "alt"]
+
+
+@dataclass(frozen=True)
+class ZsRECase:
+    """One zsRE edit; ``neighborhood`` holds (question, answer) pairs scored token by token."""
+
+    case_id: int | str
+    request: EditRequest
+    paraphrase_prompts: tuple[str, ...]
+    neighborhood: tuple[tuple[str, str], ...]
+    answers: tuple[str, ...] = ()
+    alt: str | None = None
+
+    def rewrite_prompts(self) -> list[str]:
+        return [self.request.text]
+
+
+def _parse(record: dict, index: int, target: ZsreTarget) -> ZsRECase:
+    subject, src = need_str(record, "subject"), need_str(record, "src")
+    if subject not in src:
+        raise ValueError(f"subject {subject!r} does not occur in question {src!r}")
+    answers = record.get("answers")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError("'answers' missing or not a list of non-empty strings")
+    alt = record.get("alt")
+    if target == "alt":
+        alt = need_str(record, "alt")
+    new = answers[0] if target == "answers" else alt
+    rephrase = record.get("rephrase")
+    paraphrases = [rephrase] if isinstance(rephrase, str) else rephrase
+    if not isinstance(paraphrases, list) or not paraphrases or not all(isinstance(p, str) and p.strip()
+                                                                        for p in paraphrases):
+        raise ValueError("'rephrase' missing or empty")
+    loc, loc_ans = need_str(record, "loc"), need_str(record, "loc_ans")
+    request = EditRequest(prompt=src.replace(subject, "{}", 1), subject=subject, target_new=new,
+                          case_id=record.get("case_id", index))
+    return ZsRECase(case_id=request.case_id, request=request, paraphrase_prompts=tuple(paraphrases),
+                    neighborhood=((loc + "?", " " + loc_ans.strip()),), answers=tuple(answers),
+                    alt=alt if isinstance(alt, str) else None)
+
+
+def parse_zsre(records: list[Any], target: ZsreTarget = "answers") -> tuple[list[ZsRECase], list[tuple[str, str]]]:
+    """Validate records (case id = ``case_id`` if present, else the record's index)."""
+    if target not in ("answers", "alt"):
+        raise FactEditError(f"zsRE target must be 'answers' or 'alt', not {target!r}")
+    cases: list[ZsRECase] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, record in enumerate(records):
+        rid = str(record.get("case_id", i)) if isinstance(record, dict) else str(i)
+        try:
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            case = _parse(record, i, target)
+            if str(case.case_id) in seen:
+                raise ValueError("duplicate case_id")
+        except (ValueError, TypeError, KeyError, FactEditError) as exc:
+            skipped.append((rid, str(exc)))
+            continue
+        seen.add(str(case.case_id))
+        cases.append(case)
+    return cases, skipped
+
+
+def load_zsre(
+    path: str | Path | None = None,
+    *,
+    n: int | None = None,
+    start: int = 0,
+    target: ZsreTarget = "answers",
+    on_error: OnError = "skip",
+    download: bool = False,
+) -> EvalDataset[ZsRECase]:
+    """zsRE cases ``start .. start+n`` (of the valid ones, in file order); see :func:`load_counterfact`."""
+    p = find_data_file(path, ZSRE_FILES, download="zsre_mem_eval.json", allow_download=download, what="zsRE")
+    records = read_json_records(p)
+    cases, skipped = parse_zsre(records, target)
+    report_malformed(p, skipped, on_error)
+    return EvalDataset(name="zsre", path=p, sha256=file_sha256(p), source_format=f"mend/{target}",
+                       cases=select(cases, n, start), skipped=skipped, n_records=len(records))

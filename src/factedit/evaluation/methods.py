@@ -1,0 +1,141 @@
+"""Editing methods the evaluation runner can call, by name: a small registry.
+
+A method is set up once per run (hyper-parameters resolved, statistics and templates
+precomputed) and then turns one request into a :class:`Patch` computed on the unedited
+model (or ``None`` for no edit). To add one (e.g. MEMIT)::
+
+    register_method("memit", MemitMethod)   # a class with the EditMethod interface
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from factedit.editing.hparams import HyperParams, ROMEHyperParams
+from factedit.editing.patch import Patch
+from factedit.editing.requests import EditRequest
+from factedit.errors import FactEditError
+
+log = logging.getLogger(__name__)
+
+
+class EditMethod(Protocol):
+    """What the runner needs from a method."""
+
+    name: str
+
+    def setup(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: str | Path | dict | None = None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resolve hyper-parameters (file, dict or family defaults, plus overrides) and precompute what
+        every edit shares; returns the hyper-parameters as a JSON-able dict for the run manifest."""
+        ...
+
+    def compute(self, model: nn.Module, tok: PreTrainedTokenizerBase, request: EditRequest) -> Patch | None:
+        """The edit for one request, computed on the unedited model, which is left unchanged."""
+        ...
+
+
+def _resolve(cls: type[HyperParams], model: nn.Module, hparams, overrides: dict[str, Any] | None) -> HyperParams:
+    if hparams is None:
+        hp = cls.for_model(model)
+    elif isinstance(hparams, dict):
+        hp = cls.from_dict(hparams)
+    else:
+        hp = cls.from_json(hparams)
+    if overrides:
+        hp = hp.replace(**overrides)
+    hp.check_model(model)
+    return hp
+
+
+class NoEdit:
+    """The unedited model (the ``pre`` row)."""
+
+    name = "none"
+
+    def setup(self, model, tok, hparams=None, overrides=None) -> dict[str, Any]:
+        if hparams or overrides:
+            raise FactEditError("method 'none' takes no hyper-parameters")
+        return {}
+
+    def compute(self, model, tok, request) -> Patch | None:
+        return None
+
+
+class RomeMethod:
+    """ROME with the second moment and context templates computed once per run (both cached on disk)."""
+
+    name = "rome"
+
+    def __init__(self) -> None:
+        self.hp: ROMEHyperParams | None = None
+        self.moments: dict[int, Any] | None = None
+        self.templates: list[str] | None = None
+
+    def setup(self, model, tok, hparams=None, overrides=None) -> dict[str, Any]:
+        from factedit.editing.templates import context_templates
+        from factedit.models.fingerprint import model_fingerprint
+        from factedit.stats.second_moment import second_moments
+
+        self.hp = _resolve(ROMEHyperParams, model, hparams, overrides)
+        if self.hp.mom2_adjustment:
+            self.moments = second_moments(model, tok, self.hp.layers, corpus=self.hp.mom2_dataset,
+                                          n_tokens=self.hp.mom2_n_tokens, max_length=self.hp.mom2_max_length,
+                                          dtype=self.hp.mom2_dtype, progress=True)
+        self.templates = context_templates(model, tok, self.hp.context_template_length_params,
+                                           seed=self.hp.template_seed, fingerprint=model_fingerprint(model))
+        return self.hp.model_dump(mode="json")
+
+    def compute(self, model, tok, request) -> Patch:
+        from factedit.editing.rome import compute_rome
+
+        patch, _ = compute_rome(model, tok, request, self.hp, second_moment=self.moments, templates=self.templates)
+        return patch
+
+
+class FTMethod:
+    """FT (``constrained=False``) or FT-L: fine-tune the rewrite weight on the edit prompt."""
+
+    def __init__(self, constrained: bool = False) -> None:
+        self.constrained = constrained
+        self.name = "ft-l" if constrained else "ft"
+        self.hp = None
+
+    def setup(self, model, tok, hparams=None, overrides=None) -> dict[str, Any]:
+        from factedit.editing.ft import FTHyperParams, FTLHyperParams
+
+        self.hp = _resolve(FTLHyperParams if self.constrained else FTHyperParams, model, hparams, overrides)
+        if self.constrained and self.hp.norm_constraint is None:
+            raise FactEditError("ft-l needs a norm_constraint; use method 'ft' for unconstrained fine-tuning")
+        return self.hp.model_dump(mode="json")
+
+    def compute(self, model, tok, request) -> Patch:
+        from factedit.editing.ft import compute_ft
+
+        patch, _ = compute_ft(model, tok, request, self.hp)
+        return patch
+
+
+METHODS: dict[str, Callable[[], EditMethod]] = {
+    "none": NoEdit,
+    "rome": RomeMethod,
+    "ft": lambda: FTMethod(constrained=False),
+    "ft-l": lambda: FTMethod(constrained=True),
+}
+
+
+def register_method(name: str, factory: Callable[[], EditMethod]) -> None:
+    """Make ``factory()`` available to the runner and the CLI as ``--method name``."""
+    METHODS[name] = factory
+
+
+def get_method(name: str) -> EditMethod:
+    if name not in METHODS:
+        raise FactEditError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]()

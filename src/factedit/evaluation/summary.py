@@ -1,0 +1,250 @@
+"""Side-by-side summaries of evaluation runs: mean ± 95% CI per metric, S, tables and a plot.
+
+Metrics (percentages, as ROME/MEMIT report them): CounterFact ES/EM, PS/PM, NS/NM, S (harmonic
+mean of ES, PS, NS), MEMIT's argmax accuracies, and with generation GE (n-gram entropy x 100) and
+RS (reference score x 100); zsRE efficacy, paraphrase and specificity token accuracies. Intervals:
+Student-t over cases for means; a seeded percentile bootstrap over cases for S.
+By default only the cases every run finished are compared (``common=True``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from factedit.errors import FactEditError
+from factedit.evaluation.metrics import (
+    bootstrap_ci,
+    counterfact_case_scores,
+    harmonic_mean,
+    mean_ci,
+    zsre_case_scores,
+)
+from factedit.evaluation.runner import CASES, CaseLog, read_manifest
+
+log = logging.getLogger(__name__)
+
+# (column, per-case key, scale)
+COUNTERFACT_METRICS = [
+    ("ES", "rewrite_success", 100), ("EM", "rewrite_diff", 100),
+    ("PS", "paraphrase_success", 100), ("PM", "paraphrase_diff", 100),
+    ("NS", "neighborhood_success", 100), ("NM", "neighborhood_diff", 100),
+    ("S", None, 1),
+    ("GE", "ngram_entropy", 100), ("RS", "reference_score", 100),
+    ("Acc rewrite", "rewrite_acc", 100), ("Acc para", "paraphrase_acc", 100), ("Acc neigh", "neighborhood_acc", 100),
+]
+ZSRE_METRICS = [("Efficacy", "rewrite_acc", 100), ("Paraphrase", "paraphrase_acc", 100),
+                ("Specificity", "neighborhood_acc", 100)]
+TIME = ("edit s", "edit_s", 1)
+BOUNDED = {"rewrite_success", "paraphrase_success", "neighborhood_success", "rewrite_acc", "paraphrase_acc",
+           "neighborhood_acc"}
+
+
+@dataclass
+class Run:
+    """A run folder: its manifest and its finished cases (errors apart)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    cases: dict[str, dict[str, Any]]
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]["name"]
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+
+def load_run(path: str | Path) -> Run:
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    records = CaseLog(folder / CASES).load(repair=False)
+    cases = {k: r for k, r in records.items() if "error" not in r}
+    errors = {k: r["error"] for k, r in records.items() if "error" in r}
+    return Run(path=folder, manifest=manifest, cases=cases, errors=errors)
+
+
+@dataclass
+class Cell:
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def half(self) -> float:
+        return (self.high - self.low) / 2
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    n: int
+    cells: dict[str, Cell]
+    errors: int = 0
+
+
+@dataclass
+class Summary:
+    dataset: str
+    columns: list[str]
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+
+def _case_scores(dataset: str, block: dict[str, Any]) -> dict[str, float]:
+    return counterfact_case_scores(block) if dataset == "counterfact" else zsre_case_scores(block)
+
+
+def summarize_block(dataset: str, blocks: list[dict[str, Any]], times: list[float] | None = None,
+                    *, n_boot: int = 2000, seed: int = 0) -> dict[str, Cell]:
+    """Mean and 95% interval of every metric over cases (``blocks``: the ``pre`` or ``post`` of each case)."""
+    per_case = [_case_scores(dataset, b) for b in blocks]
+    spec = COUNTERFACT_METRICS if dataset == "counterfact" else ZSRE_METRICS
+    cells: dict[str, Cell] = {}
+    for column, key, scale in spec:
+        if key is None:
+            continue
+        values = [c[key] for c in per_case if key in c]
+        if not values:
+            continue
+        mean, half = mean_ci(values)
+        lo, hi = mean - half, mean + half
+        if key in BOUNDED:  # proportions: the t-interval is clipped to [0, 1]
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        cells[column] = Cell(scale * mean, scale * lo, scale * hi)
+    if dataset == "counterfact" and all(k in cells for k in ("ES", "PS", "NS")):
+        cols = [[c["rewrite_success"] for c in per_case], [c["paraphrase_success"] for c in per_case],
+                [c["neighborhood_success"] for c in per_case]]
+        point, lo, hi = bootstrap_ci(cols, lambda m: harmonic_mean(100 * m), n_boot=n_boot, seed=seed)
+        cells["S"] = Cell(point, lo, hi)
+    if times:
+        mean, half = mean_ci(times)
+        cells[TIME[0]] = Cell(mean, mean - half, mean + half)
+    return cells
+
+
+def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = True, n_boot: int = 2000,
+                   seed: int = 0) -> Summary:
+    """One row per run (its ``post`` metrics), preceded by the unedited model's row (``pre``)."""
+    runs = [load_run(p) for p in paths]
+    if not runs:
+        raise FactEditError("no runs given")
+    datasets = {r.dataset for r in runs}
+    if len(datasets) > 1:
+        raise FactEditError(f"runs mix data sets ({', '.join(sorted(datasets))}); summarise each separately")
+    dataset = datasets.pop()
+    notes: list[str] = []
+    ids = [set(r.cases) for r in runs]
+    keep = set.intersection(*ids) if common else None
+    if common and any(len(i) != len(keep) for i in ids):
+        notes.append(f"compared on the {len(keep)} cases every run finished (use --all-cases to use each run's own)")
+    shas = {r.manifest["dataset"].get("sha256") for r in runs}
+    if len(shas) > 1:
+        notes.append("warning: the runs used different data files")
+    fps = {r.manifest["model"].get("fingerprint") for r in runs}
+    if len(fps) > 1:
+        notes.append("warning: the runs used different model weights")
+    rows: list[Row] = []
+    for i, run in enumerate(runs):
+        chosen = [run.cases[k] for k in _ordered(run, keep)]
+        if pre and i == 0:
+            rows.append(Row(label="pre (unedited)", method="-", n=len(chosen),
+                            cells=summarize_block(dataset, [c["pre"] for c in chosen], n_boot=n_boot, seed=seed)))
+        times = [c["timing"]["edit_s"] for c in chosen if "timing" in c] if run.manifest["method"] != "none" else None
+        rows.append(Row(label=run.label, method=run.manifest["method"], n=len(chosen), errors=len(run.errors),
+                        cells=summarize_block(dataset, [c["post"] for c in chosen], times, n_boot=n_boot, seed=seed)))
+        for note in run.manifest.get("notes", []):
+            if note not in notes:
+                notes.append(note)
+        if run.errors:
+            notes.append(f"{run.label}: {len(run.errors)} case(s) failed to edit and are excluded "
+                         f"(ids {', '.join(sorted(run.errors)[:10])}{'…' if len(run.errors) > 10 else ''})")
+    spec = COUNTERFACT_METRICS if dataset == "counterfact" else ZSRE_METRICS
+    columns = [c for c, _, _ in spec if any(c in r.cells for r in rows)]
+    if any(TIME[0] in r.cells for r in rows):
+        columns.append(TIME[0])
+    return Summary(dataset=dataset, columns=columns, rows=rows, notes=notes)
+
+
+def _ordered(run: Run, keep: set[str] | None) -> list[str]:
+    keys = [k for k in run.cases if keep is None or k in keep]
+    return sorted(keys, key=lambda k: (0, int(k)) if k.lstrip("-").isdigit() else (1, k))
+
+
+def _fmt(cell: Cell | None, digits: int = 1) -> str:
+    if cell is None or math.isnan(cell.mean):
+        return "–"
+    if math.isnan(cell.half):
+        return f"{cell.mean:.{digits}f}"
+    if abs((cell.high - cell.mean) - (cell.mean - cell.low)) > 0.1 * max(cell.half, 1e-9):  # asymmetric
+        return f"{cell.mean:.{digits}f} [{cell.low:.{digits}f}, {cell.high:.{digits}f}]"
+    return f"{cell.mean:.{digits}f} ± {cell.half:.{digits}f}"
+
+
+def to_markdown(summary: Summary) -> str:
+    head = ["run", "method", "n", *summary.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(summary.columns)) + "|"]
+    for row in summary.rows:
+        cells = [_fmt(row.cells.get(c), 2 if c == "edit s" else 1) for c in summary.columns]
+        lines.append("| " + " | ".join([row.label, row.method, str(row.n), *cells]) + " |")
+    text = (f"**{summary.dataset}** (mean ± 95% CI over cases; [low, high] where the interval is asymmetric: "
+            "bootstrap for S, clipped to 0–100 for rates)\n\n" + "\n".join(lines))
+    if summary.notes:
+        text += "\n\n" + "\n".join(f"- {n}" for n in summary.notes)
+    return text
+
+
+def to_csv(summary: Summary) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["dataset", "run", "method", "n", "metric", "mean", "ci_low", "ci_high"])
+    for row in summary.rows:
+        for c in summary.columns:
+            cell = row.cells.get(c)
+            if cell is not None:
+                w.writerow([summary.dataset, row.label, row.method, row.n, c, f"{cell.mean:.6g}",
+                            f"{cell.low:.6g}", f"{cell.high:.6g}"])
+    return buf.getvalue()
+
+
+def plot(summary: Summary, path: str | Path, metrics: list[str] | None = None) -> Path:
+    """Grouped bars (one group per metric, one bar per run) with 95% intervals; written with Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    default = ["ES", "PS", "NS", "S"] if summary.dataset == "counterfact" else ["Efficacy", "Paraphrase", "Specificity"]
+    metrics = [m for m in (metrics or default) if m in summary.columns]
+    if not metrics:
+        raise FactEditError("nothing to plot")
+    x = np.arange(len(metrics))
+    width = 0.8 / max(1, len(summary.rows))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(metrics) + 0.3 * len(summary.rows), 3.6))
+    for i, row in enumerate(summary.rows):
+        means = [row.cells[m].mean if m in row.cells else np.nan for m in metrics]
+        errs = np.array([[row.cells[m].mean - row.cells[m].low, row.cells[m].high - row.cells[m].mean]
+                         if m in row.cells and not math.isnan(row.cells[m].half) else [0, 0] for m in metrics]).T
+        ax.bar(x + (i - (len(summary.rows) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
+               label=f"{row.label} (n={row.n})")
+    ax.set_xticks(x, metrics)
+    ax.set_ylabel("%")
+    ax.set_title(f"{summary.dataset}: mean ± 95% CI")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
