@@ -51,7 +51,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log prog
 
 
 def _print_probe_table(title: str, before: list[dict], after: list[dict] | None) -> None:
-    table = Table(title=title, show_lines=True)
+    table = Table(title=title, show_lines=True, width=max(console.width, 120))
     table.add_column("prompt")
     table.add_column("before: top-5 next tokens")
     table.add_column("p(new) / p(true)")
@@ -76,13 +76,16 @@ def _print_probe_table(title: str, before: list[dict], after: list[dict] | None)
 
 @app.command()
 def edit(
-    prompt: Annotated[str, typer.Option(help="prompt with {} for the subject")],
-    subject: Annotated[str, typer.Option(help="the subject, e.g. 'Eiffel Tower'")],
-    target: Annotated[str, typer.Option(help="the new target, e.g. Rome")],
+    prompt: Annotated[Optional[str], typer.Option(help="prompt with {} for the subject")] = None,
+    subject: Annotated[Optional[str], typer.Option(help="the subject, e.g. 'Eiffel Tower'")] = None,
+    target: Annotated[Optional[str], typer.Option(help="the new target, e.g. Rome")] = None,
     true_target: Annotated[Optional[str], typer.Option(help="the current answer (default: the model's top token)")] = None,
+    requests: Annotated[Optional[Path], typer.Option(help="JSON list of requests (CounterFact records or {prompt, subject, target})")] = None,
     paraphrase: Annotated[Optional[list[str]], typer.Option(help="paraphrased prompt(s) to check, subject filled in")] = None,
     neighbour: Annotated[Optional[list[str]], typer.Option(help="prompt(s) about other subjects that must not change")] = None,
-    method: Annotated[str, typer.Option(help="rome or rome-original (no r-ROME key fix)")] = "rome",
+    method: Annotated[str, typer.Option(help="rome, rome-original (no r-ROME key fix), memit or alphaedit")] = "rome",
+    sequential: Annotated[bool, typer.Option(help="with --requests: edit batch after batch instead of all at once")] = False,
+    batch: Annotated[int, typer.Option(help="with --sequential: requests per step")] = 1,
     layer: Annotated[Optional[list[int]], typer.Option(help="layer(s) to edit (default: hyper-parameter file)")] = None,
     hparams: Annotated[Optional[Path], typer.Option(help="hyper-parameter JSON file")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="text for the second-moment statistics")] = None,
@@ -93,21 +96,32 @@ def edit(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
 ) -> None:
-    """Edit one fact with ROME and show the top-5 next tokens before and after."""
+    """Edit facts (ROME for one, MEMIT/AlphaEdit for a batch) and show predictions before and after."""
     from factedit.editing.hparams import ROMEHyperParams
-    from factedit.editing.requests import EditRequest
-    from factedit.editing.rome import compute_rome
+    from factedit.editing.requests import EditRequest, load_requests
+    from factedit.editing.sequential import METHODS
     from factedit.models import arch_for
     from factedit.predict import probe, top_next_tokens
     from factedit.stats.second_moment import load_second_moment
 
     try:
-        if method not in ("rome", "rome-original"):
-            raise FactEditError(f"unknown method {method!r}: rome or rome-original")
-        request = EditRequest(prompt=prompt, subject=subject, target_new=target, target_true=true_target)
+        if method not in ("rome", "rome-original", "memit", "alphaedit"):
+            raise FactEditError(f"unknown method {method!r}: rome, rome-original, memit or alphaedit")
+        if requests is not None:
+            if prompt or subject or target:
+                raise FactEditError("give either --requests or --prompt/--subject/--target, not both")
+            batch_requests = load_requests(requests)
+        elif prompt is None or subject is None or target is None:
+            raise FactEditError("--prompt, --subject and --target are required (or --requests FILE)")
+        else:
+            batch_requests = [EditRequest(prompt=prompt, subject=subject, target_new=target, target_true=true_target)]
+        family = "rome" if method.startswith("rome") else method
+        if family == "rome" and len(batch_requests) > 1 and not sequential:
+            raise FactEditError("ROME edits one fact: use --method memit or alphaedit, or --sequential")
         mdl, tok = _load(model, device, dtype)
-        hp = ROMEHyperParams.from_json(hparams) if hparams else ROMEHyperParams.for_model(mdl)
-        changes = {"consistent_key": method == "rome"}
+        hp_cls = METHODS[family]
+        hp = hp_cls.from_json(hparams) if hparams else hp_cls.for_model(mdl)
+        changes = {"consistent_key": method == "rome"} if family == "rome" else {}
         if layer:
             changes["layers"] = layer
         hp = hp.replace(**changes)
@@ -120,31 +134,85 @@ def edit(
             moments = {hp.layers[0]: load_second_moment(stats)}
             if moments[hp.layers[0]].shape[0] not in width:
                 raise FactEditError(f"--stats matrix of size {moments[hp.layers[0]].shape[0]} does not fit the layer")
-        if request.target_true is None:
-            top = top_next_tokens(mdl, tok, [request.text], 1)[0][0][0]
-            request = EditRequest(prompt=prompt, subject=subject, target_new=target, target_true=top.strip() or top)
-        checks = [("prompt", request.text)]
-        checks += [("paraphrase", p) for p in paraphrase or []]
-        checks += [("neighbour", p) for p in neighbour or []]
-        before = probe(mdl, tok, checks, request.new_text, request.true_text)
+        filled = []
+        for r in batch_requests:
+            if r.target_true is None:
+                top = top_next_tokens(mdl, tok, [r.text], 1)[0][0][0]
+                r = EditRequest(prompt=r.prompt, subject=r.subject, target_new=r.target_new,
+                                target_true=top.strip() or top, case_id=r.case_id)
+            filled.append(r)
+        batch_requests = filled
+        single = len(batch_requests) == 1
+        checks_of = []
+        for r in batch_requests:
+            checks = [("prompt", r.text)]
+            if single:
+                checks += [("paraphrase", p) for p in paraphrase or []]
+                checks += [("neighbour", p) for p in neighbour or []]
+            checks_of.append(checks)
+        before = [probe(mdl, tok, c, r.new_text, r.true_text) for c, r in zip(checks_of, batch_requests)]
         started = time.perf_counter()
-        patch, results = compute_rome(mdl, tok, request, hp, second_moment=moments, corpus=corpus,
-                                      progress=not as_json)
+        patches, timings = _run_edit(mdl, tok, family, hp, batch_requests, moments, corpus, sequential, batch,
+                                     progress=not as_json)
         seconds = time.perf_counter() - started
-        patch.apply(mdl)
-        after = probe(mdl, tok, checks, request.new_text, request.true_text)
-        saved = str(patch.save(save)) if save else None
+        after = [probe(mdl, tok, c, r.new_text, r.true_text) for c, r in zip(checks_of, batch_requests)]
+        saved = None
+        if save:
+            saved = [str(p.save(save / f"step{i:04d}" if len(patches) > 1 else save)) for i, p in enumerate(patches)]
     except FactEditError as exc:
         _fail(exc)
+    name = patches[0].method
     if as_json:
-        out = {"request": request.to_dict(), "method": patch.method, "layers": hp.layers, "before": before,
-               "after": after, "edit_seconds": seconds, "timings": [r.timings for r in results], "patch": saved}
+        flat = lambda rows: [row for group in rows for row in group]  # noqa: E731
+        out = {"request": batch_requests[0].to_dict() if single else None,
+               "requests": [r.to_dict() for r in batch_requests], "method": name, "layers": hp.layers,
+               "before": flat(before), "after": flat(after), "edit_seconds": seconds, "timings": timings,
+               "patch": saved[0] if saved and len(saved) == 1 else saved}
         sys.stdout.write(json.dumps(out) + "\n")
         return
-    _print_probe_table(f"{request.text!r}: {request.true_text!r} -> {request.new_text!r}  ({patch.method}, "
-                       f"layer {','.join(map(str, hp.layers))}, {seconds:.1f}s)", before, after)
+    if single:
+        r = batch_requests[0]
+        _print_probe_table(f"{r.text!r}: {r.true_text!r} -> {r.new_text!r}  ({name}, "
+                           f"layer {','.join(map(str, hp.layers))}, {seconds:.1f}s)", before[0], after[0])
+    else:
+        _print_batch_table(name, batch_requests, before, after, seconds)
     if saved:
-        console.print(f"patch saved to {saved}")
+        console.print(f"patch saved to {', '.join(saved) if len(saved) < 4 else saved[0] + ' ...'}")
+
+
+def _run_edit(mdl, tok, family, hp, requests, moments, corpus, sequential, batch, progress):
+    """Compute and apply the edit(s); returns the applied patches and their timings."""
+    from factedit.editing.alphaedit import compute_alphaedit
+    from factedit.editing.memit import compute_memit
+    from factedit.editing.rome import compute_rome
+    from factedit.editing.sequential import SequentialEditor
+
+    if sequential:
+        editor = SequentialEditor(mdl, tok, family, hp, second_moment=moments, progress=progress)
+        editor.run(requests, batch_size=batch)
+        return editor.patches, [p.info.get("timings") for p in editor.patches]
+    if family == "rome":
+        patch, results = compute_rome(mdl, tok, requests[0], hp, second_moment=moments, corpus=corpus,
+                                      progress=progress)
+        timings = [r.timings for r in results]
+    elif family == "memit":
+        patch = compute_memit(mdl, tok, requests, hp, second_moment=moments, corpus=corpus, progress=progress)
+        timings = patch.info["timings"]
+    else:
+        patch, _ = compute_alphaedit(mdl, tok, requests, hp, second_moment=moments, corpus=corpus, progress=progress)
+        timings = patch.info["timings"]
+    patch.apply(mdl)
+    return [patch], timings
+
+
+def _print_batch_table(method: str, requests, before, after, seconds: float) -> None:
+    table = Table(title=f"{method}: {len(requests)} edits in {seconds:.1f}s", width=max(console.width, 120))
+    for col in ("prompt", "new target", "before: top-1", "after: top-1", "p(new) before -> after"):
+        table.add_column(col)
+    for r, b, a in zip(requests, before, after):
+        table.add_row(r.text, r.new_text, b[0]["top"][0][0], a[0]["top"][0][0],
+                      f"{b[0]['p_target_new']:.3g} -> {a[0]['p_target_new']:.3g}")
+    console.print(table)
 
 
 @app.command()

@@ -253,8 +253,9 @@ def trace_dataset(
     run_path = out / RUN
     if run_path.is_file():
         previous = json.loads(run_path.read_text())
-        if previous != config:
-            diff = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k))
+        diff = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k)
+                      and not (k == "noise" and math.isclose(config[k], previous.get(k) or 0.0, rel_tol=1e-6)))
+        if diff:
             raise FactEditError(f"{out} holds a run with other settings ({', '.join(diff)}); "
                                 "use another --out folder or delete that one")
     else:
@@ -272,17 +273,27 @@ def trace_dataset(
     todo = [f for f in chosen if f.known_id not in done]
     log.info("%d facts to trace (%d already done)", len(todo), len(chosen) - len(todo))
     all_kinds = list(kinds) + (list(SEVERED_KINDS) if severed else [])
-    for fact in tqdm(todo, desc="tracing facts", unit="fact", disable=not progress):
-        encoded = encode_with_subject(tokenizer, split_prompt(fact.prompt, fact.subject), fact.subject)
-        tokens = {k: [encoded.subject_last] for k in SEVERED_KINDS}
-        res = causal_trace(model, tokenizer, fact.prompt, fact.subject, kinds=all_kinds, samples=samples,
-                           noise=scale, window=window, seed=seed, batch_size=batch_size, tokens=tokens)
-        rec = {"known_id": fact.known_id, "subject": fact.subject, "prompt": fact.prompt,
-               "attribute": fact.attribute, "relation_id": fact.relation_id}
-        rec.update({k: v for k, v in res.to_dict().items()
-                    if k in ("tokens", "subject_range", "answer", "answer_id", "clean_prob", "low_prob", "scores")})
-        rec["seconds"] = res.meta["seconds"]
-        _append_line(results, rec)
+    try:
+        for fact in tqdm(todo, desc="tracing facts", unit="fact", disable=not progress):
+            try:
+                encoded = encode_with_subject(tokenizer, split_prompt(fact.prompt, fact.subject), fact.subject)
+                tokens = {k: [encoded.subject_last] for k in SEVERED_KINDS}
+                res = causal_trace(model, tokenizer, fact.prompt, fact.subject, kinds=all_kinds, samples=samples,
+                                   noise=scale, window=window, seed=seed, batch_size=batch_size, tokens=tokens)
+            except FactEditError as exc:
+                log.warning("skipping known fact %d (%s)", fact.known_id, exc)
+                continue
+            rec = {"known_id": fact.known_id, "subject": fact.subject, "prompt": fact.prompt,
+                   "attribute": fact.attribute, "relation_id": fact.relation_id}
+            rec.update({k: v for k, v in res.to_dict().items()
+                        if k in ("tokens", "subject_range", "answer", "answer_id", "clean_prob", "low_prob", "scores")})
+            rec["seconds"] = res.meta["seconds"]
+            _append_line(results, rec)
+    except KeyboardInterrupt:
+        if read_results(out):
+            log.warning("interrupted: summarising the %d facts traced so far (rerun to resume)", len(read_results(out)))
+            write_summary(out, plots=plots)
+        raise
     return write_summary(out, plots=plots)
 
 

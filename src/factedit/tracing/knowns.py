@@ -25,7 +25,7 @@ from factedit.hooks import Trace
 from factedit.models.architectures import arch_for
 from factedit.paths import atomic_write_bytes, cache_dir, data_dir
 from factedit.text import pad_id, pad_right
-from factedit.tracing.core import answer_token, split_prompt
+from factedit.tracing.core import answer_token
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,9 @@ def known_by_model(
         probs = torch.softmax(lm_logits(model, arch, fin.output[torch.arange(len(chunk)), last]).float(), -1)
         top_p, top = probs.max(-1)
         for f, p, i in zip(chunk, top_p.tolist(), top.tolist()):
-            split_prompt(f.prompt, f.subject)
-            expected = answer_token(tok, f.prompt, f.attribute)
+            try:
+                expected = answer_token(tok, f.prompt, f.attribute)
+            except FactEditError:
+                expected = -1  # an attribute that tokenizes to nothing is never predicted
             out.append(KnownPrediction(f.known_id, tok.decode([i]), int(i), float(p), int(i) == expected))
     return out
