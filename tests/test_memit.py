@@ -114,3 +114,31 @@ def test_alphaedit_sequence_keeps_updates_in_the_null_space(setup):
     for patch in reversed(patches):
         patch.revert(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_batched_values_equal_one_at_a_time_with_early_stopping(setup):
+    """Requests optimised together (some stopping early and leaving the batch) get the same
+    vectors as when each is optimised alone, on the fast and on the plain path."""
+    from factedit.editing.values import build_value_problem, optimize_values
+    from factedit.models import arch_for
+    from factedit.text import pad_id
+
+    model, tok, _ = setup
+    arch = arch_for(model)
+    requests = REQUESTS + [EditRequest("{} was born in", "Barack Obama", "Paris")]
+    problems = [build_value_problem(tok, r, ["{}", "Hello. {}"], "last") for r in requests]
+    kwargs = dict(site=arch.block(1), layer=1, pad=pad_id(tok))
+    free = MEMITHyperParams.for_model(model, layers=[1], **{**SETTINGS, "early_stop_loss": 0.0})
+    final = [h[-1]["total"] for h in optimize_values(model, arch, problems, hparams=free, **kwargs).losses]
+    # a threshold between the lowest and highest final loss: some requests stop early, others never
+    hp = free.replace(early_stop_loss=(min(final) + max(final)) / 2)
+    together = {fast: optimize_values(model, arch, problems, hparams=hp.replace(prefix_cache=fast), **kwargs)
+                for fast in (True, False)}
+    alone = [optimize_values(model, arch, [p], hparams=hp, **kwargs) for p in problems]
+    steps = [len(h) for h in together[True].losses]
+    assert len(set(steps)) > 1, f"the test needs requests that stop at different steps: {steps}"
+    assert steps == [len(r.losses[0]) for r in alone]
+    for i, single in enumerate(alone):
+        for result in together.values():
+            rel = float((result.delta[i] - single.delta[0]).norm() / single.delta[0].norm())
+            assert rel < 1e-3, (i, rel)

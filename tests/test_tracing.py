@@ -59,7 +59,7 @@ def test_last_layer_at_last_token_recovers_clean(tiny, tokenizer):
 def test_zero_noise_gives_clean_probability_everywhere(tiny, tokenizer):
     for method in ("fast", "straightforward"):
         r = causal_trace(tiny, tokenizer, PROMPT, SUBJECT, kinds=ALL_KINDS, samples=2, noise=0.0, method=method,
-                         tokens=[2, 3, -1] if method == "straightforward" else None)
+                         tokens=[3, -1] if method == "straightforward" else None)
         assert r.low_prob == pytest.approx(r.clean_prob, rel=1e-5)
         for k in r.kinds:
             m = r.scores[k]
@@ -91,7 +91,7 @@ def test_window_convention():
 def test_fast_equals_straightforward_every_family(family, tokenizer):
     """Every kind (severed paths included), long prompt (past Gemma 3's sliding window), small batches."""
     model = tiny_model(family, init=0.2)
-    kw = dict(kinds=ALL_KINDS, samples=2, noise=1.0, window=3, tokens=[5, 7, 9, -1])
+    kw = dict(kinds=ALL_KINDS, samples=2, noise=1.0, window=3, tokens=[5, 9, -1])
     fast = causal_trace(model, tokenizer, LONG_PROMPT, SUBJECT, batch_size=5, **kw)
     slow = causal_trace(model, tokenizer, LONG_PROMPT, SUBJECT, method="straightforward", **kw)
     assert fast.clean_prob == pytest.approx(slow.clean_prob, rel=1e-5)
@@ -119,7 +119,7 @@ def test_fast_equals_straightforward_sever_all_tokens(tiny, tokenizer):
 
 def test_default_model_fast_equals_straightforward(default_model):
     model, tok = default_model
-    kw = dict(kinds=ALL_KINDS, samples=2, noise=0.35, tokens=[3, -1], layers=[0, 7, 29])
+    kw = dict(kinds=["hidden", "mlp", "hidden_sever_attn"], samples=2, noise=0.35, tokens=[3, -1], layers=[7, 29])
     fast = causal_trace(model, tok, PROMPT, SUBJECT, **kw)
     slow = causal_trace(model, tok, PROMPT, SUBJECT, method="straightforward", **kw)
     _close(fast, slow)
@@ -127,6 +127,7 @@ def test_default_model_fast_equals_straightforward(default_model):
     assert fast.answer_is_prediction and fast.clean_prob > fast.low_prob
     assert fast.scores["hidden"][-1, 29] == pytest.approx(fast.clean_prob, rel=1e-5)
     assert np.isnan(fast.scores["mlp"][5, 7]) and np.isnan(fast.scores["mlp"][3, 8])
+    assert not np.isnan(fast.scores["mlp"][3, 7])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -228,20 +229,20 @@ def test_buckets_and_summary():
 def test_dataset_run_is_resumable(tiny, tokenizer, tmp_path):
     from factedit.tracing.knowns import known_by_model, KnownFact
 
-    prompts = [("Catalonia belongs to the continent of", "Catalonia"), (PROMPT, SUBJECT),
-               ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux")]
-    probe = [KnownFact(i, s, "x", p) for i, (p, s) in enumerate(prompts)]
-    preds = known_by_model(tiny, tokenizer, probe)
-    # a data file whose attributes are what the tiny model predicts (plus one it does not)
+    # the tiny model predicts ' routes', ' cables', ' fonts' here: a data file with those as attributes
+    prompts = [(PROMPT, SUBJECT), ("Beats Music is owned by", "Beats Music"),
+               ("Toko Yasuda plays the instrument", "Toko Yasuda")]
+    preds = known_by_model(tiny, tokenizer, [KnownFact(i, s, "x", p) for i, (p, s) in enumerate(prompts)])
+    assert all(pr.predicted.startswith(" ") for pr in preds)
     records = [{"known_id": i, "subject": s, "prompt": p, "attribute": pr.predicted.strip(), "relation_id": "P1"}
                for i, ((p, s), pr) in enumerate(zip(prompts, preds))]
-    records.append({"known_id": 9, "subject": "Paris", "prompt": "Paris is the capital of", "attribute": "zzzqx"})
+    records.insert(1, {"known_id": 9, "subject": "Paris", "prompt": "Paris is the capital of", "attribute": "zzzqx"})
     data = tmp_path / "known.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "run"
     kw = dict(data=data, samples=2, noise=1.0, batch_size=64, plots=False, progress=False)
     trace_dataset(tiny, tokenizer, out, n=2, **kw)
-    assert [r["known_id"] for r in read_results(out)] == [0, 1]
+    assert [r["known_id"] for r in read_results(out)] == [0, 1]  # fact 9 is not predicted: skipped
     with open(out / "results.jsonl", "a") as fh:  # a crash in the middle of a line
         fh.write('{"known_id": 2, "scor')
     table = trace_dataset(tiny, tokenizer, out, n=3, **kw)

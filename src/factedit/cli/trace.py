@@ -94,7 +94,8 @@ def trace_command(
     except FactEditError as exc:
         _fail(exc)
     if not result.answer_is_prediction:
-        err.print(f"[yellow]warning:[/] the model predicts {result.predicted!r}, not {result.answer!r}", highlight=False)
+        err.print(f"[yellow]warning:[/] the model predicts {result.predicted!r}, not {result.answer!r}",
+                  highlight=False)
     table = Table(title=f"{result.prompt!r} → {result.answer!r}: clean p={result.clean_prob:.4f}, "
                         f"corrupted p={result.low_prob:.4f} (noise {result.noise:.4g}, {result.samples} samples)")
     for col in ("kind", "peak token", "peak layer", "p restored", "indirect effect"):
@@ -111,7 +112,8 @@ def trace_dataset_command(
     n: Annotated[Optional[int], typer.Option(help="number of facts the model predicts to trace (default: all)")] = None,
     out: Annotated[Path, typer.Option(help="output folder (results.jsonl, effects.csv/json, plots); resumable")] = Path(
         "trace-known"),
-    data: Annotated[Optional[Path], typer.Option(help="known_1000.json (default: data folder, cache or download)")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="known_1000.json (default: data folder, cache or download)")] = None,
     sever: Annotated[bool, typer.Option(help="also trace severed paths at the last subject token (Fig. 3)")] = True,
     samples: SamplesOpt = 10,
     noise: NoiseOpt = None,
@@ -143,7 +145,8 @@ def trace_dataset_command(
     for col in ("kind", "peak bucket", "peak layer", "AIE", "95% CI"):
         summary.add_column(col)
     for k, p in table.peaks().items():
-        summary.add_row(k, p["bucket"], str(p["layer"]), f"{p['mean']:.4f}", f"[{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]")
+        ci = f"[{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]"
+        summary.add_row(k, p["bucket"], str(p["layer"]), f"{p['mean']:.4f}", ci)
     console.print(summary)
     console.print(f"table: {out / 'effects.csv'}, plots: {out}")
 

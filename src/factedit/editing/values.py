@@ -225,6 +225,16 @@ class _PrefixCache:
         index = source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
         return states.gather(2, index)
 
+    def select(self, row_ids: torch.Tensor) -> _PrefixCache:
+        """The same cache for a subset of rows (requests that stopped early drop out of the batch)."""
+        sub = object.__new__(_PrefixCache)
+        sub.__dict__.update(self.__dict__)
+        for name in ("suffix_ids", "position_ids", "suffix_len", "mask", "site_at_lookup"):
+            setattr(sub, name, getattr(self, name)[row_ids])
+        sub.below = self.below[row_ids] if self.below is not None else None
+        sub.kv = [(k[row_ids], v[row_ids]) for k, v in self.kv]
+        return sub
+
     def new_cache(self, model: nn.Module) -> DynamicCache:
         return DynamicCache(ddp_cache_data=self.kv)
 
@@ -254,34 +264,45 @@ def optimize_values(
     blocks = get_module(model, arch.blocks)
     steps = 0
 
+    active = torch.arange(n, device=device)
+    sub_rows, sub_prefix = rows, prefix
     with frozen(model):
         for it in range(hparams.v_num_grad_steps):
             steps = it + 1
             opt.zero_grad()
+            m = len(active)
+            if m != int(sub_rows.first_rows.numel()):
+                # Requests that reached the early-stop loss leave the batch: no more work for their rows.
+                sub_rows = _flatten([problems[i] for i in active.tolist()], device)
+                sub_prefix = prefix.select(torch.isin(rows.problem, active).nonzero().squeeze(1))
+            d = delta[active]
             if hparams.prefix_cache:
-                rw_logits, kl_logits = _fast_forward(model, arch, site, rows, prefix, delta, blocks)
+                rw_logits, kl_logits = _fast_forward(model, arch, site, sub_rows, sub_prefix, d, blocks)
             else:
-                rw_logits, kl_logits = _plain_forward(model, arch, site, rows, delta, pad)
-            rw_logp = torch.log_softmax(rw_logits.float(), dim=-1).gather(1, rows.rw_ids[:, None]).squeeze(1)
-            per_row = torch.zeros(len(rows.rw_problem), device=device).index_add(0, rows.rw_row_of_token, rw_logp)
-            nll_each = -per_row / rows.rw_target_len
-            nll = _per_problem_mean(nll_each, rows.rw_problem, n)
+                rw_logits, kl_logits = _plain_forward(model, arch, site, sub_rows, d, pad)
+            rw_logp = torch.log_softmax(rw_logits.float(), dim=-1).gather(1, sub_rows.rw_ids[:, None]).squeeze(1)
+            per_row = torch.zeros(len(sub_rows.rw_problem), device=device).index_add(
+                0, sub_rows.rw_row_of_token, rw_logp)
+            nll_each = -per_row / sub_rows.rw_target_len
+            nll = _per_problem_mean(nll_each, sub_rows.rw_problem, m)
             kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
             if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl_each = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # = F.kl_div(init, cur, log_target=True)
-            kl = hparams.kl_factor * _per_problem_mean(kl_each, rows.kl_problem, n)
-            wd = hparams.v_weight_decay * (delta.norm(dim=1) / target_init.norm(dim=1) ** 2)
+                kl_init = kl_logp.detach().clone()  # first step: every request active, delta = 0
+            kl_ref = kl_init[torch.isin(rows.kl_problem, active)]
+            kl_each = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)  # = F.kl_div(init, cur, log_target=True)
+            kl = hparams.kl_factor * _per_problem_mean(kl_each, sub_rows.kl_problem, m)
+            wd = hparams.v_weight_decay * (d.norm(dim=1) / target_init[active].norm(dim=1) ** 2)
             total = nll + kl + wd
-            avg_prob = _per_problem_mean(torch.exp(-nll_each).detach(), rows.rw_problem, n)
-            for i in range(n):
-                if not done[i]:
-                    history[i].append({"total": float(total[i].detach()), "nll": float(nll[i].detach()), "kl": float(kl[i].detach()),
-                                       "wd": float(wd[i].detach()), "avg_prob": float(avg_prob[i])})
-            done |= total.detach() < hparams.early_stop_loss
+            avg_prob = _per_problem_mean(torch.exp(-nll_each).detach(), sub_rows.rw_problem, m)
+            for j, i in enumerate(active.tolist()):
+                history[i].append({"total": float(total[j].detach()), "nll": float(nll[j].detach()),
+                                   "kl": float(kl[j].detach()), "wd": float(wd[j].detach()),
+                                   "avg_prob": float(avg_prob[j])})
+            finished = total.detach() < hparams.early_stop_loss
+            done[active[finished]] = True
             if bool(done.all()) or it == hparams.v_num_grad_steps - 1:
                 break
-            total[~done].sum().backward()
+            total[~finished].sum().backward()
             kept = delta.detach()[done].clone()
             opt.step()
             with torch.no_grad():
@@ -289,6 +310,7 @@ def optimize_values(
                 norms = delta.norm(dim=1)
                 over = norms > max_norm
                 delta[over] = delta[over] * (max_norm[over] / norms[over])[:, None]
+            active = (~done).nonzero().squeeze(1)
     log.debug("value optimisation: %d problems, %d steps", n, steps)
     return ValueResult(target_init=target_init, delta=delta.detach(), steps=steps, losses=history)
 

@@ -100,7 +100,8 @@ class EffectTable:
         if not rows:
             return None
         rows.sort(key=lambda r: r["layer"])
-        return {key: np.array([r[key] for r in rows], dtype=float) for key in ("layer", "mean", "ci95_low", "ci95_high", "n")}
+        keys = ("layer", "mean", "ci95_low", "ci95_high", "n")
+        return {key: np.array([r[key] for r in rows], dtype=float) for key in keys}
 
     def kinds(self) -> list[str]:
         return list(dict.fromkeys(r["kind"] for r in self.rows))
@@ -116,7 +117,8 @@ class EffectTable:
                 br = [r for r in rows if r["bucket"] == bucket]
                 if br:
                     b = max(br, key=lambda r: r["mean"])
-                    per_bucket[bucket] = {"layer": b["layer"], "mean": b["mean"], "ci95": [b["ci95_low"], b["ci95_high"]]}
+                    per_bucket[bucket] = {"layer": b["layer"], "mean": b["mean"],
+                                          "ci95": [b["ci95_low"], b["ci95_high"]]}
             out[kind] = {"bucket": best["bucket"], "layer": best["layer"], "mean": best["mean"],
                          "ci95": [best["ci95_low"], best["ci95_high"]], "per_bucket": per_bucket}
         return out
