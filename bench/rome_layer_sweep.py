@@ -30,6 +30,11 @@ def main() -> None:
     base = ROMEHyperParams.for_model(model)
     stats = second_moments(model, tok, args.layers, n_tokens=base.mom2_n_tokens, dtype=base.mom2_dtype)
     records = counterfact(args.n, args.start)
+    pre = {}
+    for record in records:  # the unedited model's scores: neighbourhood is judged against these
+        for k, v in score_record(model, tok, record, EditRequest.from_dict(record)).items():
+            pre[k] = pre.get(k, 0) + v
+    print("unedited:", json.dumps(pre), flush=True)
     table = []
     for layer in args.layers:
         hp = base.replace(layers=[layer])
@@ -44,13 +49,15 @@ def main() -> None:
         row = {"layer": layer, "efficacy": tot["rewrite"] / len(records),
                "paraphrase": tot["paraphrase"] / tot["n_paraphrase"],
                "neighbourhood": tot["neighbourhood_kept"] / tot["n_neighbourhood"]}
+        row["neighbourhood_drop"] = (pre["neighbourhood_kept"] - tot["neighbourhood_kept"]) / tot["n_neighbourhood"]
         row["score"] = 3 / sum(1 / max(row[k], 1e-9) for k in ("efficacy", "paraphrase", "neighbourhood"))
         table.append(row)
         print(json.dumps(row), flush=True)
-    print("| layer | efficacy | paraphrase | neighbourhood | harmonic mean |")
+    print("| layer | efficacy | paraphrase | neighbourhood (drop vs unedited) | harmonic mean |")
     print("|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['layer']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} | {r['neighbourhood']:.2f} | {r['score']:.3f} |")
+        print(f"| {r['layer']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} | {r['neighbourhood']:.2f} "
+              f"({r['neighbourhood_drop']:+.2f}) | {r['score']:.3f} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(table, fh, indent=1)

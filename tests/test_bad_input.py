@@ -117,3 +117,32 @@ def test_cli_edit_json_with_reference_stats(default_model):
     assert before["top"][0][0] == " Paris" and after["top"][0][0] == " Rome"
     assert after["p_target_new"] > after["p_target_true"] and before["p_target_new"] < before["p_target_true"]
     assert {"text", "top", "p_target_new", "p_target_true"} <= set(after)
+
+
+def test_requests_file_with_bad_records_is_refused_whole(tmp_path):
+    from factedit.editing.requests import load_requests
+
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps([
+        {"prompt": "The {} is located in", "subject": "Eiffel Tower", "target": "Rome"},
+        {"prompt": "The Louvre is located in", "subject": "Eiffel Tower", "target": "Rome"},  # subject missing
+        {"prompt": "{} plays", "subject": "LeBron James", "target": ""},  # empty target
+        {"prompt": "Paris is in", "subject": "Paris", "target": "Italy"},  # subject spelled out: accepted
+    ]))
+    content = path.read_text()
+    with pytest.raises(FactEditError, match=r"2 bad request\(s\), nothing edited") as info:
+        load_requests(path)
+    assert "request 1: subject 'Eiffel Tower' not found" in str(info.value)
+    assert "request 2: target is empty" in str(info.value)
+    assert path.read_text() == content
+    result = _run("edit", "--method", "memit", "--requests", str(path))
+    assert result.exit_code == 2 and "nothing edited" in result.output
+
+
+def test_memit_batch_conflicts_are_refused_before_loading(tmp_path):
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps([]))
+    result = _run("edit", "--method", "memit", "--requests", str(path))
+    assert result.exit_code == 2 and "non-empty" in result.output
+    result = _run("edit", "--method", "rome", "--requests", str(path), "--prompt", "The {} is")
+    assert result.exit_code == 2 and "not both" in result.output

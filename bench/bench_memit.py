@@ -1,0 +1,90 @@
+"""Benchmark MEMIT on CounterFact: wall time with a breakdown (z, keys, solve), the batched-z
+speed-up over one request at a time, and the edit's scores.
+
+    python bench/bench_memit.py --n 1000 [--compare-z 32] [--method memit|alphaedit]
+
+Statistics are computed (or read from the cache) before timing starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import counterfact, machine, score_record
+
+from factedit import EditRequest, load_model
+from factedit.editing.alphaedit import compute_alphaedit
+from factedit.editing.hparams import AlphaEditHyperParams, MEMITHyperParams
+from factedit.editing.memit import compute_memit
+from factedit.editing.templates import context_templates
+from factedit.editing.values import build_value_problem, optimize_values
+from factedit.models import arch_for
+from factedit.stats.second_moment import second_moments
+from factedit.text import pad_id
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--method", default="memit", choices=["memit", "alphaedit"])
+    ap.add_argument("--compare-z", type=int, default=0, help="time z for this many requests batched vs alone")
+    ap.add_argument("--score", type=int, default=100, help="score this many of the edited records")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    print(machine(), flush=True)
+    model, tok = load_model()
+    hp_cls = MEMITHyperParams if args.method == "memit" else AlphaEditHyperParams
+    hp = hp_cls.for_model(model)
+    stats = second_moments(model, tok, hp.layers, n_tokens=hp.mom2_n_tokens, dtype=hp.mom2_dtype)
+    templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
+                                  starts=hp.template_starts)
+    records = counterfact(args.n)
+    requests = [EditRequest.from_dict(r) for r in records]
+    result: dict = {"method": args.method, "n": len(requests), "layers": hp.layers,
+                    "mom2_update_weight": hp.mom2_update_weight}
+
+    if args.compare_z:
+        arch = arch_for(model)
+        problems = [build_value_problem(tok, r, templates, hp.fact_token) for r in requests[: args.compare_z]]
+        kw = dict(site=arch.block(hp.layers[-1]), layer=hp.layers[-1], hparams=hp, pad=pad_id(tok))
+        t = time.perf_counter()
+        for i in range(0, len(problems), hp.batch_size):
+            optimize_values(model, arch, problems[i : i + hp.batch_size], **kw)
+        batched = time.perf_counter() - t
+        t = time.perf_counter()
+        for p in problems:
+            optimize_values(model, arch, [p], **kw)
+        alone = time.perf_counter() - t
+        result["z_compare"] = {"requests": len(problems), "batched_s": batched, "one_at_a_time_s": alone,
+                               "speedup": alone / batched}
+        print("z", json.dumps(result["z_compare"]), flush=True)
+
+    t = time.perf_counter()
+    if args.method == "memit":
+        patch = compute_memit(model, tok, requests, hp, second_moment=stats, templates=templates, progress=True)
+    else:
+        patch, _ = compute_alphaedit(model, tok, requests, hp, second_moment=stats, templates=templates, progress=True)
+    result["wall_s"] = time.perf_counter() - t
+    result["breakdown_s"] = patch.info["timings"]
+    print("edit", json.dumps({k: result[k] for k in ("n", "wall_s", "breakdown_s")}), flush=True)
+
+    scored = records[: args.score]
+    pre = [score_record(model, tok, r, q) for r, q in zip(scored, requests)]
+    patch.apply(model)
+    post = [score_record(model, tok, r, q) for r, q in zip(scored, requests)]
+    patch.revert(model)
+    for name, rows in (("pre", pre), ("post", post)):
+        es = 100 * sum(r["rewrite"] for r in rows) / len(rows)
+        ps = 100 * sum(r["paraphrase"] / r["n_paraphrase"] for r in rows) / len(rows)
+        ns = 100 * sum(r["neighbourhood_kept"] / r["n_neighbourhood"] for r in rows) / len(rows)
+        result[name] = {"ES": es, "PS": ps, "NS": ns, "records": len(rows)}
+        print(name, json.dumps(result[name]), flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
