@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--method", default="rome", choices=["rome", "rome-original"])
     ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--mom2-tokens", type=int, default=None, help="statistics sample size (default: hparams)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     print(machine())
@@ -31,6 +32,8 @@ def main() -> None:
     changes = {"consistent_key": args.method == "rome"}
     if args.layer is not None:
         changes["layers"] = [args.layer]
+    if args.mom2_tokens is not None:
+        changes["mom2_n_tokens"] = args.mom2_tokens
     hp = ROMEHyperParams.for_model(model, **changes)
     stats = second_moments(model, tok, hp.layers, n_tokens=hp.mom2_n_tokens, dtype=hp.mom2_dtype)
     totals = {"pre": {}, "post": {}}
@@ -55,7 +58,7 @@ def main() -> None:
               f"{t['paraphrase']}/{t['n_paraphrase']}; neighbourhood true>new "
               f"{t['neighbourhood_kept']}/{t['n_neighbourhood']}")
     seconds.sort()
-    print(f"method {args.method}, layer {hp.layers}; median edit time {seconds[len(seconds) // 2]:.1f}s")
+    print(f"method {args.method}, layer {hp.layers}, statistics {hp.mom2_n_tokens} tokens; median edit time {seconds[len(seconds) // 2]:.1f}s")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"method": args.method, "layers": hp.layers, "totals": totals, "cases": rows}, fh, indent=1)
