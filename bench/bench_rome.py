@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="also time the plain (unoptimised) v* computation")
     ap.add_argument("--stats-tokens", type=int, default=20_000)
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--skip-edit", action="store_true")
     args = ap.parse_args()
     print(machine(), flush=True)
     result = {}
@@ -95,7 +96,8 @@ def main() -> None:
         result["load"] = bench_load()
         print("load", json.dumps(result["load"]), flush=True)
     model, tok = load_model()
-    result["edit"] = bench_edit(model, tok, args.reps, args.plain)
+    if not args.skip_edit:
+        result["edit"] = bench_edit(model, tok, args.reps, args.plain)
     t = time.perf_counter()
     collect_second_moments(model, tok, [6], open_corpus(), n_tokens=args.stats_tokens, progress=False)
     single = time.perf_counter() - t

@@ -16,6 +16,7 @@ from factedit.data import DatasetError, load_counterfact, load_known_facts, load
 from factedit.editing.ft import FTHyperParams, FTLHyperParams, compute_ft
 from factedit.errors import FactEditError
 from factedit.evaluation import RunConfig, register_method, run_evaluation, summarize_runs, to_csv, to_markdown
+from factedit.evaluation.methods import METHODS
 from factedit.evaluation.metrics import (
     TfidfModel,
     bootstrap_ci,
@@ -27,12 +28,12 @@ from factedit.evaluation.metrics import (
     word_tokenize,
     zsre_case_scores,
 )
-from factedit.evaluation.methods import METHODS
 from factedit.evaluation.runner import CASES, MANIFEST, CaseLog
 from factedit.evaluation.scoring import score_continuations
 from factedit.evaluation.summary import plot
 from factedit.models import arch_for, model_fingerprint
 from factedit.predict import target_log_probs
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -82,7 +83,8 @@ def test_counterfact_case_scores_by_hand():
     block = {
         "rewrite_prompts_probs": [{"target_new": 0.5, "target_true": 1.0}],
         "paraphrase_prompts_probs": [{"target_new": 0.5, "target_true": 1.0}, {"target_new": 2.0, "target_true": 1.0}],
-        "neighborhood_prompts_probs": [{"target_new": 3.0, "target_true": 1.0}, {"target_new": 1.0, "target_true": 1.0}],
+        "neighborhood_prompts_probs": [{"target_new": 3.0, "target_true": 1.0},
+                                       {"target_new": 1.0, "target_true": 1.0}],
         "rewrite_prompts_correct": [True],
         "paraphrase_prompts_correct": [True, False],
         "neighborhood_prompts_correct": [False, False],
@@ -359,7 +361,7 @@ def test_ft_l_respects_its_linf_bound(default_model):
     hp = FTLHyperParams.for_model(model, num_steps=4, norm_constraint=eps)
     name = arch_for(model).rewrite_weight_at(hp.layers[0])
     original = model.get_parameter(name).detach().clone()
-    patch, result = compute_ft(model, tok, [MADRID], hp)
+    patch, _ = compute_ft(model, tok, [MADRID], hp)
     assert patch.method == "ft-l"
     delta = patch.entries[0].dense
     assert float(delta.abs().max()) <= eps

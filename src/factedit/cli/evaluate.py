@@ -39,7 +39,7 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="seed of the generation samples")] = 0,
     reference_corpus: Annotated[Optional[str], typer.Option(help="corpus for reference texts and IDF")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine)")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="registry name, .gguf, folder or hub id")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="registry name, .gguf, folder, hub id")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:

@@ -176,7 +176,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
     if old.get("format") != FORMAT:
         raise FactEditError(f"{folder}/{MANIFEST} has format {old.get('format')!r}, expected {FORMAT}")
-    diffs = [k for k in _MUST_MATCH if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)]
+    diffs = [k for k in _MUST_MATCH
+             if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)]
     if diffs:
         detail = "; ".join(f"{k}: run has {_get(old, k)!r}, now {_get(new, k)!r}" for k in diffs)
         raise FactEditError(f"cannot resume {folder}: the run was made with other settings ({detail}); "
@@ -275,7 +276,8 @@ def _notes(config: RunConfig, reference) -> list[str]:
         notes.append(reference.note())
         notes.append("n-gram entropy uses a regex word tokenizer approximating NLTK's word_tokenize")
     if config.dataset == "zsre":
-        notes.append(f"zsRE new target = {config.zsre_target}" + (" (as ROME/MEMIT)" if config.zsre_target == "answers" else ""))
+        origin = " (as ROME/MEMIT)" if config.zsre_target == "answers" else ""
+        notes.append(f"zsRE new target = {config.zsre_target}{origin}")
     return notes
 
 

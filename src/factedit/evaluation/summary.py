@@ -136,7 +136,8 @@ def summarize_block(dataset: str, blocks: list[dict[str, Any]], times: list[floa
 
 def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = True, n_boot: int = 2000,
                    seed: int = 0) -> Summary:
-    """One row per run (its ``post`` metrics), preceded by the unedited model's row (``pre``)."""
+    """One row per run (its ``post`` metrics), preceded by the unedited model's row (the first run's ``pre``)
+    unless a run of method ``none`` is among them."""
     runs = [load_run(p) for p in paths]
     if not runs:
         raise FactEditError("no runs given")
@@ -156,6 +157,7 @@ def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = 
     if len(fps) > 1:
         notes.append("warning: the runs used different model weights")
     rows: list[Row] = []
+    pre = pre and all(r.manifest["method"] != "none" for r in runs)  # a 'none' run already is that row
     for i, run in enumerate(runs):
         chosen = [run.cases[k] for k in _ordered(run, keep)]
         if pre and i == 0:

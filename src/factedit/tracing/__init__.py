@@ -1,12 +1,22 @@
-"""Causal tracing: locate the states that carry a fact (ROME paper §2, Figs. 1–3)."""
+"""Causal tracing: locate the states that carry a fact (ROME paper §2, Figs. 1–3).
+
+``causal_trace(model, tokenizer, prompt, subject)`` traces one fact;
+``trace_dataset(model, tokenizer, out_dir)`` averages effects over the known facts;
+``plot_trace_all`` / ``plot_average_effects`` draw paper-style figures (matplotlib,
+imported only when plotting).
+"""
 
 from factedit.tracing.core import (
     ALL_KINDS, KINDS, SEVERED_KINDS, TraceResult, causal_trace, make_noise, window_layers,
 )
+from factedit.tracing.dataset import BUCKETS, EffectTable, read_results, summarize, trace_dataset, write_summary
 from factedit.tracing.knowns import KnownFact, KnownPrediction, known_by_model, load_known_facts
 from factedit.tracing.noise import embedding_std, noise_scale
+from factedit.tracing.plots import plot_average_effects, plot_trace, plot_trace_all, plot_trace_combined
 
 __all__ = [
     "ALL_KINDS", "KINDS", "SEVERED_KINDS", "TraceResult", "causal_trace", "make_noise", "window_layers",
+    "BUCKETS", "EffectTable", "read_results", "summarize", "trace_dataset", "write_summary",
     "KnownFact", "KnownPrediction", "known_by_model", "load_known_facts", "embedding_std", "noise_scale",
+    "plot_average_effects", "plot_trace", "plot_trace_all", "plot_trace_combined",
 ]

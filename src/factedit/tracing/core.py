@@ -31,8 +31,9 @@ Two computations give the same numbers:
   (the forward stops at the final norm, the LM head runs on one vector per row).
   Tokens before the subject are identical in clean and corrupted runs, so their
   scores are the corrupted probability without any forward. Restorations that
-  start at the same layer share forwards, ``batch_size`` rows (restorations ×
-  noise samples) at a time.
+  start at the same block share forwards, packed along the sequence without
+  padding (:class:`_FastTracer`), at most ``batch_size`` restorations × noise
+  samples per forward.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ DEFAULT_SAMPLES = 10
 DEFAULT_WINDOW = 10
 DEFAULT_NOISE_FACTOR = 3.0
 DEFAULT_SEED = 1
-DEFAULT_BATCH_SIZE = 128
+DEFAULT_BATCH_SIZE = 512
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:

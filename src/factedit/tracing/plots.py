@@ -175,6 +175,7 @@ def plot_average_effects(table: EffectTable, out_dir: str | Path, formats: Seque
             step = 5 if table.num_layers > 12 else 1
             ax.set_xticks(np.arange(0, table.num_layers, step) + 0.5)
             ax.set_xticklabels(range(0, table.num_layers, step))
+            ax.set_xlabel("layer" if kind == "hidden" else f"center of {NAMES[kind]} window", fontsize=8)
             ax.set_title(f"Average indirect effect: {NAMES[kind] if kind != 'hidden' else 'hidden state'}",
                          fontsize=9)
             fig.colorbar(mesh, ax=ax).set_label("AIE (probability)", fontsize=7)
