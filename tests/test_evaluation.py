@@ -146,6 +146,7 @@ def test_summary_tables_and_plot(tmp_path):
     assert row.cells["PS"].mean == pytest.approx(62.5)  # (1 + .5 + 0 + 1) / 4
     assert row.cells["NS"].mean == pytest.approx(87.5)
     assert row.cells["S"].mean == pytest.approx(harmonic_mean([75.0, 62.5, 87.5]))
+    assert row.cells["ΔNS"].mean == pytest.approx(87.5 - 100.0)  # paired against the cases' pre
     assert row.cells["ES"].high <= 100.0 and row.cells["ES"].low >= 0.0  # clipped rates
     assert row.cells["edit s"].mean == pytest.approx(2.5)
     md, csv_text = to_markdown(s), to_csv(s)

@@ -23,7 +23,7 @@ def _fail(exc: Exception) -> None:
 
 
 def eval_command(
-    method: Annotated[str, typer.Option(help="rome, ft, ft-l or none (the unedited model)")],
+    method: Annotated[str, typer.Option(help="rome, memit, alphaedit, ft, ft-l or none (the unedited model)")],
     dataset: Annotated[str, typer.Option(help="counterfact or zsre")],
     out: Annotated[Path, typer.Option(help="run folder (re-run the same command to resume)")],
     n: Annotated[Optional[int], typer.Option(help="number of cases (default: all); may grow on resume")] = None,
@@ -35,9 +35,19 @@ def eval_command(
     layer: Annotated[Optional[list[int]], typer.Option(help="override the edited layer(s)")] = None,
     generation: Annotated[bool, typer.Option(help="also fluency (GE) and consistency (RS): slow")] = False,
     n_gen: Annotated[Optional[int], typer.Option(help="generation prompts per case (default: all, as ROME)")] = None,
+    gen_cases: Annotated[Optional[int], typer.Option(
+        help="generation metrics on the first this many cases only (default: all)")] = None,
     max_out_len: Annotated[int, typer.Option(help="generated text length in tokens, prompt included")] = 100,
     seed: Annotated[int, typer.Option(help="seed of the generation samples")] = 0,
     reference_corpus: Annotated[Optional[str], typer.Option(help="corpus for reference texts and IDF")] = None,
+    batch: Annotated[Optional[int], typer.Option(
+        help="edit this many cases at once from the unedited model (MEMIT's protocol; with --sequential: per step)")] = None,
+    sequential: Annotated[bool, typer.Option(
+        help="keep every edit: steps of --batch cases (default 1) applied one after another")] = False,
+    drift_every: Annotated[Optional[int], typer.Option(
+        help="with --sequential: every k steps, measure how many earlier edits hold (drift.jsonl)")] = None,
+    pre_from: Annotated[Optional[Path], typer.Option(
+        help="reuse the unedited scores of another run of the same model and data")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine)")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="registry name, .gguf, folder, hub id")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
@@ -56,7 +66,9 @@ def eval_command(
                            data_path=str(data) if data else None, download=download, zsre_target=zsre_target,
                            hparams=str(hparams) if hparams else None,
                            overrides={"layers": layer} if layer else {}, generation=generation, n_gen=n_gen,
-                           max_out_len=max_out_len, seed=seed, reference_corpus=reference_corpus)
+                           max_out_len=max_out_len, seed=seed, reference_corpus=reference_corpus,
+                           gen_cases=gen_cases, batch=batch, sequential=sequential, drift_every=drift_every,
+                           pre_from=str(pre_from) if pre_from else None)
         mdl, tok = load_model(model, device=device, dtype=dtype)
         report = run_evaluation(mdl, tok, config, out, model_name=model or "smollm2-135m")
     except FactEditError as exc:

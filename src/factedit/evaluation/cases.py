@@ -30,6 +30,7 @@ class GenerationSettings:
     max_out_len: int = 100
     top_k: int = 5
     seed: int = 0
+    n_cases: int | None = None  # only the run's first n_cases cases get generation metrics; None = all
 
 
 def evaluate_counterfact(

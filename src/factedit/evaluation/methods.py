@@ -2,9 +2,11 @@
 
 A method is set up once per run (hyper-parameters resolved, statistics and templates
 precomputed) and then turns one request into a :class:`Patch` computed on the unedited
-model (or ``None`` for no edit). To add one (e.g. MEMIT)::
+model (or ``None`` for no edit). Batch methods (MEMIT, AlphaEdit) also turn a list of requests
+into one patch (``compute_batch``); ``commit`` tells a method that its last patch was applied and
+stays (AlphaEdit then keeps those keys for the next batch of a sequence). To add one::
 
-    register_method("memit", MemitMethod)   # a class with the EditMethod interface
+    register_method("my-method", MyMethod)   # a class with the EditMethod interface
 """
 
 from __future__ import annotations
@@ -122,11 +124,72 @@ class FTMethod:
         return patch
 
 
+class MemitMethod:
+    """MEMIT (or AlphaEdit, ``alpha=True``): statistics of all critical layers and templates computed once."""
+
+    def __init__(self, alpha: bool = False) -> None:
+        self.alpha = alpha
+        self.name = "alphaedit" if alpha else "memit"
+        self.hp = None
+        self.moments: dict[int, Any] | None = None
+        self.templates: list[str] | None = None
+        self.state = None  # AlphaEdit: projections and the keys of edits already kept
+
+    def setup(self, model, tok, hparams=None, overrides=None) -> dict[str, Any]:
+        from factedit.editing.hparams import AlphaEditHyperParams, MEMITHyperParams
+        from factedit.editing.templates import context_templates
+        from factedit.models.fingerprint import model_fingerprint
+        from factedit.stats.second_moment import second_moments
+
+        self.hp = _resolve(AlphaEditHyperParams if self.alpha else MEMITHyperParams, model, hparams, overrides)
+        self.moments = second_moments(model, tok, self.hp.layers, corpus=self.hp.mom2_dataset,
+                                      n_tokens=self.hp.mom2_n_tokens, max_length=self.hp.mom2_max_length,
+                                      dtype=self.hp.mom2_dtype, progress=True)
+        self.templates = context_templates(model, tok, self.hp.context_template_length_params,
+                                           seed=self.hp.template_seed, starts=self.hp.template_starts,
+                                           fingerprint=model_fingerprint(model))
+        if self.alpha:
+            from factedit.editing.alphaedit import AlphaEditState
+
+            self.state = AlphaEditState({layer: self.moments[layer] for layer in self.hp.layers}, self.hp)
+        return self.hp.model_dump(mode="json")
+
+    def compute(self, model, tok, request) -> Patch:
+        return self.compute_batch(model, tok, [request])
+
+    def compute_batch(self, model, tok, requests: list[EditRequest], progress: bool = False) -> Patch:
+        from factedit.editing.memit import compute_memit
+
+        return compute_memit(model, tok, requests, self.hp, second_moment=self.moments, templates=self.templates,
+                             progress=progress, solver=self.state, method=self.name)
+
+    def commit(self) -> None:
+        if self.state is not None:
+            self.state.commit()
+
+    def discard(self) -> None:
+        """Forget the keys of a patch that was computed but reverted (edits from the unedited model)."""
+        if self.state is not None:
+            self.state._pending.clear()
+
+    def state_tensors(self) -> dict[str, Any]:
+        """What a resumed sequence needs besides the applied patches (AlphaEdit's kept keys)."""
+        if self.state is None:
+            return {}
+        return {f"previous.{layer}": kk for layer, kk in self.state.previous.items()}
+
+    def load_state_tensors(self, tensors: dict[str, Any]) -> None:
+        if self.state is not None:
+            self.state.previous = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("previous.")}
+
+
 METHODS: dict[str, Callable[[], EditMethod]] = {
     "none": NoEdit,
     "rome": RomeMethod,
     "ft": lambda: FTMethod(constrained=False),
     "ft-l": lambda: FTMethod(constrained=True),
+    "memit": MemitMethod,
+    "alphaedit": lambda: MemitMethod(alpha=True),
 }
 
 

@@ -7,6 +7,20 @@ run is resumed by running the same command again: finished case ids are skipped,
 line (the process died mid-write) is cut off and that case is redone, so no case is lost or
 duplicated. A resumed run must match the manifest (same model weights, method, hyper-parameters,
 data and seeds); ``n`` may grow, to extend a run.
+
+Three ways to edit (``RunConfig.batch`` / ``sequential``):
+
+* each case alone (the default, ROME's protocol): edit from the unedited model, evaluate, revert;
+* ``batch=B``: MEMIT's protocol, chunks of B cases edited at once from the unedited model, every
+  case of the chunk evaluated on the edited model, then reverted (``batch=1000`` = one batch of
+  1,000 edits);
+* ``sequential=True``: chunks of B (default 1) applied one after another, each computed on the
+  already edited model; every case is evaluated once all edits are in.
+
+Batch and sequential runs save each chunk's patch under ``patches/`` as soon as it is computed,
+so a resumed run re-applies them instead of recomputing (and AlphaEdit's kept keys beside them).
+The unedited model's scores (``pre``) may be taken from an earlier run of the same model and data
+(``pre_from``), since they do not depend on the method.
 """
 
 from __future__ import annotations
@@ -67,6 +81,11 @@ class RunConfig:
     reference_corpus: str | None = None
     reference_max_texts: int = 50
     batch_size: int = 64
+    batch: int | None = None  # edit this many cases at once (MEMIT / AlphaEdit); None = each alone
+    sequential: bool = False  # keep every edit: chunks applied one after another
+    pre_from: str | None = None  # a run folder of the same model and data whose ``pre`` scores are reused
+    drift_every: int | None = None  # sequential: measure earlier edits and neighbours every k steps
+    gen_cases: int | None = None  # generation metrics (slow) on the first this many cases only; None = all
 
 
 @dataclass
@@ -156,7 +175,7 @@ def _versions() -> dict[str, str]:
 
 # fields of the manifest that must be equal for a resumed run
 _MUST_MATCH = ("method", "hparams", "model.fingerprint", "dataset.name", "dataset.sha256", "dataset.format",
-               "selection.start", "generation", "seeds", "reference")
+               "selection.start", "generation", "seeds", "reference", "mode")
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -176,6 +195,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
     if old.get("format") != FORMAT:
         raise FactEditError(f"{folder}/{MANIFEST} has format {old.get('format')!r}, expected {FORMAT}")
+    old = {"mode": {"kind": "single"}, **old}  # runs made before batch/sequential modes existed
     diffs = [k for k in _MUST_MATCH
              if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)]
     if diffs:
@@ -208,14 +228,20 @@ def run_evaluation(
                                target=config.zsre_target, download=config.download)
         if config.dataset == "zsre" and config.generation:
             raise FactEditError("generation metrics are defined for CounterFact only")
+        if config.batch is not None and config.batch < 1:
+            raise FactEditError(f"batch must be at least 1, not {config.batch}")
         method = get_method(config.method)
+        mode = _mode(config, method)
+        # generation metrics (slow) only for the first gen_cases cases, when limited
+        gen_ids = (None if config.gen_cases is None
+                   else frozenset(str(c.case_id) for c in dataset.cases[: config.gen_cases]))
         hparams = method.setup(model, tok, config.hparams, config.overrides or None)
         base_fp = model_fingerprint(model)
         reference = None
         gen = None
         if config.generation:
             gen = GenerationSettings(n_gen=config.n_gen, max_out_len=config.max_out_len, top_k=config.top_k,
-                                     seed=config.seed)
+                                     seed=config.seed, n_cases=config.gen_cases)
             reference = reference_texts(config.reference_corpus, config.reference_max_texts)
         param = next(model.parameters())
         manifest = {
@@ -227,11 +253,13 @@ def run_evaluation(
                       "family": getattr(model.config, "model_type", None)},
             "dataset": {k: v for k, v in dataset.describe().items() if k not in ("n_cases",)},
             "selection": {"start": config.start, "n": config.n, "n_cases": len(dataset)},
-            "generation": asdict(gen) if gen else None,
+            # n_cases appears only when set, so runs made before it existed still resume
+            "generation": {k: v for k, v in asdict(gen).items() if k != "n_cases" or v is not None} if gen else None,
             "reference": {k: v for k, v in reference.describe().items() if k != "note"} if reference else None,
             "seeds": {"generation": config.seed, "template_seed": hparams.get("template_seed")},
             "config": asdict(config),
             "versions": _versions(),
+            "mode": mode,
             "torch_threads": torch.get_num_threads(),
             "notes": _notes(config, reference),
         }
@@ -254,18 +282,66 @@ def run_evaluation(
         errors = 0
         bar = tqdm(total=len(dataset), initial=already, desc=f"{method.name} {config.dataset}", unit="case",
                    disable=not progress, dynamic_ncols=True)
+
+        def finished(case, record: dict[str, Any]) -> None:
+            nonlocal errors
+            errors += "error" in record
+            caselog.append(record)
+            bar.update(1)
+            if on_case is not None:
+                on_case(str(case.case_id), record)
+
         try:
-            for case in todo:
-                record = _evaluate_case(model, tok, method, case, config, gen, reference, base_fp)
-                errors += "error" in record
-                caselog.append(record)
-                bar.update(1)
-                if on_case is not None:
-                    on_case(str(case.case_id), record)
+            pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
+            if mode["kind"] == "single":
+                for case in todo:
+                    finished(case, _evaluate_case(model, tok, method, case, config, gen, reference, base_fp,
+                                                  pre_known.get(str(case.case_id)), gen_ids))
+            else:
+                from factedit.evaluation.batched import run_chunks
+
+                run_chunks(model, tok, method, dataset.cases, done, config, mode, out,
+                           evaluate=lambda case, with_generation: _evaluate(model, tok, case, config, gen, reference,
+                                                                            with_generation, gen_ids),
+                           pre_known=pre_known, finished=finished, base_fp=base_fp, progress=progress)
         finally:
             bar.close()
     return RunReport(out_dir=out, total=len(dataset), already_done=already, evaluated=len(todo), errors=errors,
                      seconds=time.perf_counter() - started)
+
+
+def _mode(config: RunConfig, method) -> dict[str, Any]:
+    """How cases are edited; part of the manifest, so a resumed run cannot switch protocol."""
+    if config.batch is None and not config.sequential:
+        return {"kind": "single"}
+    if method.name == "none":
+        raise FactEditError("method 'none' makes no edits: --batch and --sequential do not apply")
+    size = config.batch or 1
+    if size > 1 and not hasattr(method, "compute_batch"):
+        raise FactEditError(f"{method.name} edits one request at a time: use --batch 1 (with --sequential) "
+                            "or a batch method (memit, alphaedit)")
+    return {"kind": "sequential" if config.sequential else "batch", "batch": size}
+
+
+def _read_pre(folder: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``pre`` scores of another run of the same model weights, data file and selection start."""
+    other = read_manifest(folder)
+    for key in ("model.fingerprint", "dataset.name", "dataset.sha256", "dataset.format"):
+        if _get(other, key) != _get(manifest, key):
+            raise FactEditError(f"--pre-from {folder}: its {key} ({_get(other, key)!r}) differs from this run's "
+                                f"({_get(manifest, key)!r}); its unedited scores cannot be reused")
+    cases = CaseLog(Path(folder) / CASES).load(repair=False)
+    return {k: v["pre"] for k, v in cases.items() if "pre" in v}
+
+
+def _evaluate(model, tok, case, config: RunConfig, gen, reference, with_generation: bool,
+              gen_ids: frozenset[str] | None = None) -> dict[str, Any]:
+    if gen_ids is not None and str(case.case_id) not in gen_ids:
+        with_generation = False
+    if isinstance(case, CounterFactCase):
+        return evaluate_counterfact(model, tok, case, generation=gen if with_generation else None,
+                                    reference=reference, batch_size=config.batch_size)
+    return evaluate_zsre(model, tok, case, batch_size=config.batch_size)
 
 
 def _notes(config: RunConfig, reference) -> list[str]:
@@ -275,26 +351,22 @@ def _notes(config: RunConfig, reference) -> list[str]:
                      "come from a run with method 'none' (same seeds, so the same samples)")
         notes.append(reference.note())
         notes.append("n-gram entropy uses a regex word tokenizer approximating NLTK's word_tokenize")
+        if config.gen_cases is not None:
+            notes.append(f"GE and RS are measured on the run's first {config.gen_cases} cases only (to save time); "
+                         "the other metrics on all")
     if config.dataset == "zsre":
         origin = " (as ROME/MEMIT)" if config.zsre_target == "answers" else ""
         notes.append(f"zsRE new target = {config.zsre_target}{origin}")
     return notes
 
 
-def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, base_fp: str) -> dict[str, Any]:
+def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, base_fp: str,
+                   pre: dict[str, Any] | None = None, gen_ids: frozenset[str] | None = None) -> dict[str, Any]:
     req = case.request
-    record: dict[str, Any] = {
-        "case_id": case.case_id,
-        "requested_rewrite": {"prompt": req.prompt, "subject": req.subject, "target_new": req.target_new,
-                              "target_true": req.target_true},
-    }
-    is_cf = isinstance(case, CounterFactCase)
+    record = case_header(case)
 
     def evaluate(with_generation: bool) -> dict[str, Any]:
-        if is_cf:
-            return evaluate_counterfact(model, tok, case, generation=gen if with_generation else None,
-                                        reference=reference, batch_size=config.batch_size)
-        return evaluate_zsre(model, tok, case, batch_size=config.batch_size)
+        return _evaluate(model, tok, case, config, gen, reference, with_generation, gen_ids)
 
     t0 = time.perf_counter()
     if method.name == "none":
@@ -303,7 +375,7 @@ def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, 
         edit_s = 0.0
         t1 = time.perf_counter()
     else:
-        pre = evaluate(False)
+        pre = pre if pre is not None else evaluate(False)
         t1 = time.perf_counter()
         try:
             patch = method.compute(model, tok, req)
@@ -312,7 +384,7 @@ def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, 
             return {**record, "error": str(exc)}
         edit_s = time.perf_counter() - t1
         if patch is not None:
-            record["edit"] = _edit_info(patch)
+            record["edit"] = edit_info(patch)
             patch.apply(model)
         try:
             post = evaluate(True)
@@ -326,7 +398,14 @@ def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, 
             "timing": {"edit_s": edit_s, "eval_s": total - edit_s, "total_s": total}}
 
 
-def _edit_info(patch) -> dict[str, Any]:
+def case_header(case) -> dict[str, Any]:
+    req = case.request
+    return {"case_id": case.case_id,
+            "requested_rewrite": {"prompt": req.prompt, "subject": req.subject, "target_new": req.target_new,
+                                  "target_true": req.target_true}}
+
+
+def edit_info(patch) -> dict[str, Any]:
     """A few numbers about the edit worth keeping: size of the change, steps, final loss."""
     info: dict[str, Any] = {"method": patch.method,
                             "delta_norm": float(sum(float(e.delta().norm()) for e in patch.entries))}

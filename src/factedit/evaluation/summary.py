@@ -3,7 +3,8 @@
 Metrics (percentages, as ROME/MEMIT report them): CounterFact ES/EM, PS/PM, NS/NM, S (harmonic
 mean of ES, PS, NS), MEMIT's argmax accuracies, and with generation GE (n-gram entropy x 100) and
 RS (reference score x 100); zsRE efficacy, paraphrase and specificity token accuracies. Intervals:
-Student-t over cases for means; a seeded percentile bootstrap over cases for S.
+Student-t over cases for means; a seeded percentile bootstrap over cases for S. ΔNS / ΔSpec: the
+paired change of the specificity metric against the unedited model on the same cases.
 By default only the cases every run finished are compared (``common=True``).
 """
 
@@ -43,6 +44,7 @@ COUNTERFACT_METRICS = [
 ZSRE_METRICS = [("Efficacy", "rewrite_acc", 100), ("Paraphrase", "paraphrase_acc", 100),
                 ("Specificity", "neighborhood_acc", 100)]
 TIME = ("edit s", "edit_s", 1)
+DELTA = {"counterfact": ("ΔNS", "neighborhood_success"), "zsre": ("ΔSpec", "neighborhood_acc")}
 BOUNDED = {"rewrite_success", "paraphrase_success", "neighborhood_success", "rewrite_acc", "paraphrase_acc",
            "neighborhood_acc"}
 
@@ -164,8 +166,10 @@ def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = 
             rows.append(Row(label="pre (unedited)", method="-", n=len(chosen),
                             cells=summarize_block(dataset, [c["pre"] for c in chosen], n_boot=n_boot, seed=seed)))
         times = [c["timing"]["edit_s"] for c in chosen if "timing" in c] if run.manifest["method"] != "none" else None
+        cells = summarize_block(dataset, [c["post"] for c in chosen], times, n_boot=n_boot, seed=seed)
+        cells.update(_specificity_drop(dataset, chosen))
         rows.append(Row(label=run.label, method=run.manifest["method"], n=len(chosen), errors=len(run.errors),
-                        cells=summarize_block(dataset, [c["post"] for c in chosen], times, n_boot=n_boot, seed=seed)))
+                        cells=cells))
         for note in run.manifest.get("notes", []):
             if note not in notes:
                 notes.append(note)
@@ -174,9 +178,26 @@ def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = 
                          f"(ids {', '.join(sorted(run.errors)[:10])}{'…' if len(run.errors) > 10 else ''})")
     spec = COUNTERFACT_METRICS if dataset == "counterfact" else ZSRE_METRICS
     columns = [c for c, _, _ in spec if any(c in r.cells for r in rows)]
+    delta = DELTA[dataset][0]
+    if any(delta in r.cells for r in rows):
+        columns.insert(columns.index("NS" if dataset == "counterfact" else "Specificity") + 1, delta)
     if any(TIME[0] in r.cells for r in rows):
         columns.append(TIME[0])
     return Summary(dataset=dataset, columns=columns, rows=rows, notes=notes)
+
+
+def _specificity_drop(dataset: str, cases: list[dict[str, Any]]) -> dict[str, Cell]:
+    """Paired change of the specificity metric, edited minus unedited on the same cases (t-interval)."""
+    column, key = DELTA[dataset]
+    diffs = []
+    for c in cases:
+        pre, post = _case_scores(dataset, c["pre"]), _case_scores(dataset, c["post"])
+        if key in pre and key in post:
+            diffs.append(post[key] - pre[key])
+    if not diffs:
+        return {}
+    mean, half = mean_ci(diffs)
+    return {column: Cell(100 * mean, 100 * (mean - half), 100 * (mean + half))}
 
 
 def _ordered(run: Run, keep: set[str] | None) -> list[str]:
@@ -233,7 +254,7 @@ def plot(summary: Summary, path: str | Path, metrics: list[str] | None = None) -
         raise FactEditError("nothing to plot")
     x = np.arange(len(metrics))
     width = 0.8 / max(1, len(summary.rows))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(metrics) + 0.3 * len(summary.rows), 3.6))
+    fig, ax = plt.subplots(figsize=(3.6 + 1.4 * len(metrics) + 0.3 * len(summary.rows), 3.6))
     for i, row in enumerate(summary.rows):
         means = [row.cells[m].mean if m in row.cells else np.nan for m in metrics]
         errs = np.array([[row.cells[m].mean - row.cells[m].low, row.cells[m].high - row.cells[m].mean]
@@ -243,7 +264,7 @@ def plot(summary: Summary, path: str | Path, metrics: list[str] | None = None) -
     ax.set_xticks(x, metrics)
     ax.set_ylabel("%")
     ax.set_title(f"{summary.dataset}: mean ± 95% CI")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

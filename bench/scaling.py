@@ -1,0 +1,97 @@
+"""Scaling table and plot: how ES/PS/NS/GE change with the number of edits in the model, per method.
+
+    python bench/scaling.py memit:runs/scale/memit_10 memit:runs/scale/memit_100 \
+        rome-seq:runs/scale/rome_seq_10 ... [--out out/scaling]
+
+Each argument is LABEL:RUN_FOLDER (a run written by ``factedit eval`` with ``--batch`` or
+``--sequential``); the number of edits is read from the run (its cases). Writes scaling.md,
+scaling.csv and scaling.png/.pdf (one panel per metric, one line per label, 95% CIs as bands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from factedit.evaluation.summary import load_run, summarize_runs
+
+METRICS = ["ES", "PS", "NS", "S", "GE"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", help="LABEL:RUN_FOLDER")
+    ap.add_argument("--out", default="out/scaling")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in args.runs:
+        label, folder = spec.split(":", 1)
+        run = load_run(folder)
+        edits = len(run.cases) + len(run.errors)
+        summary = summarize_runs([folder], common=False, pre=True)
+        pre_row, post_row = summary.rows[0], summary.rows[-1]
+        rows.append({"label": label, "edits": edits, "folder": folder, "mode": run.manifest.get("mode", {}),
+                     "post": post_row.cells, "pre": pre_row.cells})
+    rows.sort(key=lambda r: (r["label"], r["edits"]))
+
+    lines = ["| method | edits | mode | " + " | ".join(METRICS) + " | NS unedited |",
+             "|---|---:|---|" + "---:|" * (len(METRICS) + 1)]
+    for r in rows:
+        cells = [f"{r['post'][m].mean:.1f} ± {r['post'][m].half:.1f}" if m in r["post"] else "–" for m in METRICS]
+        mode = r["mode"]
+        mode_text = f"{mode.get('kind', '?')}" + (f" (batch {mode['batch']})" if "batch" in mode else "")
+        pre_ns = f"{r['pre']['NS'].mean:.1f}" if "NS" in r["pre"] else "–"
+        lines.append(f"| {r['label']} | {r['edits']} | {mode_text} | " + " | ".join(cells) + f" | {pre_ns} |")
+    table = "\n".join(lines)
+    (out / "scaling.md").write_text(table + "\n")
+    with open(out / "scaling.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["label", "edits", "metric", "mean", "ci_low", "ci_high"])
+        for r in rows:
+            for m in METRICS:
+                if m in r["post"]:
+                    c = r["post"][m]
+                    w.writerow([r["label"], r["edits"], m, f"{c.mean:.4g}", f"{c.low:.4g}", f"{c.high:.4g}"])
+    print(table)
+    plot(rows, out / "scaling")
+
+
+def plot(rows: list[dict], stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if any(m in r["post"] for r in rows)]
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_label[r["label"]].append(r)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, points in by_label.items():
+            pts = [p for p in points if metric in p["post"]]
+            if not pts:
+                continue
+            x = [p["edits"] for p in pts]
+            mean = [p["post"][metric].mean for p in pts]
+            ax.plot(x, mean, marker="o", label=label)
+            ax.fill_between(x, [p["post"][metric].low for p in pts], [p["post"][metric].high for p in pts],
+                            alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("edits in the model")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{stem}.{ext}", dpi=200)
+    plt.close(fig)
+    print(f"plot: {stem}.png")
+
+
+if __name__ == "__main__":
+    main()

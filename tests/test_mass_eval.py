@@ -1,0 +1,110 @@
+"""Batch (MEMIT) and sequential evaluation runs on the default model: every case scored, the model
+restored, and a killed run resumed to the same per-case results without recomputing saved edits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from factedit.errors import FactEditError
+from factedit.evaluation import RunConfig, run_evaluation
+from factedit.evaluation.batched import read_drift
+from factedit.evaluation.runner import CASES
+from factedit.models import model_fingerprint
+
+# Small but real settings: two critical layers, a 4k-token second moment, few optimisation steps.
+FAST = {"layers": [5, 6], "mom2_n_tokens": 4000, "v_num_grad_steps": 6}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _cases(folder) -> dict[str, dict]:
+    rows = [json.loads(line) for line in (folder / CASES).read_text().splitlines()]
+    return {str(r["case_id"]): r for r in rows}
+
+
+def _run_killed_then_resumed(model, tok, config: RunConfig, folder, stop_after: int):
+    seen = []
+
+    def stop(case_id, record):
+        seen.append(case_id)
+        if len(seen) == stop_after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_evaluation(model, tok, config, folder, on_case=stop, progress=False)
+    return run_evaluation(model, tok, config, folder, progress=False)
+
+
+def test_memit_batches_score_every_case_and_resume_identically(default_model, tmp_path):
+    model, tok = default_model
+    before = model_fingerprint(model)
+    config = RunConfig(method="memit", dataset="counterfact", n=3, batch=2, overrides=FAST)
+    full = run_evaluation(model, tok, config, tmp_path / "full", progress=False)
+    assert (full.total, full.errors) == (3, 0)
+    assert model_fingerprint(model) == before
+    cases = _cases(tmp_path / "full")
+    assert [c["edit"]["chunk_size"] for c in cases.values()] == [2, 2, 1]
+    assert sorted((tmp_path / "full" / "patches").glob("chunk_*.safetensors"))  # kept for resuming
+    # MEMIT writes the new fact: on every rewrite prompt the new target's NLL goes down.
+    for c in cases.values():
+        assert c["post"]["rewrite_prompts_probs"][0]["target_new"] < c["pre"]["rewrite_prompts_probs"][0]["target_new"]
+
+    report = _run_killed_then_resumed(model, tok, config, tmp_path / "killed", stop_after=1)
+    assert report.evaluated == 2 and model_fingerprint(model) == before
+    resumed = _cases(tmp_path / "killed")
+    for key, case in cases.items():
+        assert resumed[key]["post"] == case["post"], key
+        assert resumed[key]["pre"] == case["pre"], key
+
+
+def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model, tmp_path):
+    model, tok = default_model
+    before = model_fingerprint(model)
+    config = RunConfig(method="alphaedit", dataset="counterfact", n=2, sequential=True, drift_every=1, overrides=FAST)
+    run_evaluation(model, tok, config, tmp_path / "full", progress=False)
+    assert model_fingerprint(model) == before
+    cases = _cases(tmp_path / "full")
+    assert {c["edit"]["edits_in_model"] for c in cases.values()} == {2}
+    assert sorted(c["edit"]["step"] for c in cases.values()) == [0, 1]
+    drift = read_drift(tmp_path / "full")
+    assert [d["edits"] for d in drift] == [1, 2]
+    assert all(0.0 <= d["edits_holding"] <= 1.0 for d in drift)
+
+    _run_killed_then_resumed(model, tok, config, tmp_path / "killed", stop_after=1)
+    assert model_fingerprint(model) == before
+    resumed = _cases(tmp_path / "killed")
+    for key, case in cases.items():
+        assert resumed[key]["post"] == case["post"], key
+
+
+def test_pre_scores_are_reused_and_modes_are_checked(default_model, tmp_path):
+    model, tok = default_model
+    run_evaluation(model, tok, RunConfig(method="none", dataset="zsre", n=2), tmp_path / "none", progress=False)
+    config = RunConfig(method="memit", dataset="zsre", n=2, batch=2, overrides=FAST, pre_from=str(tmp_path / "none"))
+    run_evaluation(model, tok, config, tmp_path / "memit", progress=False)
+    none, memit = _cases(tmp_path / "none"), _cases(tmp_path / "memit")
+    assert {k: v["pre"] for k, v in memit.items()} == {k: v["pre"] for k, v in none.items()}
+    assert not (tmp_path / "memit" / "pre.jsonl").exists() or not (tmp_path / "memit" / "pre.jsonl").read_text()
+
+    with pytest.raises(FactEditError, match="makes no edits"):
+        run_evaluation(model, tok, RunConfig(method="none", dataset="zsre", n=1, batch=2), tmp_path / "a",
+                       progress=False)
+    with pytest.raises(FactEditError, match="one request at a time"):
+        run_evaluation(model, tok, RunConfig(method="rome", dataset="zsre", n=2, batch=2), tmp_path / "b",
+                       progress=False)
+    with pytest.raises(FactEditError, match="other settings"):  # a batch run cannot resume as a sequence
+        run_evaluation(model, tok, RunConfig(**{**config.__dict__, "sequential": True}), tmp_path / "memit",
+                       progress=False)
