@@ -130,6 +130,23 @@ def test_default_model_fast_equals_straightforward(default_model):
     assert not np.isnan(fast.scores["mlp"][3, 7])
 
 
+def test_default_model_bfloat16_autocast_stays_close_to_float32(default_model):
+    """The fast option for many-fact runs: scores move by bfloat16 rounding only, peaks stay put."""
+    model, tok = default_model
+    kw = dict(kinds=["hidden", "mlp"], samples=2, noise=0.35, tokens=[3, 4, 9], layers=[2, 6, 12, 20, 29])
+    full = causal_trace(model, tok, PROMPT, SUBJECT, **kw)
+    half = causal_trace(model, tok, PROMPT, SUBJECT, autocast="bfloat16", **kw)
+    assert half.meta["autocast"] == "bfloat16" and full.meta["autocast"] is None
+    assert half.answer_id == full.answer_id
+    assert half.clean_prob == pytest.approx(full.clean_prob, abs=0.02)
+    for k in kw["kinds"]:
+        x, y = full.scores[k], half.scores[k]
+        ok = ~np.isnan(x)
+        assert np.abs(x[ok] - y[ok]).max() < 0.02, k
+        assert np.corrcoef(x[ok], y[ok])[0, 1] > 0.99, k
+    assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -154,6 +171,7 @@ def test_bad_input_raises(tiny, tokenizer, prompt, subject, answer, match):
     (dict(noise=-1.0), "noise scale"),
     (dict(tokens=[40]), "out of range"),
     (dict(layers=[4]), "out of range"),
+    (dict(autocast="int8"), "autocast"),
 ])
 def test_bad_options_raise(tiny, tokenizer, kwargs, match):
     with pytest.raises(FactEditError, match=match):

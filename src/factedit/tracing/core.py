@@ -56,6 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from factedit import precision
 from factedit.editing.values import _KnownOutput, lm_logits
 from factedit.errors import FactEditError
 from factedit.hooks import Trace, TraceDict, swap_modules
@@ -474,6 +475,7 @@ def causal_trace(
     tokens: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     layers: Sequence[int] | None = None,
     sever_all_tokens: bool = False,
+    autocast: str | None = None,
     progress: bool = False,
 ) -> TraceResult:
     """Trace one fact: which hidden states / MLP / attention outputs carry it to the answer.
@@ -483,11 +485,14 @@ def causal_trace(
     embeddings over the known facts (computed once per model, cached on disk).
     ``tokens``: restrict the traced token positions (all kinds, or per kind); ``layers``:
     restrict the (centre) layers; scores not traced are NaN.
+    ``autocast``: "bfloat16" runs the forward passes under ``torch.autocast`` (much faster on
+    CPUs with AMX; scores then differ from float32 ones by bfloat16 rounding).
     """
     from factedit.tracing.noise import noise_scale  # local: noise.py imports this module's constants
 
     started = time.perf_counter()
     kinds = _check_kinds(kinds)
+    precision.autocast_dtype(autocast)  # refuse a bad option before any work
     if method not in METHODS:
         raise FactEditError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if not isinstance(samples, int) or samples < 1:
@@ -524,7 +529,8 @@ def causal_trace(
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     noise_t = make_noise(samples, n_subj, d, scale, seed).to(device=device, dtype=dtype)
-    fact = _Fact(model, arch, encoded, noise_t, kinds, keep_corrupted_kv=(method == "fast"))
+    with precision.autocast(model, autocast):
+        fact = _Fact(model, arch, encoded, noise_t, kinds, keep_corrupted_kv=(method == "fast"))
 
     predicted_id = int(fact.clean_dist.argmax())
     if answer_id is None:
@@ -554,7 +560,8 @@ def causal_trace(
                 start = tracer.start_layer(kind, layer) if isinstance(tracer, _FastTracer) else 0
                 jobs.append(_Job(kind, t, layer, start))
     with tqdm(total=len(jobs), desc=f"trace ({method})", unit="restore", disable=not progress, leave=False) as bar:
-        values = tracer.run(jobs, bar)
+        with precision.autocast(model, autocast):
+            values = tracer.run(jobs, bar)
     for job, value in zip(jobs, values):
         scores[job.kind][job.t, job.layer] = value
     elapsed = time.perf_counter() - started
@@ -567,7 +574,8 @@ def causal_trace(
         samples=samples, noise=scale, window=window, seed=seed, method=method, sever_all_tokens=sever_all_tokens,
         meta={"seconds": round(elapsed, 3), "restorations": len(jobs), "answer_given": answer_given,
               "model_type": getattr(model.config, "model_type", None), "num_layers": L,
-              "noise_factor": noise_factor if noise is None else None, "batch_size": batch_size},
+              "noise_factor": noise_factor if noise is None else None, "batch_size": batch_size,
+              "autocast": str(precision.autocast_dtype(autocast)).replace("torch.", "") if autocast else None},
     )
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from factedit import precision
 from factedit.errors import FactEditError
 from factedit.models.fingerprint import model_fingerprint
 from factedit.paths import atomic_write_bytes
@@ -237,6 +238,7 @@ def trace_dataset(
     window: int = DEFAULT_WINDOW,
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    autocast: str | None = None,
     plots: bool = True,
     progress: bool = True,
 ) -> EffectTable:
@@ -252,6 +254,8 @@ def trace_dataset(
     config = {"fingerprint": fingerprint, "model_type": getattr(model.config, "model_type", None),
               "kinds": list(kinds), "severed": severed, "samples": samples, "noise": scale, "window": window,
               "seed": seed, "data": str(data) if data else "known_1000.json"}
+    if precision.autocast_dtype(autocast) is not None:  # only when set: older runs stay resumable
+        config["autocast"] = str(precision.autocast_dtype(autocast)).replace("torch.", "")
     run_path = out / RUN
     if run_path.is_file():
         previous = json.loads(run_path.read_text())
@@ -281,7 +285,8 @@ def trace_dataset(
                 encoded = encode_with_subject(tokenizer, split_prompt(fact.prompt, fact.subject), fact.subject)
                 tokens = {k: [encoded.subject_last] for k in SEVERED_KINDS}
                 res = causal_trace(model, tokenizer, fact.prompt, fact.subject, kinds=all_kinds, samples=samples,
-                                   noise=scale, window=window, seed=seed, batch_size=batch_size, tokens=tokens)
+                                   noise=scale, window=window, seed=seed, batch_size=batch_size, tokens=tokens,
+                                   autocast=autocast)
             except FactEditError as exc:
                 log.warning("skipping known fact %d (%s)", fact.known_id, exc)
                 continue

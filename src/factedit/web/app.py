@@ -1,0 +1,344 @@
+"""The local web app: a FastAPI JSON API over one loaded model, plus a static page that uses it.
+
+``create_app(model, tokenizer)`` takes an already-loaded model (tests pass the session
+fixture; ``factedit serve`` loads one). Long work (traces, edits, reverts, uploads,
+model switches) is queued on the single-worker :class:`~factedit.web.jobs.JobQueue` and
+answered ``202`` with a job to poll; quick reads answer directly.
+
+Security posture (a local tool that rewrites model weights): bound to 127.0.0.1 by the
+``serve`` command; ``Host`` must be a loopback name (DNS-rebinding) and a browser
+``Origin``, when sent, must be too (cross-site form posts); JSON endpoints only accept
+``application/json``; bodies are size-limited before they are parsed; request models are
+strict; no field is a server path (models are registry names, patches are uploaded
+bytes, downloads are addressed by patch id); every failure is a 4xx JSON ``detail``
+and is raised before anything touches the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Annotated, Any
+
+import torch
+from fastapi import FastAPI, File, HTTPException, Path, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from factedit import __version__
+from factedit.editing.requests import EditRequest
+from factedit.errors import FactEditError
+from factedit.models.registry import DEFAULT_MODEL, REGISTRY
+from factedit.web.jobs import JobQueue, QueueFull
+from factedit.web.schemas import EditIn, ModelIn, PredictIn, TraceIn
+from factedit.web.session import Busy, Conflict, ModelSession, fill_prompt, installed_models
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024  # JSON requests: prompts and a few settings
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # patch files (a dense MEMIT patch of a small model is a few MB per layer)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+UPLOAD_PATH = "/api/patches/upload"
+STATIC = resources.files("factedit.web") / "static"
+
+PatchId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="id from GET /api/patches")]
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$", description="id returned when the job was queued")]
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+class RequestGuard:
+    """Size limits, content types and cross-origin refusal, enforced before routing or parsing.
+
+    The body is read here, counting bytes, and refused with 413 as soon as it exceeds
+    the limit (a missing or lying ``Content-Length`` does not help); only then is it
+    replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int, max_upload: int, allowed_hosts: tuple[str, ...]) -> None:
+        self.app, self.max_body, self.max_upload = app, max_body, max_upload
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_ok(origin):
+            await _reject(scope, send, 403, f"cross-origin request from {origin[:100]!r} refused")
+            return
+        path = scope["path"]
+        limit = self.max_upload if path == UPLOAD_PATH else self.max_body
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _reject(scope, send, 400, "invalid Content-Length header")
+                return
+            if int(declared) > limit:
+                await _reject(scope, send, 413,
+                              f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+                return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                await _reject(scope, send, 413, f"request body exceeds the limit of {limit:,} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if path != UPLOAD_PATH and body and ctype != "application/json":
+            await _reject(scope, send, 415, f"send JSON with Content-Type: application/json (got {ctype or 'none'!r})")
+            return
+        if path == UPLOAD_PATH and ctype != "multipart/form-data":
+            await _reject(scope, send, 415, "upload the patch file as multipart/form-data (field 'file')")
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _origin_ok(self, origin: str) -> bool:
+        from urllib.parse import urlsplit
+
+        if "*" in self.allowed_hosts:
+            return True
+        try:
+            host = urlsplit(origin).hostname
+        except ValueError:
+            return False
+        return host is not None and host in self.allowed_hosts
+
+
+async def _reject(scope: Scope, send: Send, status: int, detail: str) -> None:
+    log.info("refused %s %s: %d %s", scope.get("method"), scope.get("path"), status, detail)
+    response = JSONResponse({"detail": detail}, status_code=status)
+    await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:  # pragma: no cover - responses never read the request
+    return {"type": "http.disconnect"}
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    model_name: str = DEFAULT_MODEL,
+    second_moment: dict[int, torch.Tensor] | None = None,
+    hparams_overrides: dict[str, Any] | None = None,
+    allowed_hosts: tuple[str, ...] | list[str] = LOOPBACK_HOSTS,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    busy_timeout: float = 5.0,
+    max_waiting_jobs: int = 16,
+) -> FastAPI:
+    """The web app around an already-loaded ``(model, tokenizer)``.
+
+    ``second_moment``/``hparams_overrides`` are server-side edit settings (precomputed
+    statistics; e.g. ``{"mom2_n_tokens": 20000}``): clients can only change the numeric
+    hyper-parameters listed in :data:`factedit.web.session.EDITABLE_HPARAMS`.
+    ``allowed_hosts``: ``Host``/``Origin`` names accepted (``("*",)`` accepts any).
+    """
+    session = ModelSession(model, tokenizer, model_name, second_moment=second_moment,
+                           hparams_overrides=hparams_overrides, busy_timeout=busy_timeout)
+    jobs = JobQueue(max_waiting=max_waiting_jobs)
+    # Request-time checks tokenize on a private copy: HF fast tokenizers must not be used
+    # from two threads at once, and the worker may be using the session's one.
+    check_tok = copy.deepcopy(tokenizer)
+    check_lock = threading.Lock()
+    hosts = tuple(allowed_hosts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        jobs.shutdown()
+
+    app = FastAPI(
+        title="factedit", version=__version__, lifespan=lifespan,
+        description="Locate (causal tracing) and edit (ROME/MEMIT) facts in the loaded language model. "
+                    "Long operations return a job to poll at /api/jobs/{id}.",
+    )
+    app.state.session, app.state.jobs = session, jobs
+    app.add_middleware(RequestGuard, max_body=max_body_bytes, max_upload=max_upload_bytes, allowed_hosts=hosts)
+    if "*" not in hosts:  # outermost: checked first
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[h for h in hosts if ":" not in h] + ["[::1]"])
+
+    # -- errors: one JSON shape, {"detail": "..."} ---------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        text = "; ".join(f"{'.'.join(e['loc'][1:] or e['loc'])}: {e['msg']}" for e in errors[:5])
+        return JSONResponse({"detail": f"invalid request: {text}", "errors": errors}, status_code=422)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(FactEditError)
+    async def _bad(_: Request, exc: FactEditError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(Busy)
+    async def _busy(_: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(QueueFull)
+    async def _full(_: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "5"})
+
+    def queued(kind: str, fn, params: dict[str, Any]) -> JSONResponse:
+        job = jobs.submit(kind, fn, params)
+        return JSONResponse({"job": jobs.snapshot(job.id)}, status_code=202,
+                            headers={"Location": f"/api/jobs/{job.id}"})
+
+    # -- page -------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    # -- model ------------------------------------------------------------------------
+    @app.get("/api/info", summary="The loaded model, its state and the edit defaults")
+    def info() -> dict[str, Any]:
+        return {**session.info(), "version": __version__, "queue_busy": jobs.busy(),
+                "limits": {"max_body_bytes": max_body_bytes, "max_upload_bytes": max_upload_bytes}}
+
+    @app.get("/api/models", summary="Registered models (the only names /api/model accepts)")
+    def models() -> dict[str, Any]:
+        installed = installed_models()
+        return {"loaded": session.name, "default": DEFAULT_MODEL,
+                "models": [{"name": n, "description": s.description, "installed": installed[n]}
+                           for n, s in REGISTRY.items()]}
+
+    @app.post("/api/model", summary="Load another registered model (job)", status_code=202)
+    def choose_model(body: ModelIn) -> Any:
+        name = body.name
+        if name not in REGISTRY:
+            raise HTTPException(404, f"unknown model {name!r}: choose one of {', '.join(REGISTRY)}")
+        if name == session.name:
+            return JSONResponse({"model": name, "changed": False}, status_code=200)
+        if not installed_models()[name]:
+            raise HTTPException(409, f"model {name!r} is not installed; install it with: "
+                                     f"{REGISTRY[name].install_hint()}")
+        if session.patches:
+            raise Conflict("revert the applied patches before switching models")
+        return queued("load", lambda p: session.switch(name, p), {"name": name})
+
+    # -- predictions ------------------------------------------------------------------
+    @app.post("/api/predict", summary="Top-k next tokens on the current (possibly edited) model")
+    def predict(body: PredictIn) -> dict[str, Any]:
+        text, _ = fill_prompt(body.prompt, body.subject)
+        top = session.predict([text], body.k)[0]
+        return {"text": text, "top": [[t, p] for t, p in top], "fingerprint": session.fingerprint,
+                "edited": bool(session.patches)}
+
+    # -- tracing ----------------------------------------------------------------------
+    @app.post("/api/trace", summary="Causal trace: hidden / MLP / attention heatmaps (job)", status_code=202)
+    def trace(body: TraceIn) -> JSONResponse:
+        from factedit.text import encode_with_subject
+        from factedit.tracing.core import answer_token
+
+        text, template = fill_prompt(body.prompt, body.subject)
+        with check_lock:  # tokenization problems are 400s now, not failed jobs later
+            encoded = encode_with_subject(check_tok, template, body.subject)
+            if body.answer is not None:
+                answer_token(check_tok, encoded.text, body.answer)
+        if len(encoded.ids) > 64:
+            raise FactEditError(f"the prompt is {len(encoded.ids)} tokens long; traces are limited to 64")
+        params = body.model_dump()
+        return queued("trace", lambda p: session.trace(text, body.subject, body.answer, body.samples, body.window, p),
+                      params)
+
+    # -- editing ----------------------------------------------------------------------
+    @app.post("/api/edit", summary="Edit a fact (ROME by default) and compare predictions (job)", status_code=202)
+    def edit(body: EditIn) -> JSONResponse:
+        from factedit.editing.values import build_value_problem
+
+        _, template = fill_prompt(body.prompt, body.subject)
+        request = EditRequest(prompt=template, subject=body.subject, target_new=body.target,
+                              target_true=body.target_true)
+        overrides = body.hparams.model_dump(exclude_none=True) if body.hparams else {}
+        hp = session.hparams_for(body.method, overrides)
+        with check_lock:
+            build_value_problem(check_tok, request, ["{}"], hp.fact_token)  # subject span and target tokens
+        params = body.model_dump()
+        return queued("edit", lambda p: session.edit(request, body.method, hp, list(body.paraphrases),
+                                                     list(body.neighbours), body.generate_tokens, p), params)
+
+    # -- jobs ---------------------------------------------------------------------------
+    @app.get("/api/jobs", summary="Recent jobs, oldest first (without results)")
+    def list_jobs() -> dict[str, Any]:
+        return {"jobs": jobs.list()}
+
+    @app.get("/api/jobs/{job_id}", summary="One job: status, progress, and its result once done")
+    def get_job(job_id: JobId) -> dict[str, Any]:
+        snap = jobs.snapshot(job_id)
+        if snap is None:
+            raise HTTPException(404, f"no job {job_id} (finished jobs are kept for a while only)")
+        return snap
+
+    # -- patches ------------------------------------------------------------------------
+    @app.get("/api/patches", summary="Applied patches, in application order (revert the last first)")
+    def list_patches() -> dict[str, Any]:
+        return {"patches": [p.summary() for p in session.patches], "fingerprint": session.fingerprint,
+                "base_fingerprint": session.base_fingerprint}
+
+    @app.post("/api/patches/{patch_id}/revert", summary="Revert the last applied patch (job)", status_code=202)
+    def revert(patch_id: PatchId) -> JSONResponse:
+        try:
+            session.check_revertible(patch_id)
+        except KeyError:
+            raise HTTPException(404, f"no applied patch {patch_id}") from None
+        return queued("revert", lambda p: session.revert(patch_id, p), {"patch_id": patch_id})
+
+    @app.get("/api/patches/{patch_id}/download", summary="The patch file (factedit's .safetensors format)",
+             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
+    def download(patch_id: PatchId) -> Response:
+        entry = session.find_patch(patch_id)
+        if entry is None:
+            raise HTTPException(404, f"no applied patch {patch_id}")
+        disposition = f'attachment; filename="factedit-patch-{patch_id}.safetensors"'
+        return Response(entry.patch.to_bytes(), media_type="application/octet-stream",
+                        headers={"Content-Disposition": disposition})
+
+    @app.post(UPLOAD_PATH, summary="Upload a patch file and apply it (validated first; job)", status_code=202)
+    def upload(
+        file: Annotated[UploadFile, File(description="a patch .safetensors written by factedit")],
+    ) -> JSONResponse:
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"patch file exceeds the limit of {max_upload_bytes:,} bytes")
+        if not data:
+            raise FactEditError("the uploaded file is empty")
+        patch = session.validate_upload(data)  # 400/409 here; the model is untouched
+        return queued("apply", lambda p: session.apply_uploaded(patch, p),
+                      {"method": patch.method, "entries": [e.name for e in patch.entries]})
+
+    return app

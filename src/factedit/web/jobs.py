@@ -1,0 +1,197 @@
+"""A single-worker job queue: long model work (traces, edits, reverts) runs off the request thread.
+
+Why one worker: every job reads or writes the one loaded model, and the core installs
+forward hooks and swaps modules while it works, so two jobs on the same model at once
+would see each other's hooks. One thread executing jobs in submission order gives
+"only one job touches the model at a time, the others wait in line" without any
+locking inside the jobs themselves. HTTP handlers only enqueue and poll, so the server
+stays responsive while a minute-long edit runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from factedit.errors import FactEditError
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
+
+class QueueFull(Exception):
+    """Too many jobs are waiting; the client should retry later."""
+
+
+class Progress:
+    """What a running job reports: a fraction in [0, 1] and a short message.
+
+    ``span(a, b)`` gives a reporter whose 0..1 maps onto ``a..b`` of this one, so a
+    job can hand a phase (statistics, optimisation) its own 0..1 range.
+    """
+
+    def __init__(self, job: Job, lock: threading.Lock, start: float = 0.0, end: float = 1.0) -> None:
+        self._job, self._lock, self._start, self._end = job, lock, start, end
+
+    def __call__(self, fraction: float | None = None, message: str | None = None) -> None:
+        with self._lock:
+            if fraction is not None:
+                value = self._start + (self._end - self._start) * min(max(float(fraction), 0.0), 1.0)
+                self._job.progress = max(self._job.progress, min(value, 1.0))  # never goes backwards
+            if message is not None:
+                self._job.message = message
+
+    def span(self, start: float, end: float) -> Progress:
+        width = self._end - self._start
+        return Progress(self._job, self._lock, self._start + width * start, self._start + width * end)
+
+
+@dataclass
+class Job:
+    """One unit of work and what the client may see of it."""
+
+    id: str
+    kind: str
+    params: dict[str, Any]
+    status: str = QUEUED
+    progress: float = 0.0
+    message: str = "waiting in the queue"
+    result: Any = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    seq: int = 0
+
+    def to_dict(self, *, with_result: bool = True, position: int | None = None) -> dict[str, Any]:
+        d = {"id": self.id, "kind": self.kind, "status": self.status, "progress": round(self.progress, 4),
+             "message": self.message, "error": self.error, "params": self.params, "created": self.created,
+             "started": self.started, "finished": self.finished, "queue_position": position}
+        if with_result:
+            d["result"] = self.result
+        return d
+
+
+class JobQueue:
+    """Runs submitted callables one after another on one daemon thread, keeping recent jobs for polling."""
+
+    def __init__(self, *, max_waiting: int = 16, keep_finished: int = 50, name: str = "factedit-jobs") -> None:
+        self.max_waiting = max_waiting
+        self.keep_finished = keep_finished
+        self._lock = threading.Lock()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._fns: dict[str, Callable[[Progress], Any]] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._seq = itertools.count(1)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    # -- client side ------------------------------------------------------------------
+    def submit(self, kind: str, fn: Callable[[Progress], Any], params: dict[str, Any] | None = None) -> Job:
+        """Queue ``fn(progress)``; its return value (JSON-able) becomes the job's result."""
+        with self._lock:
+            if self._stopped:
+                raise QueueFull("the server is shutting down")
+            waiting = sum(1 for j in self._jobs.values() if j.status == QUEUED)
+            if waiting >= self.max_waiting:
+                raise QueueFull(f"{waiting} jobs are already waiting; try again when some have finished")
+            job = Job(id=secrets.token_hex(8), kind=kind, params=params or {}, seq=next(self._seq))
+            self._jobs[job.id] = job
+            self._fns[job.id] = fn
+            self._prune()
+        self._queue.put(job.id)
+        log.info("queued %s job %s", kind, job.id)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def snapshot(self, job_id: str, *, with_result: bool = True) -> dict[str, Any] | None:
+        """A consistent copy of a job's state (taken under the lock, so never half-updated)."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return None if job is None else job.to_dict(with_result=with_result, position=self._position(job))
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [j.to_dict(with_result=False, position=self._position(j)) for j in self._jobs.values()]
+
+    def busy(self) -> bool:
+        with self._lock:
+            return any(j.status in (QUEUED, RUNNING) for j in self._jobs.values())
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until a job has finished (for tests and scripts; the web page polls instead)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            snap = self.snapshot(job_id)
+            if snap is None:
+                raise KeyError(job_id)
+            if snap["status"] in (DONE, FAILED):
+                return snap
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {snap['status']} after {timeout}s")
+            time.sleep(0.05)
+
+    def shutdown(self, wait: bool = False, timeout: float | None = None) -> None:
+        with self._lock:
+            self._stopped = True
+        self._queue.put(None)
+        if wait:
+            self._thread.join(timeout)
+
+    # -- worker side ------------------------------------------------------------------
+    def _position(self, job: Job) -> int | None:
+        if job.status != QUEUED:
+            return None
+        return sum(1 for j in self._jobs.values() if j.status in (QUEUED, RUNNING) and j.seq < job.seq)
+
+    def _prune(self) -> None:
+        finished = [j for j in self._jobs.values() if j.status in (DONE, FAILED)]
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self._jobs[job.id]
+
+    def _work(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            with self._lock:
+                job = self._jobs.get(job_id)
+                fn = self._fns.pop(job_id, None)
+                if job is None or fn is None:
+                    continue
+                job.status, job.started, job.message = RUNNING, time.time(), "started"
+            progress = Progress(job, self._lock)
+            try:
+                result = fn(progress)
+            except FactEditError as exc:
+                self._finish(job, error=str(exc))
+                log.info("%s job %s failed: %s", job.kind, job.id, exc)
+            except Exception as exc:  # noqa: BLE001 - a job must never kill the worker
+                log.exception("%s job %s crashed", job.kind, job.id)
+                self._finish(job, error=f"internal error ({type(exc).__name__}): {exc}")
+            else:
+                self._finish(job, result=result)
+                log.info("%s job %s done in %.1fs", job.kind, job.id, (job.finished or 0) - (job.started or 0))
+
+    def _finish(self, job: Job, *, result: Any = None, error: str | None = None) -> None:
+        with self._lock:
+            job.finished = time.time()
+            job.result, job.error = result, error
+            job.status = FAILED if error is not None else DONE
+            if error is None:
+                job.progress, job.message = 1.0, "done"
+            else:
+                job.message = "failed"

@@ -1,0 +1,379 @@
+// factedit web page: plain JS over the JSON API (no build step).
+// Every text that comes from the server is inserted with textContent, never as HTML.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const KIND_INFO = {
+  hidden: { title: "single restored layer (hidden state)", color: [75, 0, 130], cmap: "purple" },
+  mlp: { title: "restored MLP (window of layers)", color: [0, 100, 0], cmap: "green" },
+  attn: { title: "restored attention (window of layers)", color: [160, 0, 0], cmap: "red" },
+};
+let defaults = {};
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function svgEl(tag, attrs = {}) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+
+async function api(method, path, body) {
+  const opts = { method, headers: {} };
+  if (body instanceof FormData) opts.body = body;
+  else if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const resp = await fetch(path, opts);
+  let data = null;
+  try { data = await resp.json(); } catch (e) { data = null; }
+  if (!resp.ok) {
+    const detail = data && data.detail ? data.detail : `${resp.status} ${resp.statusText}`;
+    throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+  }
+  return data;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function setStatus(node, text, kind = "") {
+  node.textContent = text;
+  node.className = "status" + (kind ? " " + kind : "");
+}
+
+// Poll a queued job until it finishes, mirroring its progress into a <progress> and a status line.
+async function waitJob(job, progressEl, statusEl) {
+  progressEl.hidden = false;
+  progressEl.value = 0;
+  while (job.status === "queued" || job.status === "running") {
+    progressEl.value = job.progress;
+    const where = job.status === "queued" ? `queued (${job.queue_position ?? 0} ahead)` : job.message;
+    setStatus(statusEl, `${where} — ${Math.round(job.progress * 100)}%`);
+    await sleep(400);
+    job = await api("GET", `/api/jobs/${job.id}`);
+  }
+  progressEl.value = job.status === "done" ? 1 : progressEl.value;
+  refreshJobs();
+  if (job.status === "failed") throw new Error(job.error || "job failed");
+  return job;
+}
+
+function fact() {
+  const subject = $("#subject").value;
+  return { prompt: $("#prompt").value, subject: subject.trim() ? subject : null };
+}
+
+function tokenList(top, target) {
+  const wrap = el("span", { class: "toks" });
+  top.forEach(([t, p], i) => {
+    const cls = "tok" + (i === 0 ? " top1" : "") + (target && t.trim() === target.trim() ? " new" : "");
+    wrap.append(el("span", { class: "item" }, el("span", { class: cls, text: t }), el("span", { class: "p", text: p.toFixed(3) })));
+  });
+  return wrap;
+}
+
+// ---------------------------------------------------------------- model and info
+async function refreshInfo() {
+  const info = await api("GET", "/api/info");
+  defaults = info.edit_defaults || {};
+  $("#model-info").textContent = `${info.model_type}, ${info.num_layers} layers, ${(info.parameters / 1e6).toFixed(0)}M parameters` +
+    (info.edited ? " — edited" : "") + ` · weights ${info.fingerprint.slice(0, 10)}`;
+  showDefaults();
+  return info;
+}
+
+function showDefaults() {
+  const d = defaults[$("#method").value] || {};
+  document.querySelectorAll("[data-hp]").forEach((input) => {
+    const v = d[input.dataset.hp];
+    input.placeholder = v === undefined ? "" : Array.isArray(v) ? v.join(",") : String(v);
+  });
+}
+
+async function refreshModels() {
+  const data = await api("GET", "/api/models");
+  const sel = $("#model-select");
+  sel.replaceChildren();
+  for (const m of data.models) {
+    const opt = el("option", { value: m.name, text: m.name + (m.installed ? "" : " (not installed)") });
+    if (!m.installed) opt.disabled = true;
+    if (m.name === data.loaded) opt.selected = true;
+    sel.append(opt);
+  }
+}
+
+async function loadModel() {
+  const status = $("#predict-status");
+  try {
+    const resp = await fetch("/api/model", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ name: $("#model-select").value }) });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(data.detail);
+    if (data.job) await waitJob(data.job, $("#trace-progress"), status);
+    setStatus(status, `model: ${$("#model-select").value}`, "ok");
+    await Promise.all([refreshInfo(), refreshPatches(), refreshModels()]);
+  } catch (e) { setStatus(status, e.message, "error"); }
+}
+
+// ---------------------------------------------------------------- predictions
+async function predict() {
+  const status = $("#predict-status");
+  try {
+    const data = await api("POST", "/api/predict", { ...fact(), k: 5 });
+    const body = $("#predictions tbody");
+    body.replaceChildren();
+    const row = el("tr", {}, el("td", { class: "muted", text: data.edited ? "edited model" : "original model" }),
+      el("td", {}, tokenList(data.top)));
+    row.dataset.top1 = data.top[0][0];
+    body.append(row);
+    setStatus(status, "");
+  } catch (e) { setStatus(status, e.message, "error"); }
+}
+
+// ---------------------------------------------------------------- tracing
+async function trace() {
+  const status = $("#trace-status");
+  const btn = $("#trace-btn");
+  btn.disabled = true;
+  try {
+    const body = { ...fact(), samples: Number($("#trace-samples").value), window: Number($("#trace-window").value) };
+    if ($("#trace-answer").value.trim()) body.answer = $("#trace-answer").value;
+    const { job } = await api("POST", "/api/trace", body);
+    const done = await waitJob(job, $("#trace-progress"), status);
+    renderTrace(done.result);
+    setStatus(status, `done in ${done.result.meta.seconds.toFixed(1)} s (${done.result.meta.restorations} restorations)`, "ok");
+  } catch (e) { setStatus(status, e.message, "error"); }
+  finally { btn.disabled = false; }
+}
+
+function renderTrace(r) {
+  $("#trace-summary").textContent = `answer ${JSON.stringify(r.answer)}: clean p = ${r.clean_prob.toFixed(4)}, ` +
+    `corrupted p = ${r.low_prob.toFixed(4)} (noise ${r.noise.toFixed(3)}, ${r.samples} samples)` +
+    (r.answer_is_prediction ? "" : ` — the model predicts ${JSON.stringify(r.predicted)}`);
+  for (const kind of ["hidden", "mlp", "attn"]) {
+    const fig = $(`#heatmap-${kind}`);
+    fig.replaceChildren();
+    if (r.scores[kind]) fig.append(heatmap(r, kind), el("figcaption", { text: `Impact of ${KIND_INFO[kind].title}; p(${r.answer.trim()})` }));
+  }
+}
+
+function mix(color, t) {
+  // white (t = 0) to the kind's colour (t = 1), as the paper's Purples / Greens / Reds maps
+  return `rgb(${color.map((c) => Math.round(255 + (c - 255) * t)).join(",")})`;
+}
+
+function heatmap(r, kind) {
+  const m = r.scores[kind];
+  const T = m.length, L = m[0].length;
+  const labels = r.tokens.map((tok, t) => JSON.stringify(tok).slice(1, -1) + (t >= r.subject_range[0] && t < r.subject_range[1] ? "*" : ""));
+  const longest = Math.max(...labels.map((s) => s.length));
+  const cw = Math.max(6, Math.min(16, Math.floor(330 / L))), ch = 18, top = 8, bottom = 58;
+  const left = Math.min(200, Math.max(48, longest * 7 + 14));
+  const width = left + L * cw + 16, height = top + T * ch + bottom;
+  const values = m.flat().filter((v) => v !== null);
+  const lo = r.low_prob, hi = Math.max(lo + 1e-9, ...values);
+  const svg = svgEl("svg", { width, height, viewBox: `0 0 ${width} ${height}`, "data-kind": kind, role: "img",
+    "aria-label": `${kind} causal-trace heatmap` });
+  const color = KIND_INFO[kind].color;
+  for (let t = 0; t < T; t++) {
+    const label = svgEl("text", { x: left - 6, y: top + t * ch + ch * 0.7, "text-anchor": "end" });
+    label.textContent = labels[t];
+    svg.append(label);
+    for (let l = 0; l < L; l++) {
+      const v = m[t][l];
+      const frac = v === null ? 0 : Math.min(1, Math.max(0, (v - lo) / (hi - lo)));
+      const cell = svgEl("rect", { class: "cell", x: left + l * cw, y: top + t * ch, width: cw, height: ch,
+        fill: v === null ? "#ddd" : mix(color, frac) });
+      cell.dataset.token = r.tokens[t];
+      cell.dataset.t = t;
+      cell.dataset.layer = l;
+      cell.dataset.p = v === null ? "" : v.toFixed(4);
+      svg.append(cell);
+    }
+  }
+  for (let l = 0; l < L; l += 5) {
+    const tick = svgEl("text", { x: left + l * cw + cw / 2, y: top + T * ch + 14, "text-anchor": "middle" });
+    tick.textContent = String(l);
+    svg.append(tick);
+  }
+  const axis = svgEl("text", { x: left + (L * cw) / 2, y: top + T * ch + 30, "text-anchor": "middle" });
+  axis.textContent = kind === "hidden" ? "layer" : `centre of ${r.window} restored layers`;
+  svg.append(axis);
+  // colour bar: corrupted probability (white) to the maximum (full colour)
+  const barW = Math.min(200, L * cw), barX = left, barY = top + T * ch + 38;
+  const grad = svgEl("linearGradient", { id: `grad-${kind}` });
+  grad.append(svgEl("stop", { offset: "0", "stop-color": mix(color, 0) }), svgEl("stop", { offset: "1", "stop-color": mix(color, 1) }));
+  const defs = svgEl("defs");
+  defs.append(grad);
+  svg.append(defs, svgEl("rect", { x: barX, y: barY, width: barW, height: 8, fill: `url(#grad-${kind})`, stroke: "#999", "stroke-width": 0.5 }));
+  const loT = svgEl("text", { x: barX - 4, y: barY + 8, "text-anchor": "end" });
+  loT.textContent = lo.toFixed(3);
+  const hiT = svgEl("text", { x: barX + barW + 4, y: barY + 8 });
+  hiT.textContent = hi.toFixed(3);
+  svg.append(loT, hiT);
+  svg.addEventListener("mousemove", hover);
+  svg.addEventListener("mouseleave", () => { $("#tooltip").hidden = true; });
+  return svg;
+}
+
+function hover(ev) {
+  const tip = $("#tooltip");
+  const cell = ev.target.closest ? ev.target.closest("rect.cell") : null;
+  if (!cell) { tip.hidden = true; return; }
+  const kind = cell.ownerSVGElement.dataset.kind;
+  tip.textContent = `${kind}\ntoken ${cell.dataset.t}: ${JSON.stringify(cell.dataset.token)}\nlayer ${cell.dataset.layer}\n` +
+    `p = ${cell.dataset.p || "n/a"}`;
+  tip.hidden = false;
+  tip.style.left = `${ev.clientX + 14}px`;
+  tip.style.top = `${ev.clientY + 12}px`;
+}
+
+// ---------------------------------------------------------------- editing
+function lines(text) {
+  return text.split("\n").map((s) => s.trim()).filter((s) => s.length > 0);
+}
+
+function hparams() {
+  const out = {};
+  document.querySelectorAll("[data-hp]").forEach((input) => {
+    const raw = input.value.trim();
+    if (!raw) return;
+    out[input.dataset.hp] = input.dataset.hp === "layers" ? raw.split(/[ ,]+/).filter(Boolean).map(Number) : Number(raw);
+  });
+  return Object.keys(out).length ? out : null;
+}
+
+async function edit() {
+  const status = $("#edit-status");
+  const btn = $("#edit-btn");
+  btn.disabled = true;
+  try {
+    const f = fact();
+    const body = { prompt: f.prompt, subject: f.subject, target: $("#target").value, method: $("#method").value,
+      paraphrases: lines($("#paraphrases").value), neighbours: lines($("#neighbours").value),
+      generate_tokens: Number($("#generate-tokens").value) };
+    const hp = hparams();
+    if (hp) body.hparams = hp;
+    const { job } = await api("POST", "/api/edit", body);
+    const done = await waitJob(job, $("#edit-progress"), status);
+    renderEdit(done.result);
+    setStatus(status, `patch ${done.result.patch.id} applied (${done.result.method}, layer ${done.result.layers.join(",")}, ` +
+      `${done.result.edit_seconds.toFixed(1)} s)`, "ok");
+    await Promise.all([refreshPatches(), refreshInfo(), predict()]);
+  } catch (e) { setStatus(status, e.message, "error"); }
+  finally { btn.disabled = false; }
+}
+
+function pfmt(a, b) {
+  return a === null || a === undefined ? "–" : `${a.toPrecision(3)} → ${b.toPrecision(3)}`;
+}
+
+function renderEdit(r) {
+  const body = $("#edit-results tbody");
+  body.replaceChildren();
+  for (const row of r.checks) {
+    const tr = el("tr", {}, el("td", { text: row.kind }), el("td", { text: row.text }),
+      el("td", { class: "before" }, tokenList(row.before.top, r.target_new)),
+      el("td", { class: "after" }, tokenList(row.after.top, r.target_new)),
+      el("td", { text: pfmt(row.before.p_target_new, row.after.p_target_new) }),
+      el("td", { text: pfmt(row.before.p_target_true, row.after.p_target_true) }));
+    tr.dataset.kind = row.kind;
+    tr.dataset.beforeTop1 = row.before.top[0][0];
+    tr.dataset.afterTop1 = row.after.top[0][0];
+    body.append(tr);
+  }
+  const gen = $("#generation");
+  gen.replaceChildren();
+  if (r.generation.before !== null) {
+    gen.append(el("div", { class: "muted", text: "generation before" }),
+      el("div", { class: "gen", id: "gen-before", text: r.generation.prompt + r.generation.before }),
+      el("div", { class: "muted", text: "generation after" }),
+      el("div", { class: "gen", id: "gen-after", text: r.generation.prompt + r.generation.after }));
+  }
+}
+
+// ---------------------------------------------------------------- patches
+async function refreshPatches() {
+  const data = await api("GET", "/api/patches");
+  const body = $("#patch-list tbody");
+  body.replaceChildren();
+  data.patches.forEach((p, i) => {
+    const last = i === data.patches.length - 1;
+    const revert = el("button", { type: "button", class: "secondary revert-btn", text: "Revert" });
+    revert.disabled = !last;
+    revert.title = last ? "restore the weights before this patch" : "revert the later patches first";
+    revert.addEventListener("click", () => revertPatch(p.id));
+    const download = el("a", { href: `/api/patches/${p.id}/download`, download: `factedit-patch-${p.id}.safetensors`,
+      class: "download-link", text: "Download" });
+    const fact = p.request.text ? `${p.request.text} → ${p.request.target_new}` : `${p.n_requests} request(s)`;
+    const tr = el("tr", {}, el("td", { class: "tok", text: p.id }), el("td", { text: p.method }), el("td", { text: fact }),
+      el("td", { text: (p.layers || []).join(",") }), el("td", { text: p.source }),
+      el("td", {}, revert, " ", download));
+    tr.dataset.patchId = p.id;
+    body.append(tr);
+  });
+  if (!data.patches.length) body.append(el("tr", {}, el("td", { class: "muted", colspan: "6", text: "none: the model has its original weights" })));
+}
+
+async function revertPatch(id) {
+  const status = $("#patch-status");
+  try {
+    const { job } = await api("POST", `/api/patches/${id}/revert`);
+    await waitJob(job, $("#edit-progress"), status);
+    setStatus(status, `patch ${id} reverted`, "ok");
+    await Promise.all([refreshPatches(), refreshInfo(), predict()]);
+  } catch (e) { setStatus(status, e.message, "error"); }
+}
+
+async function uploadPatch() {
+  const status = $("#patch-status");
+  const file = $("#patch-file").files[0];
+  if (!file) { setStatus(status, "choose a patch file first", "error"); return; }
+  try {
+    const form = new FormData();
+    form.append("file", file);
+    const { job } = await api("POST", "/api/patches/upload", form);
+    const done = await waitJob(job, $("#edit-progress"), status);
+    setStatus(status, `patch ${done.result.patch.id} applied`, "ok");
+    await Promise.all([refreshPatches(), refreshInfo(), predict()]);
+  } catch (e) { setStatus(status, e.message, "error"); }
+}
+
+// ---------------------------------------------------------------- jobs
+async function refreshJobs() {
+  try {
+    const data = await api("GET", "/api/jobs");
+    const body = $("#job-list tbody");
+    body.replaceChildren();
+    const recent = data.jobs.slice(-8).reverse();
+    for (const j of recent) {
+      body.append(el("tr", {}, el("td", { class: "tok", text: j.id.slice(0, 8) }), el("td", { text: j.kind }),
+        el("td", { text: j.status }), el("td", { text: `${Math.round(j.progress * 100)}%` }),
+        el("td", { class: j.error ? "status error" : "muted", text: j.error || j.message })));
+    }
+    const active = data.jobs.filter((j) => j.status === "queued" || j.status === "running").length;
+    $("#queue-status").textContent = active ? `${active} job(s) in progress` : "idle";
+  } catch (e) { /* the next refresh will try again */ }
+}
+
+// ---------------------------------------------------------------- start
+$("#predict-btn").addEventListener("click", predict);
+$("#trace-btn").addEventListener("click", trace);
+$("#edit-btn").addEventListener("click", edit);
+$("#upload-btn").addEventListener("click", uploadPatch);
+$("#model-load").addEventListener("click", loadModel);
+$("#method").addEventListener("change", showDefaults);
+setInterval(refreshJobs, 3000);
+Promise.all([refreshModels(), refreshInfo(), refreshPatches(), refreshJobs()])
+  .then(() => { document.body.dataset.ready = "1"; })
+  .catch((e) => setStatus($("#predict-status"), e.message, "error"));

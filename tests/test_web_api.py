@@ -1,0 +1,371 @@
+"""The web app's REST API against the real default model: happy paths, queueing, and hostile requests.
+
+Every hostile request must get a 4xx with a readable ``detail`` and leave the model's
+weights, the patch stack and the job queue exactly as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from factedit.editing.patch import Patch, PatchEntry  # noqa: E402
+from factedit.models.architectures import arch_for, get_parameter  # noqa: E402
+from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256  # noqa: E402
+from factedit.web.app import create_app  # noqa: E402
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "Eiffel Tower"
+# Statistics settings shared with the browser test (20k tokens, as tests/test_rome_default.py uses):
+# computed once into $FACTEDIT_HOME/stats by the first edit, then read from the cache.
+STATS_TOKENS = 20_000
+
+
+def web_overrides(corpus_file) -> dict:
+    return {"mom2_n_tokens": STATS_TOKENS, "mom2_dataset": str(corpus_file)}
+
+
+@pytest.fixture(scope="module")
+def app(default_model, corpus_file):
+    model, tok = default_model
+    app = create_app(model, tok, hparams_overrides=web_overrides(corpus_file), max_upload_bytes=1_000_000)
+    yield app
+    app.state.jobs.shutdown(wait=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def wait_job(client: TestClient, job: dict, timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    seen = [job["progress"]]
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job {job['id']} did not finish in {timeout}s"
+        time.sleep(0.2)
+        r = client.get(f"/api/jobs/{job['id']}")
+        assert r.status_code == 200
+        job = r.json()
+        seen.append(job["progress"])
+    assert seen == sorted(seen), "progress went backwards"
+    return job
+
+
+def state(app, model) -> dict:
+    """Everything a refused request must not change."""
+    arch = arch_for(model)
+    return {
+        "fingerprint": model_fingerprint(model),
+        "rewrite6": tensor_sha256(get_parameter(model, arch.rewrite_weight_at(6))),
+        "rewrite10": tensor_sha256(get_parameter(model, arch.rewrite_weight_at(10))),
+        "patches": [p.id for p in app.state.session.patches],
+        "jobs": len(app.state.jobs.list()),
+    }
+
+
+def synthetic_patch(model, layer: int = 10, scale: float = 1e-3, base: str | None = None) -> Patch:
+    """A small valid rank-one patch (no optimisation needed) to exercise uploads."""
+    arch = arch_for(model)
+    name = arch.rewrite_weight_at(layer)
+    weight = get_parameter(model, name)
+    out_dim, in_dim = weight.shape
+    gen = torch.Generator().manual_seed(layer)
+    entry = PatchEntry(name=name, shape=tuple(weight.shape), left=torch.randn(out_dim, 1, generator=gen) * scale,
+                       right=torch.randn(1, in_dim, generator=gen), base_sha256=tensor_sha256(weight))
+    return Patch(method="rome", entries=[entry], base_fingerprint=base or model_fingerprint(model),
+                 model_identity=model_identity(model),
+                 requests=[{"prompt": "The {} is in", "subject": "Test", "target_new": "Nowhere"}],
+                 hparams={"layers": [layer]}, version="test")
+
+
+def with_meta(data: bytes, change) -> bytes:
+    """Rewrite the JSON metadata of a patch file (to build hostile variants)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["factedit_patch"])
+    change(meta)
+    header["__metadata__"]["factedit_patch"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+
+def upload(client: TestClient, data: bytes, name: str = "patch.safetensors"):
+    return client.post("/api/patches/upload", files={"file": (name, data, "application/octet-stream")})
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_page_openapi_info_models(client, default_model):
+    page = client.get("/")
+    assert page.status_code == 200 and "heatmap-hidden" in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/info", "/api/models", "/api/model", "/api/predict", "/api/trace", "/api/edit", "/api/jobs",
+                 "/api/jobs/{job_id}", "/api/patches", "/api/patches/{patch_id}/revert",
+                 "/api/patches/{patch_id}/download", "/api/patches/upload"):
+        assert path in spec["paths"], path
+    info = client.get("/api/info").json()
+    assert info["model"] == "smollm2-135m" and info["num_layers"] == 30 and not info["edited"]
+    assert info["fingerprint"] == model_fingerprint(default_model[0])
+    assert info["edit_defaults"]["rome"]["layers"] == [6]
+    models = client.get("/api/models").json()
+    assert models["loaded"] == "smollm2-135m"
+    assert {m["name"] for m in models["models"]} >= {"smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"}
+
+
+def test_predict_both_prompt_forms(client):
+    full = client.post("/api/predict", json={"prompt": PROMPT, "subject": SUBJECT, "k": 3})
+    template = client.post("/api/predict", json={"prompt": "The {} is located in the city of", "subject": SUBJECT})
+    bare = client.post("/api/predict", json={"prompt": PROMPT})
+    assert full.status_code == template.status_code == bare.status_code == 200
+    assert full.json()["text"] == template.json()["text"] == PROMPT
+    assert len(full.json()["top"]) == 3 and len(template.json()["top"]) == 5
+    assert full.json()["top"][0][0] == " Paris" == bare.json()["top"][0][0]
+
+
+def test_choose_model(client, app, default_model):
+    before = state(app, default_model[0])
+    same = client.post("/api/model", json={"name": "smollm2-135m"})
+    assert same.status_code == 200 and same.json() == {"model": "smollm2-135m", "changed": False}
+    installed = {m["name"]: m["installed"] for m in client.get("/api/models").json()["models"]}
+    if not installed["gemma3-270m"]:
+        r = client.post("/api/model", json={"name": "gemma3-270m"})
+        assert r.status_code == 409 and "pip install" in r.json()["detail"]
+    assert state(app, default_model[0]) == before
+
+
+def test_trace_job_and_queueing(client, app, default_model):
+    """Two traces queue behind each other; a quick read during a job says 'busy'; the model is untouched."""
+    before = state(app, default_model[0])
+    first = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 2})
+    second = client.post("/api/trace", json={"prompt": "The {} is located in the city of", "subject": SUBJECT,
+                                             "samples": 1, "answer": "Paris"})
+    assert first.status_code == second.status_code == 202
+    assert first.headers["location"] == f"/api/jobs/{first.json()['job']['id']}"
+    snap = client.get(f"/api/jobs/{second.json()['job']['id']}").json()
+    assert snap["status"] == "queued" and snap["queue_position"] >= 1
+    # once the first job holds the model, a synchronous prediction is refused as busy instead of waiting long
+    session = app.state.session
+    session.busy_timeout = 0.05
+    try:
+        for _ in range(200):
+            job = client.get(f"/api/jobs/{first.json()['job']['id']}").json()
+            if job["message"] not in ("waiting in the queue", "started"):
+                break
+            time.sleep(0.02)
+        if job["status"] == "running":
+            busy = client.post("/api/predict", json={"prompt": PROMPT})
+            assert busy.status_code == 503 and "busy" in busy.json()["detail"]
+    finally:
+        session.busy_timeout = 5.0
+    a = wait_job(client, first.json()["job"])
+    b = wait_job(client, second.json()["job"])
+    assert a["status"] == b["status"] == "done", (a["error"], b["error"])
+    assert b["started"] >= a["finished"]  # one at a time, in order
+    r = a["result"]
+    assert set(r["scores"]) == {"hidden", "mlp", "attn"}
+    n_tokens = len(r["tokens"])
+    assert all(len(m) == n_tokens and all(len(row) == 30 for row in m) for m in r["scores"].values())
+    assert r["answer"] == " Paris" and r["clean_prob"] > 0.5 > r["low_prob"]
+    assert b["result"]["samples"] == 1 and b["result"]["answer"] == " Paris"
+    assert [j["kind"] for j in client.get("/api/jobs").json()["jobs"]][-2:] == ["trace", "trace"]
+    after = state(app, default_model[0])
+    assert {k: v for k, v in after.items() if k != "jobs"} == {k: v for k, v in before.items() if k != "jobs"}
+
+
+def test_edit_download_revert_upload(client, app, default_model):
+    model, _ = default_model
+    base = state(app, model)
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+    r = client.post("/api/edit", json={
+        "prompt": PROMPT, "subject": SUBJECT, "target": "Rome",
+        "paraphrases": ["The Eiffel Tower can be found in the city of"],
+        "neighbours": ["The Louvre is located in the city of"], "generate_tokens": 8,
+    })
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "done", job["error"]
+    res = job["result"]
+    rows = {row["kind"]: row for row in res["checks"]}
+    assert rows["prompt"]["before"]["top"][0][0] == " Paris"
+    assert rows["prompt"]["after"]["top"][0][0] == " Rome"
+    assert rows["prompt"]["after"]["p_target_new"] > 0.5 > rows["prompt"]["before"]["p_target_new"]
+    assert set(rows) == {"prompt", "paraphrase", "neighbour"}
+    assert res["generation"]["before"] and res["generation"]["after"] and res["method"] == "rome"
+    assert res["layers"] == [6] and res["target_true"] == " Paris"
+    patch_id = res["patch"]["id"]
+    assert client.post("/api/predict", json={"prompt": PROMPT}).json()["top"][0][0] == " Rome"
+    listed = client.get("/api/patches").json()
+    assert [p["id"] for p in listed["patches"]] == [patch_id]
+    assert listed["fingerprint"] != listed["base_fingerprint"] == base["fingerprint"]
+
+    # download: the core's single-file patch format
+    dl = client.get(f"/api/patches/{patch_id}/download")
+    assert dl.status_code == 200 and dl.headers["content-type"] == "application/octet-stream"
+    assert f"factedit-patch-{patch_id}.safetensors" in dl.headers["content-disposition"]
+    patch_bytes = dl.content
+    downloaded = Patch.from_bytes(patch_bytes)
+    assert downloaded.base_fingerprint == base["fingerprint"] and downloaded.requests[0]["target_new"] == "Rome"
+
+    # the same patch cannot go on top of itself: computed on other weights -> 409, nothing applied
+    again = upload(client, patch_bytes)
+    assert again.status_code == 409 and "Revert" in again.json()["detail"]
+
+    # a second (synthetic) patch on the edited model; the first can no longer be reverted (LIFO)
+    second = synthetic_patch(model, base=app.state.session.fingerprint)
+    up = upload(client, second.to_bytes())
+    assert up.status_code == 202, up.text
+    second_id = wait_job(client, up.json()["job"])["result"]["patch"]["id"]
+    assert [p["id"] for p in client.get("/api/patches").json()["patches"]] == [patch_id, second_id]
+    refused = client.post(f"/api/patches/{patch_id}/revert")
+    assert refused.status_code == 409 and second_id in refused.json()["detail"]
+    for pid in (second_id, patch_id):
+        rv = client.post(f"/api/patches/{pid}/revert")
+        assert rv.status_code == 202
+        done = wait_job(client, rv.json()["job"])
+        assert done["status"] == "done", done["error"]
+    assert done["result"]["restored_base"]
+    assert all(torch.equal(v, originals[k]) for k, v in model.state_dict().items())  # bit-exact
+    assert client.post("/api/predict", json={"prompt": PROMPT}).json()["top"][0][0] == " Paris"
+    assert client.get(f"/api/patches/{patch_id}/download").status_code == 404  # reverted: gone from the list
+
+    # upload the downloaded file: validated, applied, Rome again; then revert
+    up = upload(client, patch_bytes)
+    assert up.status_code == 202, up.text
+    applied = wait_job(client, up.json()["job"])
+    assert applied["status"] == "done" and applied["result"]["patch"]["source"] == "upload"
+    assert client.post("/api/predict", json={"prompt": PROMPT}).json()["top"][0][0] == " Rome"
+    rv = wait_job(client, client.post(f"/api/patches/{applied['result']['patch']['id']}/revert").json()["job"])
+    assert rv["status"] == "done"
+    end = state(app, model)
+    assert {k: v for k, v in end.items() if k != "jobs"} == {k: v for k, v in base.items() if k != "jobs"}
+
+
+# --------------------------------------------------------------------------- hostile requests
+
+
+def _patch_variants(model) -> dict[str, bytes]:
+    good = synthetic_patch(model).to_bytes()
+    other_shape = synthetic_patch(model)
+    other_shape.entries[0].shape = (10, 10)
+    nonfinite = synthetic_patch(model)
+    nonfinite.entries[0].left[0, 0] = float("nan")
+    return {
+        "garbage": b"this is not a patch file at all" * 10,
+        "truncated": good[: len(good) // 2],
+        "foreign_model": with_meta(good, lambda m: m.update(model_identity="0123456789abcdef")),
+        "unknown_weight": with_meta(good, lambda m: m["entries"][0].update(name="model.layers.99.mlp.weight")),
+        "wrong_shape": with_meta(good, lambda m: m["entries"][0].update(shape=[576, 999])),
+        "bad_shape_type": with_meta(good, lambda m: m["entries"][0].update(shape=7)),
+        "other_format": with_meta(good, lambda m: m.update(format="something-else")),
+        "other_weights": with_meta(good, lambda m: m.update(base_fingerprint="f" * 32)),
+        "nonfinite": nonfinite.to_bytes(),
+        "declared_shape_mismatch": other_shape.to_bytes(),
+    }
+
+
+HOSTILE_JSON = [
+    # (endpoint, body, expected status)
+    ("/api/predict", {"prompt": 123}, 422),  # wrong type
+    ("/api/predict", {"prompt": PROMPT, "k": "5"}, 422),  # strict: no string->int coercion
+    ("/api/predict", {"prompt": PROMPT, "k": 10_000}, 422),
+    ("/api/predict", {"prompt": PROMPT, "path": "/etc/passwd"}, 422),  # unknown field
+    ("/api/predict", {"prompt": PROMPT, "subject": "Louvre"}, 400),  # subject not in prompt
+    ("/api/predict", {"prompt": "The {} is in"}, 400),  # placeholder without a subject
+    ("/api/predict", [PROMPT], 422),  # not an object
+    ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "samples": 100_000}, 422),
+    ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "samples": 2.5}, 422),
+    ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "answer": "\x00"}, 422),
+    ("/api/trace", {"prompt": PROMPT}, 422),  # subject missing
+    ("/api/edit", {"prompt": "The {} is in {0.__class__}", "subject": SUBJECT, "target": "Rome"}, 422),  # format string
+    ("/api/edit", {"prompt": "x" * 5000 + " {}", "subject": SUBJECT, "target": "Rome"}, 422),  # too long
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "   "}, 422),
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "method": "ft"}, 422),
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome",
+                   "hparams": {"mom2_dataset": "/etc/passwd"}}, 422),  # no server paths
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"layers": [29, 100_000]}}, 422),
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"layers": [45]}}, 400),
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"v_lr": -1.0}}, 422),
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "paraphrases": ["p"] * 50}, 422),
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "generate_tokens": True}, 422),
+    ("/api/model", {"name": "gpt2"}, 404),  # unknown model
+    ("/api/model", {"name": "../../etc/passwd"}, 422),  # path strings are not names
+    ("/api/model", {"name": "/root/model.gguf"}, 422),
+    ("/api/model", {"name": "HuggingFaceTB/SmolLM2-135M"}, 422),  # no hub ids either
+    ("/api/model", {"name": ["smollm2-135m"]}, 422),
+]
+
+
+@pytest.mark.parametrize("endpoint, body, status", HOSTILE_JSON,
+                         ids=[f"{i:02d}{e.replace('/', '_')}" for i, (e, _, _) in enumerate(HOSTILE_JSON)])
+def test_hostile_json_requests(client, app, default_model, endpoint, body, status):
+    before = state(app, default_model[0])
+    r = client.post(endpoint, json=body)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and len(detail) > 10
+    assert state(app, default_model[0]) == before
+
+
+def test_hostile_transport_requests(client, app, default_model):
+    before = state(app, default_model[0])
+    edit = {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome"}
+    cases = {
+        "huge body": (lambda: client.post("/api/edit", content=json.dumps({**edit, "x": "a" * 5_000_000}),
+                                          headers={"content-type": "application/json"}), 413),
+        "huge chunked body": (lambda: client.post("/api/edit", content=(b"a" * 65536 for _ in range(64)),
+                                                  headers={"content-type": "application/json"}), 413),
+        "malformed json": (lambda: client.post("/api/edit", content=b'{"prompt": "The {} is", ',
+                                               headers={"content-type": "application/json"}), 422),
+        "not json": (lambda: client.post("/api/edit", content=json.dumps(edit),
+                                         headers={"content-type": "text/plain"}), 415),
+        "cross-site form post": (lambda: client.post("/api/edit", json=edit,
+                                                     headers={"origin": "http://evil.example"}), 403),
+        "foreign host (DNS rebinding)": (lambda: client.get("/api/info", headers={"host": "evil.example"}), 400),
+        "path traversal in patch id": (lambda: client.get("/api/patches/..%2F..%2Fetc%2Fpasswd/download"), 404),
+        "bad patch id": (lambda: client.get("/api/patches/not-an-id/download"), 422),
+        "unknown patch": (lambda: client.post("/api/patches/0123456789ab/revert"), 404),
+        "unknown job": (lambda: client.get("/api/jobs/0123456789abcdef"), 404),
+        "bad job id": (lambda: client.get("/api/jobs/..%2Fsecret"), 404),
+        "upload not multipart": (lambda: client.post("/api/patches/upload", content=b"x" * 100,
+                                                     headers={"content-type": "application/octet-stream"}), 415),
+        "upload without file": (lambda: client.post("/api/patches/upload", files={"other": ("a", b"x")}), 422),
+        "upload empty file": (lambda: upload(client, b""), 400),
+        "upload too big": (lambda: upload(client, b"x" * 1_100_000), 413),
+    }
+    for name, (call, status) in cases.items():
+        r = call()
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert state(app, default_model[0]) == before, name
+
+
+def test_hostile_patch_uploads(client, app, default_model):
+    model = default_model[0]
+    before = state(app, model)
+    for name, data in _patch_variants(model).items():
+        r = upload(client, data, name="../../../etc/passwd")  # the file name is never used
+        assert r.status_code in (400, 409), (name, r.status_code, r.text[:300])
+        assert isinstance(r.json()["detail"], str), name
+        assert state(app, model) == before, name
+
+
+def test_serve_command_is_registered_and_refuses_a_missing_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from factedit.cli.main import app as cli
+
+    runner = CliRunner()
+    assert "serve" in runner.invoke(cli, ["--help"]).output
+    result = runner.invoke(cli, ["serve", "--model", str(tmp_path / "missing.gguf"), "--port", "0"])
+    assert result.exit_code == 2 and "not found" in result.output
