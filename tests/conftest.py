@@ -30,6 +30,16 @@ def _environment():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: small ops gain nothing from intra-op threads, and on a busy
+    2-core machine two threads that wait on each other made a forward pass 3-10x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = shared_data()

@@ -35,14 +35,7 @@ from factedit.models import arch_for, model_fingerprint
 from factedit.predict import target_log_probs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for these tests: on a shared 2-core machine, two threads that wait on each other
-    made a forward pass 3-10x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 MADRID = EditRequest("{}, which is located in", "Autonomous University of Madrid", "Sweden", "Spain")

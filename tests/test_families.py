@@ -47,14 +47,7 @@ def test_every_family_has_a_tiny_model():
         assert not model.training
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads
-    make every small op wait for a second core (measured: 0.36 s vs 5 s for one value optimisation)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

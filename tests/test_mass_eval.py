@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from factedit.errors import FactEditError
-from factedit.evaluation import RunConfig, run_evaluation
+from factedit.evaluation import RunConfig, batched, run_evaluation
 from factedit.evaluation.batched import read_drift
 from factedit.evaluation.runner import CASES
 from factedit.models import model_fingerprint
@@ -18,12 +17,7 @@ from factedit.models import model_fingerprint
 FAST = {"layers": [5, 6], "mom2_n_tokens": 4000, "v_num_grad_steps": 6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Stop(Exception):
@@ -33,19 +27,6 @@ class _Stop(Exception):
 def _cases(folder) -> dict[str, dict]:
     rows = [json.loads(line) for line in (folder / CASES).read_text().splitlines()]
     return {str(r["case_id"]): r for r in rows}
-
-
-def _run_killed_then_resumed(model, tok, config: RunConfig, folder, stop_after: int):
-    seen = []
-
-    def stop(case_id, record):
-        seen.append(case_id)
-        if len(seen) == stop_after:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        run_evaluation(model, tok, config, folder, on_case=stop, progress=False)
-    return run_evaluation(model, tok, config, folder, progress=False)
 
 
 def test_memit_batches_score_every_case_and_resume_identically(default_model, tmp_path):
@@ -62,15 +43,27 @@ def test_memit_batches_score_every_case_and_resume_identically(default_model, tm
     for c in cases.values():
         assert c["post"]["rewrite_prompts_probs"][0]["target_new"] < c["pre"]["rewrite_prompts_probs"][0]["target_new"]
 
-    report = _run_killed_then_resumed(model, tok, config, tmp_path / "killed", stop_after=1)
+    killed = tmp_path / "killed"
+    seen = []
+
+    def stop(case_id, record):
+        seen.append(case_id)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        run_evaluation(model, tok, config, killed, on_case=stop, progress=False)
+    first_chunk = killed / "patches" / "chunk_00000.safetensors"
+    stamp = first_chunk.stat().st_mtime_ns
+    report = run_evaluation(model, tok, config, killed, progress=False)
     assert report.evaluated == 2 and model_fingerprint(model) == before
-    resumed = _cases(tmp_path / "killed")
+    assert first_chunk.stat().st_mtime_ns == stamp  # the saved edit was re-applied, not recomputed
+    resumed = _cases(killed)
     for key, case in cases.items():
         assert resumed[key]["post"] == case["post"], key
         assert resumed[key]["pre"] == case["pre"], key
 
 
-def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model, tmp_path):
+def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model, tmp_path, monkeypatch):
     model, tok = default_model
     before = model_fingerprint(model)
     config = RunConfig(method="alphaedit", dataset="counterfact", n=2, sequential=True, drift_every=1, overrides=FAST)
@@ -83,7 +76,23 @@ def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model
     assert [d["edits"] for d in drift] == [1, 2]
     assert all(0.0 <= d["edits_holding"] <= 1.0 for d in drift)
 
-    _run_killed_then_resumed(model, tok, config, tmp_path / "killed", stop_after=1)
+    # killed while computing the second step: the first is re-applied with AlphaEdit's kept keys
+    real_compute, calls = batched._compute, []
+
+    def dying_compute(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Stop
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(batched, "_compute", dying_compute)
+    with pytest.raises(_Stop):
+        run_evaluation(model, tok, config, tmp_path / "killed", progress=False)
+    assert model_fingerprint(model) == before
+    calls.clear()
+    monkeypatch.setattr(batched, "_compute", lambda *a, **k: (calls.append(1), real_compute(*a, **k))[1])
+    run_evaluation(model, tok, config, tmp_path / "killed", progress=False)
+    assert len(calls) == 1  # only the second step was computed again
     assert model_fingerprint(model) == before
     resumed = _cases(tmp_path / "killed")
     for key, case in cases.items():
@@ -104,6 +113,11 @@ def test_pre_scores_are_reused_and_modes_are_checked(default_model, tmp_path):
                        progress=False)
     with pytest.raises(FactEditError, match="one request at a time"):
         run_evaluation(model, tok, RunConfig(method="rome", dataset="zsre", n=2, batch=2), tmp_path / "b",
+                       progress=False)
+    with pytest.raises(FactEditError, match="selection.n"):  # chunks depend on n: it cannot grow
+        run_evaluation(model, tok, RunConfig(**{**config.__dict__, "n": 3}), tmp_path / "memit", progress=False)
+    with pytest.raises(FactEditError, match="drift_every"):
+        run_evaluation(model, tok, RunConfig(**{**config.__dict__, "drift_every": 1}), tmp_path / "c",
                        progress=False)
     with pytest.raises(FactEditError, match="other settings"):  # a batch run cannot resume as a sequence
         run_evaluation(model, tok, RunConfig(**{**config.__dict__, "sequential": True}), tmp_path / "memit",

@@ -10,12 +10,18 @@ The statistics C, keys, templates and value optimisation are the core's, shared 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +36,7 @@ from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for, get_parameter
 from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
+from factedit.paths import atomic_write_bytes
 from factedit.stats.second_moment import second_moments
 from factedit.text import encode_with_subject, pad_id
 
@@ -90,10 +97,14 @@ def compute_memit(
     progress: bool = False,
     solver: KeySolver | None = None,
     method: str = "memit",
+    z_cache: str | Path | None = None,
 ) -> Patch:
     """Compute one MEMIT patch for a whole batch of requests; the model is left unchanged.
 
     ``solver`` replaces MEMIT's least-squares step (AlphaEdit passes its null-space projected one).
+    ``z_cache``: a folder where each chunk's target vectors are kept (keyed by the weights, the
+    requests, the templates and the hyper-parameters), so an interrupted 1,000-edit batch does
+    not redo the z optimisation, by far its longest part.
     """
     hp = hparams or MEMITHyperParams.for_model(model)
     hp.check_model(model)
@@ -117,8 +128,23 @@ def compute_memit(
     zs = []
     for start in tqdm(range(0, len(problems), hp.batch_size), desc="MEMIT z", disable=not progress):
         chunk = problems[start : start + hp.batch_size]
-        zs.append(optimize_values(model, arch, chunk, site=arch.block(z_layer), layer=z_layer, hparams=hp,
-                                  pad=pad_id(tok)).targets)
+        path = None
+        if z_cache is not None:
+            key = json.dumps([base_fp, hp.model_dump(mode="json"), templates,
+                              [r.to_dict() for r in requests[start : start + hp.batch_size]]], sort_keys=True)
+            path = Path(z_cache) / f"z_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+            if path.is_file():
+                try:
+                    zs.append(load_file(str(path))["z"].to(next(model.parameters()).device))
+                    continue
+                except (SafetensorError, KeyError, OSError) as exc:
+                    log.warning("%s is unreadable (%s); recomputing it", path, exc)
+        z = optimize_values(model, arch, chunk, site=arch.block(z_layer), layer=z_layer, hparams=hp,
+                            pad=pad_id(tok)).targets
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, save_bytes({"z": z.detach().cpu().contiguous()}))
+        zs.append(z)
     zs = torch.cat(zs)  # (n, d)
     timings["z"] = time.perf_counter() - started
 

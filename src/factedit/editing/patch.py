@@ -108,16 +108,29 @@ class Patch:
         if self.is_applied(model):
             raise FactEditError("this patch is already applied to this model")
         self.check(model, force=force)
+        names = [e.name for e in self.entries]
+        if len(set(names)) != len(names):
+            raise FactEditError("patch has two entries for one weight; refusing it (a revert could not be exact)")
         originals: dict[str, torch.Tensor] = {}
         written: dict[str, str] = {}
-        for entry in self.entries:
-            param = get_parameter(model, entry.name)
-            originals[entry.name] = param.detach().clone()
-            new = (param.float() + entry.delta().to(param.device)).to(param.dtype)
-            param.copy_(new)
-            written[entry.name] = tensor_sha256(param)
+        try:
+            for entry in self.entries:
+                param = get_parameter(model, entry.name)
+                originals[entry.name] = param.detach().clone()
+                new = (param.float() + entry.delta().to(param.device)).to(param.dtype)
+                param.copy_(new)
+                written[entry.name] = tensor_sha256(param)
+        except BaseException:  # all or nothing: put back what was already written
+            for name, original in originals.items():
+                get_parameter(model, name).copy_(original)
+            raise
         self._backups[id(model)] = (weakref.ref(model), originals, written)
         return self
+
+    def release(self, model: nn.Module) -> None:
+        """Forget the originals kept for :meth:`revert` (the caller restores the weights itself),
+        so that long edit sequences do not hold one copy of the weights per step."""
+        self._backups.pop(id(model), None)
 
     @torch.no_grad()
     def revert(self, model: nn.Module) -> Patch:
@@ -183,6 +196,7 @@ class Patch:
             raise FactEditError(f"{source} is not a valid factedit patch (corrupt or truncated): {exc}") from exc
         if meta.get("format") != FORMAT:
             raise FactEditError(f"{source}: unsupported patch format {meta.get('format')!r}")
+        _check_metadata(meta, source)
         entries = []
         try:
             for i, e in enumerate(meta["entries"]):
@@ -201,6 +215,9 @@ class Patch:
             raise FactEditError(f"{source}: patch is missing {exc}") from exc
         for entry in patch.entries:
             entry.validate()
+        names = [e.name for e in patch.entries]
+        if len(set(names)) != len(names):
+            raise FactEditError(f"{source}: patch has two entries for one weight")
         return patch
 
     @classmethod
@@ -220,3 +237,36 @@ class Patch:
         for r in self.requests:
             lines.append(f"  request: {r.get('prompt', '').replace('{}', r.get('subject', '{}'))} -> {r.get('target_new')}")
         return "\n".join(lines)
+
+
+def _check_metadata(meta: Any, source: str) -> None:
+    """Types of every metadata field, before any is used: a patch file is untrusted input."""
+    def bad(what: str) -> FactEditError:
+        return FactEditError(f"{source}: invalid patch metadata ({what})")
+
+    if not isinstance(meta, dict):
+        raise bad("not an object")
+    for key in ("method", "base_fingerprint", "model_identity"):
+        if not isinstance(meta.get(key), str):
+            raise bad(f"{key} must be a string")
+    if not isinstance(meta.get("version", ""), str):
+        raise bad("version must be a string")
+    requests = meta.get("requests", [])
+    if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
+        raise bad("requests must be a list of objects")
+    for key in ("hparams", "info"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise bad(f"{key} must be an object")
+    layers = meta.get("hparams", {}).get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise bad("hparams.layers must be a list of integers")
+    entries = meta.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise bad("entries must be a non-empty list")
+    for e in entries:
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("shape"), list)
+                and len(e["shape"]) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                 for x in e["shape"])
+                and isinstance(e.get("transposed"), bool) and e.get("kind") in ("dense", "factors")
+                and isinstance(e.get("base_sha256", ""), str)):
+            raise bad(f"entry {e.get('name') if isinstance(e, dict) else e!r} is malformed")

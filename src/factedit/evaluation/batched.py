@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from factedit.data.counterfact import CounterFactCase
 from factedit.editing.patch import Patch
 from factedit.errors import FactEditError
 from factedit.evaluation.runner import GENERATION_KEYS, CaseLog, RunConfig, case_header, edit_info
+from factedit.models.architectures import get_parameter
 from factedit.models.fingerprint import model_fingerprint
 from factedit.text import encode_with_subject, target_ids
 
@@ -88,11 +90,12 @@ def _load_saved(path: Path, ids: list[str], model: nn.Module) -> Patch | None:
     return patch
 
 
-def _compute(method, model, tok, chunk: list[Any], path: Path, progress: bool) -> tuple[Patch, float]:
+def _compute(method, model, tok, chunk: list[Any], path: Path, progress: bool,
+             z_cache: Path | None = None) -> tuple[Patch, float]:
     requests = [c.request for c in chunk]
     t = time.perf_counter()
     if hasattr(method, "compute_batch"):
-        patch = method.compute_batch(model, tok, requests, progress=progress and len(requests) > 1)
+        patch = method.compute_batch(model, tok, requests, progress=progress and len(requests) > 1, z_cache=z_cache)
     elif len(requests) == 1:
         patch = method.compute(model, tok, requests[0])
     else:
@@ -165,23 +168,32 @@ def _run_batches(model, tok, method, chunks, done, out: Path, evaluate: Evaluate
         patch = _load_saved(path, _ids(valid), model)
         edit_s = patch.info.get("edit_s", 0.0) if patch is not None else 0.0
         if patch is None and valid:
-            patch, edit_s = _compute(method, model, tok, valid, path, progress)
+            try:
+                patch, edit_s = _compute(method, model, tok, valid, path, progress, z_cache=out / "patches" / "z")
+            except FactEditError as exc:  # a check the per-case validation did not foresee: the chunk fails
+                log.warning("chunk %d: %s failed: %s", index, method.name, exc)
+                for case in todo:
+                    if str(case.case_id) not in errors:
+                        finished(case, {**case_header(case), "error": f"batch edit failed: {exc}"})
+                continue
         if patch is None:
             continue
-        patch.apply(model)
+        info = {**edit_info(patch), "chunk": index, "chunk_size": len(valid)}
+        breakdown = patch.info.get("timings")
+        breakdown = {f"chunk_{k}_s": v for k, v in breakdown.items()} if isinstance(breakdown, dict) else {}
         try:
+            patch.apply(model)
             for case in todo:
                 if str(case.case_id) in errors:
                     continue
                 t = time.perf_counter()
                 post = evaluate(case, True)
-                finished(case, {**case_header(case), "edit": {**edit_info(patch), "chunk": index, "chunk_size": len(valid)},
-                                "pre": pre[str(case.case_id)], "post": post,
+                finished(case, {**case_header(case), "edit": info, "pre": pre[str(case.case_id)], "post": post,
                                 "timing": {"edit_s": edit_s / len(valid), "chunk_edit_s": edit_s,
-                                           "eval_s": time.perf_counter() - t,
-                                           **{f"chunk_{k}_s": v for k, v in patch.info.get("timings", {}).items()}}})
+                                           "eval_s": time.perf_counter() - t, **breakdown}})
         finally:
-            patch.revert(model)
+            if patch.is_applied(model):
+                patch.revert(model)
             if hasattr(method, "discard"):
                 method.discard()
         if model_fingerprint(model) != base_fp:
@@ -196,12 +208,17 @@ def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path
         return
     pre.ensure(todo, progress)  # before any edit: the model is unedited here
     state_path = out / "patches" / "state.safetensors"
+    saved_state_step = _state_step(state_path) if _has_state(method) else None
     drift_log = CaseLog(out / "drift.jsonl")
     drift_done = {int(k) for k in drift_log.load()}
-    applied: list[Patch] = []
+    # One snapshot of every weight a step changes, taken before its first change: the sequence is
+    # undone from it, so the patches need not each keep a copy of the weights (1,000 steps would).
+    snapshot: dict[str, torch.Tensor] = {}
     errors: dict[str, str] = {}
     step_of: dict[str, int] = {}
+    patch_of: dict[int, Patch] = {}
     edited: list[Any] = []
+    last_step = -1  # the last step applied
     recomputing = False
     try:
         for index, chunk in enumerate(tqdm(chunks, desc=f"{method.name} sequence", unit="step",
@@ -211,43 +228,74 @@ def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path
             if not valid:
                 continue
             path = out / "patches" / f"step_{index:05d}.safetensors"
-            patch = None if recomputing else _load_saved(path, _ids(valid), model)
+            patch = None
+            if not recomputing and (saved_state_step is None or index <= saved_state_step):
+                patch = _load_saved(path, _ids(valid), model)  # AlphaEdit: only steps its saved state includes
             if patch is None:
-                if not recomputing and applied and _has_state(method):
-                    _restore_state(method, state_path, index - 1)
+                if not recomputing and last_step >= 0 and _has_state(method):
+                    _restore_state(method, state_path, last_step, next(model.parameters()).device)
                 recomputing = True
-                patch, _ = _compute(method, model, tok, valid, path, progress=False)
-                patch.apply(model)
+                try:
+                    patch, _ = _compute(method, model, tok, valid, path, progress=False)
+                except FactEditError as exc:
+                    log.warning("step %d: %s failed: %s", index, method.name, exc)
+                    errors.update({str(c.case_id): f"edit failed: {exc}" for c in valid})
+                    continue
+                _apply_kept(patch, model, snapshot)
                 if hasattr(method, "commit"):
                     method.commit()
                 _save_state(method, state_path, index)
             else:
-                patch.apply(model)
-            applied.append(patch)
+                _apply_kept(patch, model, snapshot)
+            last_step = index
             edited.extend(valid)
             for case in valid:
                 step_of[str(case.case_id)] = index
+            patch_of[index] = patch
             if config.drift_every and (index + 1) % config.drift_every == 0 and index + 1 not in drift_done:
                 drift_log.append({"case_id": index + 1, **drift_point(model, tok, edited, index + 1)})
-        if applied and not recomputing and _has_state(method):
-            _restore_state(method, state_path, len(chunks) - 1)
+        infos = {step: edit_info(p) for step, p in patch_of.items()}
         for case in tqdm(todo, desc="evaluating edited model", unit="case", disable=not progress):
             key = str(case.case_id)
             if key in errors:
                 finished(case, {**case_header(case), "error": errors[key]})
                 continue
             t = time.perf_counter()
-            patch = applied[[i for i, p in enumerate(applied) if key in p.info["case_ids"]][0]]
+            patch = patch_of[step_of[key]]
             finished(case, {**case_header(case),
-                            "edit": {**edit_info(patch), "step": step_of[key], "edits_in_model": len(edited)},
+                            "edit": {**infos[step_of[key]], "step": step_of[key], "edits_in_model": len(edited)},
                             "pre": pre[key], "post": evaluate(case, True),
                             "timing": {"edit_s": patch.info.get("edit_s", 0.0) / len(patch.info["case_ids"]),
                                        "eval_s": time.perf_counter() - t}})
     finally:
-        while applied:
-            applied.pop().revert(model)
+        with torch.no_grad():
+            for name, original in snapshot.items():
+                get_parameter(model, name).copy_(original)
     if model_fingerprint(model) != base_fp:
         raise FactEditError("the model was not restored after the sequence; stopping")
+
+
+def _apply_kept(patch: Patch, model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Apply a step for good: first snapshot the weights it is the first to touch."""
+    for entry in patch.entries:
+        if entry.name not in snapshot:
+            snapshot[entry.name] = get_parameter(model, entry.name).detach().clone()
+    patch.apply(model)
+    patch.release(model)
+
+
+def _state_step(path: Path) -> int:
+    """The step after which AlphaEdit's kept keys were saved (-1: none saved)."""
+    if not path.is_file():
+        return -1
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return int((fh.metadata() or {}).get("step", -1))
+    except Exception:  # noqa: BLE001 - an unreadable state file is as good as none: recompute from there
+        log.warning("%s is unreadable; the sequence is recomputed from its first step", path)
+        return -1
 
 
 def _has_state(method) -> bool:
@@ -262,17 +310,12 @@ def _save_state(method, path: Path, step: int) -> None:
         tmp.replace(path)
 
 
-def _restore_state(method, path: Path, step: int) -> None:
+def _restore_state(method, path: Path, step: int, device: torch.device) -> None:
     """AlphaEdit's kept keys after ``step``; without them a resumed sequence would forget earlier edits."""
-    if not path.is_file():
-        raise FactEditError(f"{path} is missing: cannot resume this {method.name} sequence; use a new --out folder")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        saved = int((fh.metadata() or {}).get("step", -1))
+    saved = _state_step(path)
     if saved != step:
         raise FactEditError(f"{path} holds the state after step {saved}, not {step}: use a new --out folder")
-    method.load_state_tensors(load_file(str(path)))
+    method.load_state_tensors(load_file(str(path), device=str(device)))
 
 
 def drift_point(model: nn.Module, tok: PreTrainedTokenizerBase, edited: Sequence[Any], step: int,
@@ -283,7 +326,7 @@ def drift_point(model: nn.Module, tok: PreTrainedTokenizerBase, edited: Sequence
 
     cases = [c for c in edited if isinstance(c, CounterFactCase)][:max_cases]
     if not cases:
-        return {"edits": len(edited)}
+        return {"step": step, "edits": len(edited)}
 
     def new_beats_true(texts: list[str], case) -> list[bool]:
         req = case.request

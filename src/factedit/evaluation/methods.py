@@ -157,11 +157,12 @@ class MemitMethod:
     def compute(self, model, tok, request) -> Patch:
         return self.compute_batch(model, tok, [request])
 
-    def compute_batch(self, model, tok, requests: list[EditRequest], progress: bool = False) -> Patch:
+    def compute_batch(self, model, tok, requests: list[EditRequest], progress: bool = False,
+                      z_cache: Path | None = None) -> Patch:
         from factedit.editing.memit import compute_memit
 
         return compute_memit(model, tok, requests, self.hp, second_moment=self.moments, templates=self.templates,
-                             progress=progress, solver=self.state, method=self.name)
+                             progress=progress, solver=self.state, method=self.name, z_cache=z_cache)
 
     def commit(self) -> None:
         if self.state is not None:

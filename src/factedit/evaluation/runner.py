@@ -198,6 +198,9 @@ def _check_resumable(old: dict[str, Any], new: dict[str, Any], folder: Path) -> 
     old = {"mode": {"kind": "single"}, **old}  # runs made before batch/sequential modes existed
     diffs = [k for k in _MUST_MATCH
              if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)]
+    if _get(new, "mode.kind") in ("batch", "sequential") and _get(old, "selection.n") != _get(new, "selection.n"):
+        # the chunks (and, in a sequence, the edits in the model when a case is scored) depend on n
+        diffs.append("selection.n")
     if diffs:
         detail = "; ".join(f"{k}: run has {_get(old, k)!r}, now {_get(new, k)!r}" for k in diffs)
         raise FactEditError(f"cannot resume {folder}: the run was made with other settings ({detail}); "
@@ -312,6 +315,8 @@ def run_evaluation(
 
 def _mode(config: RunConfig, method) -> dict[str, Any]:
     """How cases are edited; part of the manifest, so a resumed run cannot switch protocol."""
+    if config.drift_every is not None and (not config.sequential or config.drift_every < 1):
+        raise FactEditError("drift_every needs a sequential run and a positive step count")
     if config.batch is None and not config.sequential:
         return {"kind": "single"}
     if method.name == "none":
