@@ -7,6 +7,7 @@ weights, the patch stack and the job queue exactly as they were.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -32,12 +33,24 @@ def web_overrides(corpus_file) -> dict:
     return {"mom2_n_tokens": STATS_TOKENS, "mom2_dataset": str(corpus_file)}
 
 
+def restore_model(app, model, original: str) -> None:
+    """Fixture teardown: revert whatever a failed test left applied (last first); the shared model must be as loaded."""
+    session = app.state.session
+    if session.model is model:
+        for entry in reversed(session.patches):
+            entry.patch.revert(model)
+        session.patches.clear()
+    assert model_fingerprint(model) == original, "the session's default model was left edited"
+
+
 @pytest.fixture(scope="module")
 def app(default_model, corpus_file):
     model, tok = default_model
+    original = model_fingerprint(model)
     app = create_app(model, tok, hparams_overrides=web_overrides(corpus_file), max_upload_bytes=1_000_000)
     yield app
     app.state.jobs.shutdown(wait=True, timeout=120)
+    restore_model(app, model, original)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +116,30 @@ def upload(client: TestClient, data: bytes, name: str = "patch.safetensors"):
     return client.post("/api/patches/upload", files={"file": (name, data, "application/octet-stream")})
 
 
+class HoldModel:
+    """A job that holds the model lock until released: makes 'queued' and 'busy' deterministic."""
+
+    def __init__(self, app) -> None:
+        self.holding, self.release = threading.Event(), threading.Event()
+        session = app.state.session
+
+        def hold(_progress):
+            with session.using_model(wait=60):
+                self.holding.set()
+                if not self.release.wait(120):
+                    raise RuntimeError("the test never released the model")
+            return {"held": True}
+
+        self.job = app.state.jobs.submit("test-hold", hold, {})
+        assert self.holding.wait(60), "the holding job did not start"
+
+    def __enter__(self) -> HoldModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+
+
 # --------------------------------------------------------------------------- happy paths
 
 
@@ -148,27 +185,23 @@ def test_choose_model(client, app, default_model):
 def test_trace_job_and_queueing(client, app, default_model):
     """Two traces queue behind each other; a quick read during a job says 'busy'; the model is untouched."""
     before = state(app, default_model[0])
-    first = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 2})
-    second = client.post("/api/trace", json={"prompt": "The {} is located in the city of", "subject": SUBJECT,
-                                             "samples": 1, "answer": "Paris"})
-    assert first.status_code == second.status_code == 202
-    assert first.headers["location"] == f"/api/jobs/{first.json()['job']['id']}"
-    snap = client.get(f"/api/jobs/{second.json()['job']['id']}").json()
-    assert snap["status"] == "queued" and snap["queue_position"] >= 1
-    # once the first job holds the model, a synchronous prediction is refused as busy instead of waiting long
     session = app.state.session
-    session.busy_timeout = 0.05
-    try:
-        for _ in range(200):
-            job = client.get(f"/api/jobs/{first.json()['job']['id']}").json()
-            if job["message"] not in ("waiting in the queue", "started"):
-                break
-            time.sleep(0.02)
-        if job["status"] == "running":
+    with HoldModel(app):  # a job holds the model: both traces wait, a quick read answers "busy"
+        first = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 2})
+        second = client.post("/api/trace", json={"prompt": "The {} is located in the city of", "subject": SUBJECT,
+                                                 "samples": 1, "answer": "Paris"})
+        assert first.status_code == second.status_code == 202
+        assert first.headers["location"] == f"/api/jobs/{first.json()['job']['id']}"
+        snaps = [client.get(f"/api/jobs/{r.json()['job']['id']}").json() for r in (first, second)]
+        assert [s["status"] for s in snaps] == ["queued", "queued"]
+        assert snaps[0]["queue_position"] == 1 and snaps[1]["queue_position"] == 2
+        session.busy_timeout = 0.05
+        try:
             busy = client.post("/api/predict", json={"prompt": PROMPT})
-            assert busy.status_code == 503 and "busy" in busy.json()["detail"]
-    finally:
-        session.busy_timeout = 5.0
+        finally:
+            session.busy_timeout = 5.0
+        assert busy.status_code == 503 and "busy" in busy.json()["detail"]
+        assert busy.headers["retry-after"] == "2"
     a = wait_job(client, first.json()["job"])
     b = wait_job(client, second.json()["job"])
     assert a["status"] == b["status"] == "done", (a["error"], b["error"])
@@ -250,6 +283,35 @@ def test_edit_download_revert_upload(client, app, default_model):
     assert rv["status"] == "done"
     end = state(app, model)
     assert {k: v for k, v in end.items() if k != "jobs"} == {k: v for k, v in base.items() if k != "jobs"}
+
+
+def test_edit_queued_behind_a_model_switch_is_refused(client, app, default_model):
+    """An edit validated for one model must not run on the next one (its hyper-parameters were resolved for the first)."""
+    model, tok = default_model
+    session = app.state.session
+    before = state(app, model)
+    old_check_tok, old_generation = session.check_tok, session.generation
+    session._loader = lambda name: (model, tok)  # a "switch" that reloads the same weights under another name
+    try:
+        with HoldModel(app):
+            switch = app.state.jobs.submit("load", lambda p: session.switch("smollm2-135m-again", p), {})
+            r = client.post("/api/edit", json={"prompt": PROMPT, "subject": SUBJECT, "target": "Rome"})
+            assert r.status_code == 202, r.text
+            trace = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 1})
+            assert trace.status_code == 202, trace.text
+        assert app.state.jobs.wait(switch.id, timeout=120)["status"] == "done"
+        for queued in (r, trace):
+            job = wait_job(client, queued.json()["job"])
+            assert job["status"] == "failed" and "switched" in job["error"], job["error"]
+        assert session.name == "smollm2-135m-again" and session.generation == old_generation + 1
+        assert session.check_tok is not old_check_tok  # request-time checks use the new model's tokenizer
+        back = app.state.jobs.submit("load", lambda p: session.switch("smollm2-135m", p), {})
+        assert app.state.jobs.wait(back.id, timeout=120)["status"] == "done"
+    finally:
+        session._loader = None
+    assert session.name == "smollm2-135m" and not session.patches
+    after = state(app, model)
+    assert {k: v for k, v in after.items() if k != "jobs"} == {k: v for k, v in before.items() if k != "jobs"}
 
 
 # --------------------------------------------------------------------------- hostile requests
@@ -358,6 +420,138 @@ def test_hostile_patch_uploads(client, app, default_model):
         assert r.status_code in (400, 409), (name, r.status_code, r.text[:300])
         assert isinstance(r.json()["detail"], str), name
         assert state(app, model) == before, name
+
+
+def _duplicate_entry_patch(model) -> bytes:
+    patch = synthetic_patch(model)
+    twice = synthetic_patch(model, scale=2e-3)
+    patch.entries.append(twice.entries[0])  # the same weight named twice
+    return patch.to_bytes()
+
+
+def _crafted_metadata(model) -> dict[str, bytes]:
+    good = synthetic_patch(model).to_bytes()
+    return {
+        "requests not a list": with_meta(good, lambda m: m.update(requests=5)),
+        "request not an object": with_meta(good, lambda m: m.update(requests=["x"])),
+        "request prompt not a string": with_meta(good, lambda m: m.update(requests=[{"prompt": 5, "subject": "x"}])),
+        "layers a string": with_meta(good, lambda m: m["hparams"].update(layers="x")),
+        "layers of strings": with_meta(good, lambda m: m["hparams"].update(layers=["6"])),
+        "hparams a list": with_meta(good, lambda m: m.update(hparams=[1])),
+        "info a string": with_meta(good, lambda m: m.update(info="x")),
+        "entry name a list": with_meta(good, lambda m: m["entries"][0].update(name=["model.layers.10.mlp"])),
+        "entry shape of floats": with_meta(good, lambda m: m["entries"][0].update(
+            shape=[float(d) for d in m["entries"][0]["shape"]])),
+        "fingerprint a number": with_meta(good, lambda m: m.update(base_fingerprint=5)),
+        "identity a number": with_meta(good, lambda m: m.update(model_identity=5)),
+        "method an object": with_meta(good, lambda m: m.update(method={"rome": 1})),
+        "entry not an object": with_meta(good, lambda m: m.update(entries=[1])),
+        "duplicate entry names": _duplicate_entry_patch(model),
+    }
+
+
+def test_uploads_with_crafted_metadata_are_refused(client, app, default_model):
+    """Wrong metadata types and duplicate weights: 400 before any job, the model and the listing unharmed."""
+    model = default_model[0]
+    before = state(app, model)
+    for name, data in _crafted_metadata(model).items():
+        r = upload(client, data)
+        assert r.status_code == 400, (name, r.status_code, r.text[:300])
+        assert isinstance(r.json()["detail"], str), name
+        assert state(app, model) == before, name
+        listed = client.get("/api/patches")
+        assert listed.status_code == 200 and listed.json()["patches"] == [], name
+
+
+def test_upload_with_odd_but_valid_metadata_lists_and_reverts(client, app, default_model):
+    model = default_model[0]
+    before = state(app, model)
+    good = synthetic_patch(model).to_bytes()
+    odd = with_meta(good, lambda m: m.update(
+        info={"nested": [1, {"x": None}]}, hparams={"layers": [10], "other": {"a": [1]}},
+        requests=[{"prompt": "The {} is in " + "x" * 2000, "subject": "Test", "target_new": None, "extra": [1, 2]}]))
+    r = upload(client, odd)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "done", job["error"]
+    listed = client.get("/api/patches")
+    assert listed.status_code == 200
+    (entry,) = listed.json()["patches"]
+    assert entry["layers"] == [10] and entry["request"]["target_new"] is None and len(entry["request"]["text"]) <= 1100
+    rv = wait_job(client, client.post(f"/api/patches/{entry['id']}/revert").json()["job"])
+    assert rv["status"] == "done" and rv["result"]["restored_base"], rv["error"]
+    after = state(app, model)
+    assert {k: v for k, v in after.items() if k != "jobs"} == {k: v for k, v in before.items() if k != "jobs"}
+
+
+def test_patch_summary_never_raises(default_model):
+    from factedit.web.session import AppliedPatch
+
+    patch = synthetic_patch(default_model[0])
+    patch.requests, patch.hparams, patch.method = 5, {"layers": "x"}, ["rome"]  # as an unchecked file could say
+    patch.entries[0].name = ["not", "a", "name"]
+    summary = AppliedPatch(id="0123456789ab", patch=patch, source="upload").summary()
+    assert summary["method"] is None and summary["layers"] is None and summary["weights"] == []
+    assert summary["n_requests"] == 0 and summary["request"]["text"] is None and summary["id"] == "0123456789ab"
+    json.dumps(summary)
+
+
+def test_security_headers(client):
+    for r in (client.get("/"), client.get("/api/info"), client.get("/static/app.js"),
+              client.post("/api/predict", json={"prompt": PROMPT}, headers={"origin": "http://evil.example"})):
+        assert r.headers["x-frame-options"] == "DENY", r.url
+        assert r.headers["x-content-type-options"] == "nosniff"
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp and "unsafe-inline" not in csp
+    page = client.get("/").text
+    assert "<script>" not in page and "<style" not in page and " style=" not in page  # nothing inline for the CSP
+    assert client.get("/docs").status_code == 404  # Swagger UI would load scripts from a CDN
+
+
+def test_origin_must_be_the_requests_own(client, app, default_model):
+    before = state(app, default_model[0])
+    body = {"prompt": PROMPT, "k": 1}
+    assert client.post("/api/predict", json=body, headers={"origin": "http://127.0.0.1"}).status_code == 200
+    assert client.post("/api/predict", json=body, headers={"origin": "http://127.0.0.1:80"}).status_code == 200
+    for origin in ("http://127.0.0.1:8001", "https://127.0.0.1", "http://localhost", "null", "http://evil.example",
+                   "http://127.0.0.1:99999", "file://", "http://user@127.0.0.1"):
+        r = client.post("/api/predict", json=body, headers={"origin": origin})
+        assert r.status_code == 403 and "cross-origin" in r.json()["detail"], origin
+    r = client.get("/api/info", headers={"host": "evil.example"})
+    assert r.status_code == 400 and "Host" in r.json()["detail"]  # JSON, like every refusal
+    assert state(app, default_model[0]) == before
+
+
+def test_host_and_origin_checks_when_bound_beyond_loopback(default_model):
+    """Binding 0.0.0.0 with --allowed-host box.lan: other Host names refused, cross-site posts still refused."""
+    from factedit.cli.serve import allowed_hosts_for
+    from factedit.errors import FactEditError
+    from factedit.web.app import same_origin, split_host_header
+
+    assert "127.0.0.2" in allowed_hosts_for("127.0.0.2", None)
+    hosts = allowed_hosts_for("0.0.0.0", ["box.lan", "[fd00::1]"])
+    assert "box.lan" in hosts and "fd00::1" in hosts and "0.0.0.0" not in hosts and "localhost" in hosts
+    for bad in ("http://box.lan", "box.lan:8000", "a b"):
+        with pytest.raises(FactEditError):
+            allowed_hosts_for("0.0.0.0", [bad])
+    assert split_host_header("[::1]:8000") == ("::1", 8000) and split_host_header("Box.LAN") == ("box.lan", None)
+    assert split_host_header("::1") is None and split_host_header("a:b") is None and split_host_header(":80") is None
+    assert same_origin("http://[::1]:8000", "http", "[::1]:8000") and not same_origin("http://[::1]:8001", "http", "[::1]:8000")
+
+    model, tok = default_model
+    app = create_app(model, tok, allowed_hosts=hosts)
+    try:
+        c = TestClient(app, base_url="http://box.lan:8000")
+        assert c.get("/api/info").status_code == 200
+        ok = c.post("/api/predict", json={"prompt": PROMPT, "k": 1}, headers={"origin": "http://box.lan:8000"})
+        assert ok.status_code == 200
+        for origin in ("http://evil.example", "http://box.lan:9000", "http://127.0.0.1:8000"):
+            r = c.post("/api/predict", json={"prompt": PROMPT, "k": 1}, headers={"origin": origin})
+            assert r.status_code == 403, origin
+        assert c.get("/api/info", headers={"host": "evil.example:8000"}).status_code == 400
+        assert c.get("/api/info", headers={"host": "127.0.0.1:8000"}).status_code == 200
+    finally:
+        app.state.jobs.shutdown(wait=True, timeout=30)
 
 
 def test_serve_command_is_registered_and_refuses_a_missing_model(tmp_path):

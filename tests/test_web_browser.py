@@ -24,7 +24,7 @@ from factedit.models.fingerprint import model_fingerprint  # noqa: E402
 from factedit.web.app import create_app  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
-from .test_web_api import web_overrides  # noqa: E402
+from .test_web_api import restore_model, web_overrides  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -44,6 +44,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(default_model, corpus_file):
     model, tok = default_model
+    original = model_fingerprint(model)
     app = create_app(model, tok, hparams_overrides=web_overrides(corpus_file))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -57,6 +58,7 @@ def server(default_model, corpus_file):
     srv.should_exit = True
     thread.join(30)
     app.state.jobs.shutdown(wait=True, timeout=60)
+    restore_model(app, model, original)
 
 
 @pytest.fixture(scope="module")

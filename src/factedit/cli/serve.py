@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="registry name (default smollm2-135m), .gguf file, folder or hub id")]
 HostOpt = Annotated[str, typer.Option(help="address to bind; anything but loopback exposes the model to the network")]
+AllowedHostOpt = Annotated[Optional[List[str]], typer.Option(
+    "--allowed-host", metavar="NAME",
+    help="another name clients may use in the Host header (repeatable; loopback names and --host are always "
+         "allowed; '*' accepts any Host, cross-origin requests stay refused)")]
 StatsOpt = Annotated[Optional[int], typer.Option(
     help="tokens for the edit statistics (default: the family file's)", min=1)]
 
@@ -31,10 +35,38 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def allowed_hosts_for(host: str, extra: list[str] | None) -> tuple[str, ...]:
+    """The ``Host`` names the app answers to: loopback names, the bound address, then ``extra``."""
+    from factedit.web.app import LOOPBACK_HOSTS, normalize_host
+
+    names = list(LOOPBACK_HOSTS)
+    try:
+        unspecified = ipaddress.ip_address(normalize_host(host)).is_unspecified  # 0.0.0.0 / :: is no Host
+    except ValueError:
+        unspecified = False
+    if not unspecified:
+        names.append(normalize_host(host))
+    for name in extra or []:
+        name = normalize_host(name)
+        if name != "*" and (not name or any(c in name for c in "/@ \t") or (":" in name and not _is_ip(name))):
+            raise FactEditError(f"--allowed-host {name!r}: give a host name or address, without scheme or port")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 def serve_command(
     model: ModelOpt = None,
     port: Annotated[int, typer.Option(help="TCP port (0: pick a free one)", min=0, max=65535)] = 8000,
     host: HostOpt = "127.0.0.1",
+    allowed_host: AllowedHostOpt = None,
     stats_tokens: StatsOpt = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
@@ -48,20 +80,22 @@ def serve_command(
         raise typer.Exit(2) from None
     from factedit.models import load_model
     from factedit.models.registry import DEFAULT_MODEL
-    from factedit.web.app import LOOPBACK_HOSTS, create_app
+    from factedit.web.app import create_app
 
     name = model or DEFAULT_MODEL  # the operator may name any model load_model accepts; clients only registry names
     try:
+        hosts = allowed_hosts_for(host, allowed_host)
         mdl, tok = load_model(name, device=device, dtype=dtype)
     except FactEditError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     loopback = _is_loopback(host)
     if not loopback:
-        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach it can edit the model", highlight=False)
+        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach it can edit the model; "
+                  f"it answers to Host {', '.join(hosts)} (--allowed-host NAME adds the names clients use)",
+                  highlight=False)
     overrides = {"mom2_n_tokens": stats_tokens} if stats_tokens else None
-    app = create_app(mdl, tok, model_name=name, hparams_overrides=overrides,
-                     allowed_hosts=LOOPBACK_HOSTS if loopback else ("*",))
+    app = create_app(mdl, tok, model_name=name, hparams_overrides=overrides, allowed_hosts=hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=5,
                             h11_max_incomplete_event_size=64 * 1024)
     server = uvicorn.Server(config)

@@ -6,20 +6,21 @@ model switches) is queued on the single-worker :class:`~factedit.web.jobs.JobQue
 answered ``202`` with a job to poll; quick reads answer directly.
 
 Security posture (a local tool that rewrites model weights): bound to 127.0.0.1 by the
-``serve`` command; ``Host`` must be a loopback name (DNS-rebinding) and a browser
-``Origin``, when sent, must be too (cross-site form posts); JSON endpoints only accept
-``application/json``; bodies are size-limited before they are parsed; request models are
-strict; no field is a server path (models are registry names, patches are uploaded
-bytes, downloads are addressed by patch id); every failure is a 4xx JSON ``detail``
-and is raised before anything touches the model.
+``serve`` command; ``Host`` must be one of the allowed names (loopback names, the bound
+address and any ``--allowed-host``: DNS rebinding); a browser ``Origin``, when sent, must be
+the request's own ``scheme://host:port`` (cross-site posts), whatever the allowed hosts;
+JSON endpoints only accept ``application/json``; bodies are size-limited before they are
+parsed; request models are strict; no field is a server path (models are registry names,
+patches are uploaded bytes, downloads are addressed by patch id); every failure is a 4xx
+JSON ``detail`` and is raised before anything touches the model. Every response carries
+``X-Frame-Options: DENY``, a same-origin ``Content-Security-Policy`` (``frame-ancestors
+'none'``) and ``X-Content-Type-Options: nosniff``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import threading
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
@@ -29,8 +30,7 @@ from fastapi import FastAPI, File, HTTPException, Path, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import Headers
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -41,13 +41,23 @@ from factedit.errors import FactEditError
 from factedit.models.registry import DEFAULT_MODEL, REGISTRY
 from factedit.web.jobs import JobQueue, QueueFull
 from factedit.web.schemas import EditIn, ModelIn, PredictIn, TraceIn
-from factedit.web.session import Busy, Conflict, ModelSession, fill_prompt, installed_models
+from factedit.web.session import Busy, Conflict, ModelSession, fill_prompt, installed_models, summarize_patch
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024  # JSON requests: prompts and a few settings
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # patch files (a dense MEMIT patch of a small model is a few MB per layer)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # the page is one HTML file, one script and one stylesheet, all from this origin, with no inline code
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                               "frame-ancestors 'none'",
+}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 UPLOAD_PATH = "/api/patches/upload"
 STATIC = resources.files("factedit.web") / "static"
 
@@ -58,9 +68,65 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$", description="id returned 
 # --------------------------------------------------------------------------- middleware
 
 
-class RequestGuard:
-    """Size limits, content types and cross-origin refusal, enforced before routing or parsing.
+def normalize_host(name: str) -> str:
+    """``"[::1]"`` -> ``"::1"``, lower case: the form allowed hosts are compared in."""
+    name = name.strip().lower()
+    return name[1:-1] if name.startswith("[") and name.endswith("]") else name
 
+
+def split_host_header(value: str) -> tuple[str, int | None] | None:
+    """``(host, port)`` of a ``Host`` header (``"[::1]:8000"``, ``"localhost"``), ``None`` if malformed."""
+    value = value.strip().lower()
+    port: str | None = None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        host, rest = value[1:end], value[end + 1 :]
+        if rest and not rest.startswith(":"):
+            return None
+        port = rest[1:] if rest else None
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    elif ":" in value:  # an IPv6 address must be bracketed
+        return None
+    else:
+        host = value
+    if not host:
+        return None
+    if port is None:
+        return host, None
+    if not (port.isascii() and port.isdigit()) or len(port) > 5:
+        return None
+    return host, int(port)
+
+
+def same_origin(origin: str, scheme: str, host_header: str | None) -> bool:
+    """Whether a browser's ``Origin`` is exactly this request's ``scheme://host:port``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(origin.strip())
+        origin_port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in DEFAULT_PORTS or parts.hostname is None or host_header is None:
+        return False
+    if parts.username is not None or parts.password is not None or parts.path not in ("", "/") or parts.query:
+        return False
+    target = split_host_header(host_header)
+    if target is None:
+        return False
+    host, port = target
+    return (parts.scheme == scheme and parts.hostname.lower() == host
+            and (origin_port or DEFAULT_PORTS[parts.scheme]) == (port or DEFAULT_PORTS.get(scheme)))
+
+
+class RequestGuard:
+    """Host and origin checks, size limits and content types, enforced before routing or parsing.
+
+    ``Host`` must name an allowed host (``"*"`` in ``allowed_hosts`` skips this check only);
+    an ``Origin`` header, when sent, must equal the request's own origin, on every method.
     The body is read here, counting bytes, and refused with 413 as soon as it exceeds
     the limit (a missing or lying ``Content-Length`` does not help); only then is it
     replayed to the app.
@@ -68,22 +134,34 @@ class RequestGuard:
 
     def __init__(self, app: ASGIApp, *, max_body: int, max_upload: int, allowed_hosts: tuple[str, ...]) -> None:
         self.app, self.max_body, self.max_upload = app, max_body, max_upload
-        self.allowed_hosts = allowed_hosts
+        self.any_host = "*" in allowed_hosts
+        self.allowed_hosts = frozenset(normalize_host(h) for h in allowed_hosts if h != "*")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        host_header = headers.get("host")
+        if not self.any_host:
+            parsed = split_host_header(host_header or "")
+            if parsed is None or parsed[0] not in self.allowed_hosts:
+                shown = (host_header or "")[:100]
+                await _reject(scope, send, 400, f"invalid Host header {shown!r}: this server answers to "
+                                                f"{', '.join(sorted(self.allowed_hosts))} (serve --allowed-host adds names)")
+                return
         origin = headers.get("origin")
-        if origin is not None and not self._origin_ok(origin):
+        if origin is not None and not same_origin(origin, scope.get("scheme", "http"), host_header):
             await _reject(scope, send, 403, f"cross-origin request from {origin[:100]!r} refused")
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
             return
         path = scope["path"]
         limit = self.max_upload if path == UPLOAD_PATH else self.max_body
         declared = headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):
                 await _reject(scope, send, 400, "invalid Content-Length header")
                 return
             if int(declared) > limit:
@@ -119,16 +197,27 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    def _origin_ok(self, origin: str) -> bool:
-        from urllib.parse import urlsplit
 
-        if "*" in self.allowed_hosts:
-            return True
-        try:
-            host = urlsplit(origin).hostname
-        except ValueError:
-            return False
-        return host is not None and host in self.allowed_hosts
+class SecurityHeaders:
+    """Add :data:`SECURITY_HEADERS` to every response (refusals included) unless already set."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    if name not in headers:
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 async def _reject(scope: Scope, send: Send, status: int, detail: str) -> None:
@@ -162,15 +251,12 @@ def create_app(
     ``second_moment``/``hparams_overrides`` are server-side edit settings (precomputed
     statistics; e.g. ``{"mom2_n_tokens": 20000}``): clients can only change the numeric
     hyper-parameters listed in :data:`factedit.web.session.EDITABLE_HPARAMS`.
-    ``allowed_hosts``: ``Host``/``Origin`` names accepted (``("*",)`` accepts any).
+    ``allowed_hosts``: ``Host`` names accepted (``"*"`` accepts any ``Host``; a browser
+    ``Origin`` must still be the request's own).
     """
     session = ModelSession(model, tokenizer, model_name, second_moment=second_moment,
                            hparams_overrides=hparams_overrides, busy_timeout=busy_timeout)
     jobs = JobQueue(max_waiting=max_waiting_jobs)
-    # Request-time checks tokenize on a private copy: HF fast tokenizers must not be used
-    # from two threads at once, and the worker may be using the session's one.
-    check_tok = copy.deepcopy(tokenizer)
-    check_lock = threading.Lock()
     hosts = tuple(allowed_hosts)
 
     @contextlib.asynccontextmanager
@@ -180,13 +266,13 @@ def create_app(
 
     app = FastAPI(
         title="factedit", version=__version__, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # Swagger UI / ReDoc load scripts from a CDN: offline and against the CSP
         description="Locate (causal tracing) and edit (ROME/MEMIT) facts in the loaded language model. "
                     "Long operations return a job to poll at /api/jobs/{id}.",
     )
     app.state.session, app.state.jobs = session, jobs
     app.add_middleware(RequestGuard, max_body=max_body_bytes, max_upload=max_upload_bytes, allowed_hosts=hosts)
-    if "*" not in hosts:  # outermost: checked first
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[h for h in hosts if ":" not in h] + ["[::1]"])
+    app.add_middleware(SecurityHeaders)  # outermost: refusals by the guard get the headers too
 
     # -- errors: one JSON shape, {"detail": "..."} ---------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -265,16 +351,19 @@ def create_app(
         from factedit.text import encode_with_subject
         from factedit.tracing.core import answer_token
 
-        text, template = fill_prompt(body.prompt, body.subject)
-        with check_lock:  # tokenization problems are 400s now, not failed jobs later
-            encoded = encode_with_subject(check_tok, template, body.subject)
+        _, template = fill_prompt(body.prompt, body.subject)
+        if template is None:  # pragma: no cover - the schema requires a subject
+            raise FactEditError("a trace needs the subject")
+        with session.check_lock:  # tokenization problems are 400s now, not failed jobs later
+            generation = session.generation  # the tokenizer's model: the job refuses to run on another
+            encoded = encode_with_subject(session.check_tok, template, body.subject)
             if body.answer is not None:
-                answer_token(check_tok, encoded.text, body.answer)
+                answer_token(session.check_tok, encoded.text, body.answer)
         if len(encoded.ids) > 64:
             raise FactEditError(f"the prompt is {len(encoded.ids)} tokens long; traces are limited to 64")
-        params = body.model_dump()
-        return queued("trace", lambda p: session.trace(text, body.subject, body.answer, body.samples, body.window, p),
-                      params)
+        params = {**body.model_dump(), "model": session.name}
+        return queued("trace", lambda p: session.trace(template, body.subject, body.answer, body.samples,
+                                                       body.window, p, generation=generation), params)
 
     # -- editing ----------------------------------------------------------------------
     @app.post("/api/edit", summary="Edit a fact (ROME by default) and compare predictions (job)", status_code=202)
@@ -285,12 +374,14 @@ def create_app(
         request = EditRequest(prompt=template, subject=body.subject, target_new=body.target,
                               target_true=body.target_true)
         overrides = body.hparams.model_dump(exclude_none=True) if body.hparams else {}
-        hp = session.hparams_for(body.method, overrides)
-        with check_lock:
-            build_value_problem(check_tok, request, ["{}"], hp.fact_token)  # subject span and target tokens
-        params = body.model_dump()
+        with session.check_lock:
+            generation = session.generation  # hp belongs to this model: the job refuses to run on another
+            hp = session.hparams_for(body.method, overrides)
+            build_value_problem(session.check_tok, request, ["{}"], hp.fact_token)  # subject span and target tokens
+        params = {**body.model_dump(), "model": session.name}
         return queued("edit", lambda p: session.edit(request, body.method, hp, list(body.paraphrases),
-                                                     list(body.neighbours), body.generate_tokens, p), params)
+                                                     list(body.neighbours), body.generate_tokens, p,
+                                                     generation=generation), params)
 
     # -- jobs ---------------------------------------------------------------------------
     @app.get("/api/jobs", summary="Recent jobs, oldest first (without results)")
@@ -337,8 +428,10 @@ def create_app(
             raise HTTPException(413, f"patch file exceeds the limit of {max_upload_bytes:,} bytes")
         if not data:
             raise FactEditError("the uploaded file is empty")
-        patch = session.validate_upload(data)  # 400/409 here; the model is untouched
-        return queued("apply", lambda p: session.apply_uploaded(patch, p),
-                      {"method": patch.method, "entries": [e.name for e in patch.entries]})
+        generation = session.generation
+        patch = session.validate_upload(data)  # 400/409 here (metadata types too); the model is untouched
+        summary = summarize_patch(patch)
+        return queued("apply", lambda p: session.apply_uploaded(patch, p, generation=generation),
+                      {"method": summary["method"], "entries": summary["weights"], "model": session.name})
 
     return app

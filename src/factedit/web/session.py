@@ -14,6 +14,7 @@ would restore weights that later patches were computed on, so it is refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import secrets
 import threading
@@ -50,29 +51,112 @@ class Conflict(FactEditError):
     """The request is valid but not in the current state (e.g. reverting a patch that is not the last)."""
 
 
+def _text(value: Any, limit: int = 300) -> str | None:
+    """A string from a patch's metadata, cut to ``limit`` characters; anything else is ``None``."""
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _ints(value: Any, limit: int = 64) -> list[int] | None:
+    if not isinstance(value, list):
+        return None
+    return [x for x in value[:limit] if isinstance(x, int) and not isinstance(x, bool)]
+
+
+def summarize_patch(patch: Patch) -> dict[str, Any]:
+    """What the page lists about a patch, built only from well-typed metadata (never raises).
+
+    Uploaded patches are validated by :meth:`ModelSession.validate_upload` first; this is the
+    second line of defence, so that a listing can never fail on a strange value.
+    """
+    try:
+        requests = patch.requests if isinstance(patch.requests, list) else []
+        req = requests[0] if requests and isinstance(requests[0], dict) else {}
+        prompt, subject = _text(req.get("prompt"), 1000), _text(req.get("subject"))
+        text = prompt.replace("{}", subject, 1) if prompt is not None and subject is not None else None
+        hparams = patch.hparams if isinstance(patch.hparams, dict) else {}
+        entries = patch.entries if isinstance(patch.entries, list) else []
+        return {
+            "method": _text(patch.method, 40),
+            "request": {"text": text, "subject": subject, "target_new": _text(req.get("target_new")),
+                        "target_true": _text(req.get("target_true"))},
+            "n_requests": len(requests),
+            "weights": [name for name in (_text(getattr(e, "name", None)) for e in entries[:256]) if name is not None],
+            "layers": _ints(hparams.get("layers")),
+        }
+    except Exception:  # noqa: BLE001 - a summary must never break a listing
+        log.exception("could not summarise a patch")
+        return {"method": None, "request": {"text": None, "subject": None, "target_new": None, "target_true": None},
+                "n_requests": 0, "weights": [], "layers": None}
+
+
 @dataclass
 class AppliedPatch:
-    """A patch applied through the app (by an edit or an upload), with what the page lists about it."""
+    """A patch applied through the app (by an edit or an upload), with what the page lists about it.
+
+    The summary is built once, when the entry is created (before the patch is applied), so
+    listing patches never depends on the patch's metadata again.
+    """
 
     id: str
     patch: Patch
     source: str  # "edit" or "upload"
     created: float = field(default_factory=time.time)
+    _summary: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._summary = summarize_patch(self.patch)
 
     def summary(self) -> dict[str, Any]:
-        req = self.patch.requests[0] if self.patch.requests else {}
-        text = None
-        if isinstance(req, dict) and isinstance(req.get("prompt"), str) and isinstance(req.get("subject"), str):
-            text = req["prompt"].replace("{}", req["subject"], 1)
-        return {
-            "id": self.id, "method": self.patch.method, "source": self.source, "created": self.created,
-            "request": {"text": text, "subject": req.get("subject") if isinstance(req, dict) else None,
-                        "target_new": req.get("target_new") if isinstance(req, dict) else None,
-                        "target_true": req.get("target_true") if isinstance(req, dict) else None},
-            "n_requests": len(self.patch.requests),
-            "weights": [e.name for e in self.patch.entries],
-            "layers": self.patch.hparams.get("layers") if isinstance(self.patch.hparams, dict) else None,
-        }
+        out = copy.deepcopy(self._summary)
+        out.update({"id": self.id, "source": self.source, "created": self.created})
+        return out
+
+
+def check_patch_metadata(patch: Patch) -> None:
+    """Refuse an uploaded patch whose metadata has the wrong types, or names one weight twice.
+
+    The core's reader checks the format and the factors; everything the app later reads
+    or lists (names, method, fingerprints, requests, hyper-parameters) is checked here.
+    """
+
+    def bad(what: str, value: Any) -> FactEditError:
+        return FactEditError(f"uploaded patch: {what} has the wrong type ({type(value).__name__})")
+
+    for what in ("method", "base_fingerprint", "model_identity", "version"):
+        value = getattr(patch, what)
+        if not isinstance(value, str):
+            raise bad(what, value)
+        if len(value) > 200:
+            raise FactEditError(f"uploaded patch: {what} is too long")
+    if not isinstance(patch.requests, list):
+        raise bad("requests", patch.requests)
+    for i, req in enumerate(patch.requests):
+        if not isinstance(req, dict):
+            raise bad(f"requests[{i}]", req)
+        for key in ("prompt", "subject", "target_new", "target_true"):
+            if req.get(key) is not None and not isinstance(req[key], str):
+                raise bad(f"requests[{i}].{key}", req[key])
+    if not isinstance(patch.hparams, dict):
+        raise bad("hparams", patch.hparams)
+    layers = patch.hparams.get("layers")
+    if layers is not None and (not isinstance(layers, list)
+                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+        raise bad("hparams.layers (a list of integers)", layers)
+    if not isinstance(patch.info, dict):
+        raise bad("info", patch.info)
+    if not isinstance(patch.entries, list):
+        raise bad("entries", patch.entries)
+    seen: set[str] = set()
+    for i, e in enumerate(patch.entries):
+        if not isinstance(e.name, str):
+            raise bad(f"entries[{i}].name", e.name)
+        if e.name in seen:
+            raise FactEditError(f"uploaded patch changes {e.name!r} twice")
+        seen.add(e.name)
+        if not isinstance(e.shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in e.shape):
+            raise bad(f"entries[{i}].shape (a list of integers)", e.shape)
+        if not isinstance(e.base_sha256, str):
+            raise bad(f"entries[{i}].base_sha256", e.base_sha256)
 
 
 def installed_models() -> dict[str, bool]:
@@ -181,6 +265,16 @@ class ModelSession:
     ``second_moment``: ``{layer: C}`` computed on the unedited model, reused by every edit
     (as :class:`~factedit.editing.sequential.SequentialEditor` does), so a second edit on an
     edited model does not recompute statistics under a new fingerprint.
+
+    Statistics and context templates are kept in memory keyed by the fingerprint of the
+    weights they were computed on. Those of the unedited model are preferred; when an edit
+    needs one that the unedited model has not given yet while patches are applied (e.g. the
+    first edit comes after an upload), it is computed on the current weights and kept under
+    their fingerprint (the core's disk caches are keyed the same way), never filed as the
+    unedited model's.
+    ``generation`` counts loaded models: jobs queued for one model refuse to run on the next.
+    ``check_tok``: a private copy of the tokenizer for request-time checks (HF fast tokenizers
+    must not be used from two threads at once), replaced with the model; use under ``check_lock``.
     ``hparams_overrides``: server-side defaults (e.g. ``mom2_n_tokens``) applied before the
     client's own overrides.
     """
@@ -197,22 +291,35 @@ class ModelSession:
         loader: Callable[[str], tuple[nn.Module, PreTrainedTokenizerBase]] | None = None,
     ) -> None:
         self.lock = threading.Lock()
+        self.check_lock = threading.Lock()
+        self.generation = 0
         self.busy_timeout = busy_timeout
         self.hparams_overrides = dict(hparams_overrides or {})
         self._loader = loader
         self._set_model(model, tokenizer, name)
-        self._moments: dict[int, torch.Tensor] = dict(second_moment or {})
+        if second_moment:
+            self._moments[self.base_fingerprint] = dict(second_moment)
 
     def _set_model(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
         arch_for(model)  # refuse unsupported families early
-        self.model, self.tok, self.name = model, tokenizer, name
-        self.patches: list[AppliedPatch] = []
-        self._moments = {}
-        self._templates: dict[str, list[str]] = {}
-        self._noise: float | None = None
-        self.base_fingerprint = model_fingerprint(model)
-        self.fingerprint = self.base_fingerprint
-        self.identity = model_identity(model)
+        check_tok = copy.deepcopy(tokenizer)
+        with self.check_lock:
+            self.model, self.tok, self.name = model, tokenizer, name
+            self.check_tok = check_tok
+            self.patches: list[AppliedPatch] = []
+            self._moments: dict[str, dict[int, torch.Tensor]] = {}  # {weights fingerprint: {layer: C}}
+            self._templates: dict[tuple[str, str], list[str]] = {}  # {(weights fingerprint, settings): templates}
+            self._noise: float | None = None
+            self.base_fingerprint = model_fingerprint(model)
+            self.fingerprint = self.base_fingerprint
+            self.identity = model_identity(model)
+            self.generation += 1
+
+    def check_generation(self, generation: int | None, what: str) -> None:
+        """Refuse a job queued for a model that has been replaced since (call under ``lock``)."""
+        if generation is not None and generation != self.generation:
+            raise Conflict(f"the model was switched (now {self.name!r}) after this {what} was queued for the "
+                           "previous one; submit it again")
 
     # -- access -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -277,19 +384,23 @@ class ModelSession:
             return top_next_tokens(self.model, self.tok, texts, k)
 
     # -- tracing -------------------------------------------------------------------------
-    def trace(self, text: str, subject: str, answer: str | None, samples: int, window: int,
-              progress: Progress) -> dict[str, Any]:
-        """Causal trace (fast method) of hidden / MLP / attention states; the score matrices as JSON."""
+    def trace(self, prompt: str, subject: str, answer: str | None, samples: int, window: int,
+              progress: Progress, generation: int | None = None) -> dict[str, Any]:
+        """Causal trace (fast method) of hidden / MLP / attention states; the score matrices as JSON.
+
+        ``prompt``: the template with ``{}`` where ``subject`` goes (or a full prompt containing it).
+        """
         import factedit.tracing.core as core
         from factedit.tracing.noise import noise_scale
 
         with self.using_model(wait=3600):
+            self.check_generation(generation, "trace")
             progress(0.0, "noise scale")
             if self._noise is None:  # the embeddings are never edited, so one value per loaded model
                 self._noise = core.DEFAULT_NOISE_FACTOR * noise_scale(self.model, self.tok)
             progress(0.02, "tracing")
             with _bars_to(progress.span(0.02, 1.0), [core]):
-                result = core.causal_trace(self.model, self.tok, text, subject, answer, kinds=core.KINDS,
+                result = core.causal_trace(self.model, self.tok, prompt, subject, answer, kinds=core.KINDS,
                                            samples=samples, window=window, noise=self._noise, method="fast",
                                            progress=True)
         out = result.to_dict()
@@ -301,7 +412,7 @@ class ModelSession:
     # -- editing -------------------------------------------------------------------------
     def edit(self, request: EditRequest, method: str, hp: ROMEHyperParams | MEMITHyperParams,
              paraphrases: list[str], neighbours: list[str], generate_tokens: int,
-             progress: Progress) -> dict[str, Any]:
+             progress: Progress, generation: int | None = None) -> dict[str, Any]:
         """Compute and apply one edit; predictions and a generation before and after."""
         import factedit.stats.second_moment as sm
         from factedit.editing.memit import compute_memit
@@ -309,10 +420,12 @@ class ModelSession:
         from factedit.editing.templates import context_templates
         from factedit.predict import generate, probe, top_next_tokens
 
-        model, tok = self.model, self.tok
         with self.using_model(wait=3600):
+            # hp was resolved against the model loaded when the request came: refuse if it was switched since
+            self.check_generation(generation, "edit")
+            model, tok = self.model, self.tok
             started = time.perf_counter()
-            hp.check_model(model)  # the model may have been switched since the request was validated
+            hp.check_model(model)
             progress(0.0, "predictions before the edit")
             if request.target_true is None:
                 top = top_next_tokens(model, tok, [request.text], 1)[0][0][0]
@@ -323,38 +436,46 @@ class ModelSession:
             before = probe(model, tok, checks, request.new_text, request.true_text)
             gen_before = generate(model, tok, request.text, max_new_tokens=generate_tokens) if generate_tokens else None
 
-            missing = [layer for layer in hp.layers if layer not in self._moments]
+            # statistics and templates of the unedited weights when known, else of the current ones
+            base_moments = self._moments.get(self.base_fingerprint, {})
+            stats_fp = (self.base_fingerprint if all(layer in base_moments for layer in hp.layers)
+                        else self.fingerprint)
+            store = self._moments.setdefault(stats_fp, {})
+            missing = [layer for layer in hp.layers if layer not in store]
             if missing and getattr(hp, "mom2_adjustment", True):  # MEMIT always uses C
                 progress(0.05, f"second-moment statistics for layer(s) {missing} (first edit only)")
                 with _bars_to(progress.span(0.05, 0.6), [sm]):
-                    self._moments.update(sm.second_moments(
+                    store.update(sm.second_moments(
                         model, tok, missing, corpus=hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
                         max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=True))
+            for fp in [fp for fp in self._moments if fp not in (self.base_fingerprint, stats_fp)]:
+                del self._moments[fp]  # keep the unedited model's and the latest edited weights' only
             progress(0.6, "context templates")
             key = f"{method}:{hp.context_template_length_params}:{hp.template_seed}"
-            if key not in self._templates:
+            templates = self._templates.get((self.base_fingerprint, key)) or self._templates.get((self.fingerprint, key))
+            if templates is None:
                 starts = hp.template_starts if isinstance(hp, MEMITHyperParams) else None
                 lengths = [tuple(p) for p in hp.context_template_length_params]
-                self._templates[key] = context_templates(model, tok, lengths, seed=hp.template_seed, starts=starts,
-                                                         fingerprint=self.base_fingerprint)
-            templates = self._templates[key]
+                templates = context_templates(model, tok, lengths, seed=hp.template_seed, starts=starts,
+                                              fingerprint=self.fingerprint)  # the weights generating them
+                for old in [k for k in self._templates if k[1] == key and k[0] != self.base_fingerprint]:
+                    del self._templates[old]  # keep the unedited model's and the latest edited weights' only
+                self._templates[(self.fingerprint, key)] = templates
             arch = arch_for(model)
             counter = _count_calls(get_module(model, arch.rewrite_at(hp.layers[-1])), hp.v_num_grad_steps + 3,
                                    progress.span(0.65, 0.95), "optimising the new value")
             progress(0.65, "optimising the new value")
             t_edit = time.perf_counter()
             with counter:
-                moments = {layer: self._moments[layer] for layer in hp.layers if layer in self._moments}
+                moments = {layer: store[layer] for layer in hp.layers if layer in store}
                 if method == "memit":
                     patch = compute_memit(model, tok, [request], hp, second_moment=moments, templates=templates)
                 else:
                     patch, _ = compute_rome(model, tok, request, hp, second_moment=moments, templates=templates)
             edit_seconds = time.perf_counter() - t_edit
             progress(0.95, "applying and checking")
-            patch.apply(model)
             applied = AppliedPatch(id=secrets.token_hex(6), patch=patch, source="edit")
-            self.patches.append(applied)
-            self.fingerprint = model_fingerprint(model)
+            self._apply(applied)
             after = probe(model, tok, checks, request.new_text, request.true_text)
             gen_after = generate(model, tok, request.text, max_new_tokens=generate_tokens) if generate_tokens else None
         rows = [{"kind": b["kind"], "text": b["text"], "before": _probe_view(b), "after": _probe_view(a)}
@@ -392,27 +513,44 @@ class ModelSession:
         return {"reverted": entry.summary(), "fingerprint": self.fingerprint,
                 "restored_base": self.fingerprint == self.base_fingerprint}
 
+    def _apply(self, entry: AppliedPatch) -> None:
+        """Apply a patch and push it on the stack (under ``lock``); the summary already exists."""
+        try:
+            entry.patch.apply(self.model)
+        except Exception:
+            self.fingerprint = model_fingerprint(self.model)  # stay truthful whatever happened
+            raise
+        self.patches.append(entry)
+        self.fingerprint = model_fingerprint(self.model)
+
     def validate_upload(self, data: bytes) -> Patch:
         """Parse and check a patch file against the current model without touching its weights.
 
-        The core's reader validates the format and factor shapes; here the model identity,
-        every entry's parameter name and shape, and the fingerprint the patch was computed on.
+        The core's reader validates the format and factor shapes; here the metadata's types,
+        the model identity, every entry's parameter name and shape (each named once), and the
+        fingerprint the patch was computed on.
         """
         try:
             patch = Patch.from_bytes(data, source="uploaded file")
         except FactEditError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as exc:
             raise FactEditError(f"uploaded file is not a valid factedit patch: {type(exc).__name__}: {exc}") from exc
+        self.check_upload(patch)
+        return patch
+
+    def check_upload(self, patch: Patch) -> None:
+        """The checks of :meth:`validate_upload` after parsing (again under ``lock`` before applying)."""
+        check_patch_metadata(patch)
         if not patch.entries:
             raise FactEditError("uploaded patch changes no weight")
         if patch.model_identity != self.identity:
-            raise FactEditError(f"the patch was made for another model (identity {patch.model_identity}); "
+            raise FactEditError(f"the patch was made for another model (identity {patch.model_identity[:40]}); "
                                 f"the loaded model {self.name!r} is {self.identity}")
         params = dict(self.model.named_parameters())
         for e in patch.entries:
             if e.name not in params:
-                raise FactEditError(f"the patch changes {e.name!r}, which this model does not have")
+                raise FactEditError(f"the patch changes {e.name[:200]!r}, which this model does not have")
             if tuple(params[e.name].shape) != tuple(e.shape):
                 raise FactEditError(f"patch entry {e.name!r} has shape {tuple(e.shape)}, "
                                     f"the model's weight is {tuple(params[e.name].shape)}")
@@ -421,15 +559,14 @@ class ModelSession:
             hint = " Revert the applied patches first." if reverting_helps else ""
             raise Conflict(f"the patch was computed on other weights (fingerprint {patch.base_fingerprint[:12]}, "
                            f"the model's is now {self.fingerprint[:12]}).{hint}")
-        return patch
 
-    def apply_uploaded(self, patch: Patch, progress: Progress) -> dict[str, Any]:
+    def apply_uploaded(self, patch: Patch, progress: Progress, generation: int | None = None) -> dict[str, Any]:
         with self.using_model(wait=3600):
+            self.check_generation(generation, "upload")
+            self.check_upload(patch)  # the model may have changed since the upload was validated
+            entry = AppliedPatch(id=secrets.token_hex(6), patch=patch, source="upload")  # summary before applying
             progress(0.1, "applying the patch")
-            patch.apply(self.model)  # checks identity, shapes and fingerprint again, now under the lock
-            entry = AppliedPatch(id=secrets.token_hex(6), patch=patch, source="upload")
-            self.patches.append(entry)
-            self.fingerprint = model_fingerprint(self.model)
+            self._apply(entry)  # the core checks identity, shapes and fingerprint again
         return {"patch": entry.summary(), "fingerprint": self.fingerprint}
 
     # -- switching models ----------------------------------------------------------------

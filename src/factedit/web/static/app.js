@@ -46,6 +46,24 @@ async function api(method, path, body) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Server values shown on the page: strings as they are, anything else as "–" (never throws).
+const str = (v) => (typeof v === "string" ? v : v === null || v === undefined ? "–" : String(v));
+
+// A number input's value, checked against its own min/max (and integer when step is not "any").
+function numberInput(sel, name) {
+  const input = $(sel);
+  const raw = input.value.trim();
+  const v = Number(raw);
+  const min = input.min === "" ? -Infinity : Number(input.min);
+  const max = input.max === "" ? Infinity : Number(input.max);
+  const integer = input.step !== "any";
+  if (!raw || !Number.isFinite(v) || (integer && !Number.isInteger(v)) || v < min || v > max) {
+    const range = `${Number.isFinite(min) ? min : ""}–${Number.isFinite(max) ? max : ""}`;
+    throw new Error(`${name}: enter ${integer ? "a whole number" : "a number"}${range === "–" ? "" : " in " + range}`);
+  }
+  return v;
+}
+
 function setStatus(node, text, kind = "") {
   node.textContent = text;
   node.className = "status" + (kind ? " " + kind : "");
@@ -146,7 +164,8 @@ async function trace() {
   const btn = $("#trace-btn");
   btn.disabled = true;
   try {
-    const body = { ...fact(), samples: Number($("#trace-samples").value), window: Number($("#trace-window").value) };
+    const body = { ...fact(), samples: numberInput("#trace-samples", "noise samples"),
+      window: numberInput("#trace-window", "window") };
     if ($("#trace-answer").value.trim()) body.answer = $("#trace-answer").value;
     const { job } = await api("POST", "/api/trace", body);
     const done = await waitJob(job, $("#trace-progress"), status);
@@ -248,7 +267,16 @@ function hparams() {
   document.querySelectorAll("[data-hp]").forEach((input) => {
     const raw = input.value.trim();
     if (!raw) return;
-    out[input.dataset.hp] = input.dataset.hp === "layers" ? raw.split(/[ ,]+/).filter(Boolean).map(Number) : Number(raw);
+    const name = input.dataset.hp;
+    if (name === "layers") {
+      const layers = raw.split(/[ ,]+/).filter(Boolean).map(Number);
+      if (!layers.length || !layers.every((l) => Number.isInteger(l) && l >= 0)) {
+        throw new Error("layers: enter layer numbers (whole numbers from 0) separated by commas");
+      }
+      out[name] = layers;
+    } else {
+      out[name] = numberInput(`#${input.id}`, name);
+    }
   });
   return Object.keys(out).length ? out : null;
 }
@@ -261,13 +289,13 @@ async function edit() {
     const f = fact();
     const body = { prompt: f.prompt, subject: f.subject, target: $("#target").value, method: $("#method").value,
       paraphrases: lines($("#paraphrases").value), neighbours: lines($("#neighbours").value),
-      generate_tokens: Number($("#generate-tokens").value) };
+      generate_tokens: numberInput("#generate-tokens", "generate tokens") };
     const hp = hparams();
     if (hp) body.hparams = hp;
     const { job } = await api("POST", "/api/edit", body);
     const done = await waitJob(job, $("#edit-progress"), status);
     renderEdit(done.result);
-    setStatus(status, `patch ${done.result.patch.id} applied (${done.result.method}, layer ${done.result.layers.join(",")}, ` +
+    setStatus(status, `patch ${done.result.patch.id} applied (${done.result.method}, layer ${[].concat(done.result.layers).join(",")}, ` +
       `${done.result.edit_seconds.toFixed(1)} s)`, "ok");
     await Promise.all([refreshPatches(), refreshInfo(), predict()]);
   } catch (e) { setStatus(status, e.message, "error"); }
@@ -307,22 +335,27 @@ async function refreshPatches() {
   const data = await api("GET", "/api/patches");
   const body = $("#patch-list tbody");
   body.replaceChildren();
-  data.patches.forEach((p, i) => {
-    const last = i === data.patches.length - 1;
+  const patches = Array.isArray(data.patches) ? data.patches : [];
+  patches.forEach((p, i) => {
+    const last = i === patches.length - 1;
+    const id = /^[0-9a-f]{12}$/.test(p.id) ? p.id : "";
     const revert = el("button", { type: "button", class: "secondary revert-btn", text: "Revert" });
-    revert.disabled = !last;
+    revert.disabled = !last || !id;
     revert.title = last ? "restore the weights before this patch" : "revert the later patches first";
-    revert.addEventListener("click", () => revertPatch(p.id));
-    const download = el("a", { href: `/api/patches/${p.id}/download`, download: `factedit-patch-${p.id}.safetensors`,
+    revert.addEventListener("click", () => revertPatch(id));
+    const download = el("a", { href: `/api/patches/${id}/download`, download: `factedit-patch-${id}.safetensors`,
       class: "download-link", text: "Download" });
-    const fact = p.request.text ? `${p.request.text} → ${p.request.target_new}` : `${p.n_requests} request(s)`;
-    const tr = el("tr", {}, el("td", { class: "tok", text: p.id }), el("td", { text: p.method }), el("td", { text: fact }),
-      el("td", { text: (p.layers || []).join(",") }), el("td", { text: p.source }),
+    const req = p.request && typeof p.request === "object" ? p.request : {};
+    const fact = typeof req.text === "string" && req.text ? `${req.text} → ${str(req.target_new)}`
+      : `${str(p.n_requests)} request(s)`;
+    const layers = Array.isArray(p.layers) ? p.layers.map(str).join(",") : str(p.layers);
+    const tr = el("tr", {}, el("td", { class: "tok", text: str(p.id) }), el("td", { text: str(p.method) }),
+      el("td", { text: fact }), el("td", { text: layers }), el("td", { text: str(p.source) }),
       el("td", {}, revert, " ", download));
     tr.dataset.patchId = p.id;
     body.append(tr);
   });
-  if (!data.patches.length) body.append(el("tr", {}, el("td", { class: "muted", colspan: "6", text: "none: the model has its original weights" })));
+  if (!patches.length) body.append(el("tr", {}, el("td", { class: "muted", colspan: "6", text: "none: the model has its original weights" })));
 }
 
 async function revertPatch(id) {
