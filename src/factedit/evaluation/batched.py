@@ -5,6 +5,9 @@ Called by :func:`factedit.evaluation.runner.run_evaluation`; it owns the run fol
 and manifest, this module the chunks. What makes a killed run resumable without recomputing edits:
 
 * ``pre.jsonl`` keeps every case's unedited scores as soon as they are measured;
+* MEMIT's target vectors z, per chunk of requests, in ``$FACTEDIT_HOME/memit-z`` (content-addressed:
+  weights, hyper-parameters, templates and requests), so neither a resumed run nor another run of
+  the same edits redoes the z optimisation;
 * ``patches/chunk_NNNNN.safetensors`` (batch) or ``patches/step_NNNNN.safetensors`` (sequential)
   keeps each computed patch, with the case ids it edits in its ``info``; a saved patch is used only
   if it edits exactly the same cases, else it is recomputed;
@@ -34,6 +37,7 @@ from factedit.errors import FactEditError
 from factedit.evaluation.runner import GENERATION_KEYS, CaseLog, RunConfig, case_header, edit_info
 from factedit.models.architectures import get_parameter
 from factedit.models.fingerprint import model_fingerprint
+from factedit.paths import cache_dir
 from factedit.text import encode_with_subject, target_ids
 
 log = logging.getLogger(__name__)
@@ -169,7 +173,7 @@ def _run_batches(model, tok, method, chunks, done, out: Path, evaluate: Evaluate
         edit_s = patch.info.get("edit_s", 0.0) if patch is not None else 0.0
         if patch is None and valid:
             try:
-                patch, edit_s = _compute(method, model, tok, valid, path, progress, z_cache=out / "patches" / "z")
+                patch, edit_s = _compute(method, model, tok, valid, path, progress, z_cache=cache_dir("memit-z"))
             except FactEditError as exc:  # a check the per-case validation did not foresee: the chunk fails
                 log.warning("chunk %d: %s failed: %s", index, method.name, exc)
                 for case in todo:
