@@ -55,6 +55,7 @@ def test_round_trip_is_exact(model):
 @pytest.mark.parametrize("changes, message", [
     ({"requests": 5}, "requests"),
     ({"requests": ["x"]}, "requests"),
+    ({"requests": [{"prompt": 5}]}, "prompt"),
     ({"hparams": {"layers": "x"}}, "layers"),
     ({"hparams": []}, "hparams"),
     ({"base_fingerprint": 7}, "base_fingerprint"),

@@ -254,6 +254,10 @@ def _check_metadata(meta: Any, source: str) -> None:
     requests = meta.get("requests", [])
     if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
         raise bad("requests must be a list of objects")
+    for r in requests:
+        for key in ("prompt", "subject", "target_new", "target_true"):
+            if r.get(key) is not None and not isinstance(r[key], str):
+                raise bad(f"requests' {key} must be a string")
     for key in ("hparams", "info"):
         if not isinstance(meta.get(key, {}), dict):
             raise bad(f"{key} must be an object")

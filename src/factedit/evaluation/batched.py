@@ -333,9 +333,9 @@ def drift_point(model: nn.Module, tok: PreTrainedTokenizerBase, edited: Sequence
         return {"step": step, "edits": len(edited)}
 
     def new_beats_true(texts: list[str], case) -> list[bool]:
-        req = case.request
-        new = target_log_probs(model, tok, texts, [req.new_text] * len(texts))
-        true = target_log_probs(model, tok, texts, [req.true_text] * len(texts))
+        req = case.request  # both targets of every prompt in one forward
+        scores = target_log_probs(model, tok, texts + texts, [req.new_text] * len(texts) + [req.true_text] * len(texts))
+        new, true = scores[: len(texts)], scores[len(texts) :]
         return [a / n > b / m for (a, n), (b, m) in zip(new, true)]
 
     held = sum(new_beats_true([c.request.text], c)[0] for c in cases)

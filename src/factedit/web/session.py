@@ -112,53 +112,6 @@ class AppliedPatch:
         return out
 
 
-def check_patch_metadata(patch: Patch) -> None:
-    """Refuse an uploaded patch whose metadata has the wrong types, or names one weight twice.
-
-    The core's reader checks the format and the factors; everything the app later reads
-    or lists (names, method, fingerprints, requests, hyper-parameters) is checked here.
-    """
-
-    def bad(what: str, value: Any) -> FactEditError:
-        return FactEditError(f"uploaded patch: {what} has the wrong type ({type(value).__name__})")
-
-    for what in ("method", "base_fingerprint", "model_identity", "version"):
-        value = getattr(patch, what)
-        if not isinstance(value, str):
-            raise bad(what, value)
-        if len(value) > 200:
-            raise FactEditError(f"uploaded patch: {what} is too long")
-    if not isinstance(patch.requests, list):
-        raise bad("requests", patch.requests)
-    for i, req in enumerate(patch.requests):
-        if not isinstance(req, dict):
-            raise bad(f"requests[{i}]", req)
-        for key in ("prompt", "subject", "target_new", "target_true"):
-            if req.get(key) is not None and not isinstance(req[key], str):
-                raise bad(f"requests[{i}].{key}", req[key])
-    if not isinstance(patch.hparams, dict):
-        raise bad("hparams", patch.hparams)
-    layers = patch.hparams.get("layers")
-    if layers is not None and (not isinstance(layers, list)
-                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
-        raise bad("hparams.layers (a list of integers)", layers)
-    if not isinstance(patch.info, dict):
-        raise bad("info", patch.info)
-    if not isinstance(patch.entries, list):
-        raise bad("entries", patch.entries)
-    seen: set[str] = set()
-    for i, e in enumerate(patch.entries):
-        if not isinstance(e.name, str):
-            raise bad(f"entries[{i}].name", e.name)
-        if e.name in seen:
-            raise FactEditError(f"uploaded patch changes {e.name!r} twice")
-        seen.add(e.name)
-        if not isinstance(e.shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in e.shape):
-            raise bad(f"entries[{i}].shape (a list of integers)", e.shape)
-        if not isinstance(e.base_sha256, str):
-            raise bad(f"entries[{i}].base_sha256", e.base_sha256)
-
-
 def installed_models() -> dict[str, bool]:
     """Registered model names and whether their weight packages are installed (located, never imported)."""
     out = {}
@@ -526,9 +479,9 @@ class ModelSession:
     def validate_upload(self, data: bytes) -> Patch:
         """Parse and check a patch file against the current model without touching its weights.
 
-        The core's reader validates the format and factor shapes; here the metadata's types,
-        the model identity, every entry's parameter name and shape (each named once), and the
-        fingerprint the patch was computed on.
+        The core's reader validates the format, the metadata's types, factor shapes and that each
+        weight is named once; here the model identity, every entry's parameter name and shape,
+        and the fingerprint the patch was computed on.
         """
         try:
             patch = Patch.from_bytes(data, source="uploaded file")
@@ -540,8 +493,8 @@ class ModelSession:
         return patch
 
     def check_upload(self, patch: Patch) -> None:
-        """The checks of :meth:`validate_upload` after parsing (again under ``lock`` before applying)."""
-        check_patch_metadata(patch)
+        """The checks of :meth:`validate_upload` after parsing (again under ``lock`` before applying);
+        metadata types and duplicate entries are refused by the core's ``Patch.from_bytes``."""
         if not patch.entries:
             raise FactEditError("uploaded patch changes no weight")
         if patch.model_identity != self.identity:
