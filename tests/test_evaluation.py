@@ -13,7 +13,7 @@ import torch
 
 from factedit import EditRequest
 from factedit.data import DatasetError, load_counterfact, load_known_facts, load_zsre, parse_counterfact
-from factedit.editing.ft import FTHyperParams, FTLHyperParams, compute_ft
+from factedit.editing.ft import FTHyperParams, FTLHyperParams, compute_ft, compute_ft_each
 from factedit.errors import FactEditError
 from factedit.evaluation import RunConfig, register_method, run_evaluation, summarize_runs, to_csv, to_markdown
 from factedit.evaluation.methods import METHODS
@@ -115,7 +115,7 @@ def _fake_run(folder: Path, method: str, posts: list[dict], pre: dict | None = N
     (folder / MANIFEST).write_text(json.dumps(manifest))
     log = CaseLog(folder / CASES)
     for i, post in enumerate(posts):
-        log.append({"case_id": i, "pre": pre or post, "post": post, "timing": {"edit_s": 1.0 + i}})
+        log.append({"case_id": i, "pre": pre or post, "post": post, "timing": {"edit_s": 1.0 + i, "total_s": 2.0 + i}})
     return folder
 
 
@@ -142,6 +142,7 @@ def test_summary_tables_and_plot(tmp_path):
     assert row.cells["ΔNS"].mean == pytest.approx(87.5 - 100.0)  # paired against the cases' pre
     assert row.cells["ES"].high <= 100.0 and row.cells["ES"].low >= 0.0  # clipped rates
     assert row.cells["edit s"].mean == pytest.approx(2.5)
+    assert row.cells["cases/min"].mean == pytest.approx(60 * 4 / (2 + 3 + 4 + 5))  # 4 cases in 14 s
     md, csv_text = to_markdown(s), to_csv(s)
     assert "| runA | rome | 4 | 75.0" in md and "pre (unedited)" in md
     assert "counterfact,runA,rome,4,S," in csv_text
@@ -369,6 +370,54 @@ def test_ft_l_respects_its_linf_bound(default_model):
         patch.revert(model)
     with pytest.raises(FactEditError):
         FTLHyperParams.from_dict({"layers": [1], "norm_constraint": -1.0})
+
+
+@pytest.mark.parametrize("cls", [FTHyperParams, FTLHyperParams])
+def test_ft_each_equals_ft_alone(default_model, cls):
+    """Edits computed together follow the same path as alone: same steps, same change up to float rounding."""
+    model, tok = default_model
+    hp = cls.for_model(model, num_steps=4)
+    other = EditRequest("{} is a native speaker of", "Danielle Darrieux", "English", "French")
+    fp = model_fingerprint(model)
+    together = compute_ft_each(model, tok, [MADRID, other], hp)
+    assert model_fingerprint(model) == fp
+    for (patch, result), req in zip(together, [MADRID, other]):
+        alone, alone_result = compute_ft(model, tok, req, hp)
+        a, b = patch.entries[0].dense.double(), alone.entries[0].dense.double()
+        cosine = float((a * b).sum() / (a.norm() * b.norm()))
+        print(f"{cls.__name__} {req.subject}: cosine {cosine:.8f}, relative difference "
+              f"{float((a - b).norm() / b.norm()):.2e}")
+        assert result.steps == alone_result.steps and cosine > 0.9999
+        assert result.losses == pytest.approx(alone_result.losses, rel=1e-3, abs=1e-4)
+        assert patch.requests == alone.requests and patch.method == alone.method
+        if hp.norm_constraint is not None:  # the bound as a float32 number, the patch's dtype
+            assert bool(patch.entries[0].dense.abs().max() <= torch.tensor(hp.norm_constraint))
+
+
+def test_grouped_run_matches_one_at_a_time(default_model, tmp_path):
+    """``group``: the same cases, edited alone each, scored the same as without grouping; resumes by position."""
+    model, tok = default_model
+    overrides = {"num_steps": 3}
+    one = run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides),
+                         tmp_path / "one", progress=False)
+    cut = run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=1, overrides=overrides, group=2),
+                         tmp_path / "grouped", progress=False)
+    assert one.evaluated == 4 and cut.evaluated == 1
+    rest = run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides, group=2),
+                          tmp_path / "grouped", progress=False)
+    assert rest.already_done == 1 and rest.evaluated == 3
+    a, b = _strip(tmp_path / "one" / CASES), _strip(tmp_path / "grouped" / CASES)
+    assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
+    for x, y in zip(a, b):
+        assert x["post"]["rewrite_prompts_correct"] == y["post"]["rewrite_prompts_correct"]
+        assert x["edit"]["steps"] == y["edit"]["steps"]
+        assert x["edit"]["delta_norm"] == pytest.approx(y["edit"]["delta_norm"], rel=1e-3)
+    timings = [json.loads(line)["timing"] for line in (tmp_path / "grouped" / CASES).read_text().splitlines()]
+    # groups are cut by position: the case left over from the interrupted first pair is edited alone
+    assert [t.get("group", 1) for t in timings] == [1, 1, 2, 2]
+    with pytest.raises(FactEditError, match="group"):
+        run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=3, group=0), tmp_path / "bad",
+                       progress=False)
 
 
 def test_ft_hparams_files_parse():

@@ -48,6 +48,9 @@ def eval_command(
         help="with --sequential: every k steps, measure how many earlier edits hold (drift.jsonl)")] = None,
     pre_from: Annotated[Optional[Path], typer.Option(
         help="reuse the unedited scores of another run of the same model and data")] = None,
+    group: Annotated[int, typer.Option(
+        help="compute this many cases' independent edits together (FT, FT-L: faster on CPU; each case is "
+             "still edited alone from the unedited model, results equal up to float rounding)")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine)")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="registry name, .gguf, folder, hub id")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
@@ -68,7 +71,7 @@ def eval_command(
                            overrides={"layers": layer} if layer else {}, generation=generation, n_gen=n_gen,
                            max_out_len=max_out_len, seed=seed, reference_corpus=reference_corpus,
                            gen_cases=gen_cases, batch=batch, sequential=sequential, drift_every=drift_every,
-                           pre_from=str(pre_from) if pre_from else None)
+                           pre_from=str(pre_from) if pre_from else None, group=group)
         mdl, tok = load_model(model, device=device, dtype=dtype)
         report = run_evaluation(mdl, tok, config, out, model_name=model or "smollm2-135m")
     except FactEditError as exc:

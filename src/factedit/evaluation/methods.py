@@ -4,7 +4,9 @@ A method is set up once per run (hyper-parameters resolved, statistics and templ
 precomputed) and then turns one request into a :class:`Patch` computed on the unedited
 model (or ``None`` for no edit). Batch methods (MEMIT, AlphaEdit) also turn a list of requests
 into one patch (``compute_batch``); ``commit`` tells a method that its last patch was applied and
-stays (AlphaEdit then keeps those keys for the next batch of a sequence). To add one::
+stays (AlphaEdit then keeps those keys for the next batch of a sequence). Methods whose edits can be
+computed for several requests at once, each as if alone, offer ``compute_each`` (FT, FT-L: the
+runner's ``group``). To add one::
 
     register_method("my-method", MyMethod)   # a class with the EditMethod interface
 """
@@ -122,6 +124,14 @@ class FTMethod:
 
         patch, _ = compute_ft(model, tok, request, self.hp)
         return patch
+
+    def compute_each(self, model, tok, requests: list[EditRequest]) -> list[Patch]:
+        """Independent edits of several requests in one pass (see ``compute_ft_each``)."""
+        from factedit.editing.ft import compute_ft_each
+
+        if self.hp.weight_decay:
+            return [self.compute(model, tok, r) for r in requests]
+        return [patch for patch, _ in compute_ft_each(model, tok, requests, self.hp)]
 
 
 class MemitMethod:

@@ -86,6 +86,7 @@ class RunConfig:
     pre_from: str | None = None  # a run folder of the same model and data whose ``pre`` scores are reused
     drift_every: int | None = None  # sequential: measure earlier edits and neighbours every k steps
     gen_cases: int | None = None  # generation metrics (slow) on the first this many cases only; None = all
+    group: int = 1  # single mode: independent edits of this many cases computed together (``compute_each``)
 
 
 @dataclass
@@ -297,9 +298,12 @@ def run_evaluation(
         try:
             pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
             if mode["kind"] == "single":
-                for case in todo:
-                    finished(case, _evaluate_case(model, tok, method, case, config, gen, reference, base_fp,
-                                                  pre_known.get(str(case.case_id)), gen_ids))
+                for group in _groups(dataset.cases, todo, config.group if hasattr(method, "compute_each") else 1):
+                    edits = _compute_each(model, tok, method, group) if len(group) > 1 else {}
+                    for case in group:
+                        finished(case, _evaluate_case(model, tok, method, case, config, gen, reference, base_fp,
+                                                      pre_known.get(str(case.case_id)), gen_ids,
+                                                      edits.get(str(case.case_id))))
             else:
                 from factedit.evaluation.batched import run_chunks
 
@@ -326,6 +330,37 @@ def _mode(config: RunConfig, method) -> dict[str, Any]:
         raise FactEditError(f"{method.name} edits one request at a time: use --batch 1 (with --sequential) "
                             "or a batch method (memit, alphaedit)")
     return {"kind": "sequential" if config.sequential else "batch", "batch": size}
+
+
+def _groups(cases: list, todo: list, size: int) -> Iterator[list]:
+    """``todo`` in groups of at most ``size`` by position in the data set, so that a resumed run groups the
+    cases it still has to do as an uninterrupted run would have (when a group was not cut in half)."""
+    if size < 1:
+        raise FactEditError(f"group must be at least 1, not {size}")
+    position = {str(c.case_id): i for i, c in enumerate(cases)}
+    group: list = []
+    for case in todo:
+        if group and position[str(case.case_id)] // size != position[str(group[0].case_id)] // size:
+            yield group
+            group = []
+        group.append(case)
+    if group:
+        yield group
+
+
+def _compute_each(model, tok, method, cases: list) -> dict[str, tuple[Any, float, int]]:
+    """Independent edits of ``cases`` computed together: ``{case_id: (patch, seconds per case, group size)}``.
+
+    A group with a request that cannot be edited is left to the one-at-a-time path, which reports
+    that case's error and edits the others."""
+    started = time.perf_counter()
+    try:
+        patches = method.compute_each(model, tok, [c.request for c in cases])
+    except FactEditError as exc:
+        log.info("computing %d edits together failed (%s); computing them one at a time", len(cases), exc)
+        return {}
+    seconds = (time.perf_counter() - started) / len(cases)
+    return {str(c.case_id): (p, seconds, len(cases)) for c, p in zip(cases, patches)}
 
 
 def _read_pre(folder: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -366,7 +401,9 @@ def _notes(config: RunConfig, reference) -> list[str]:
 
 
 def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, base_fp: str,
-                   pre: dict[str, Any] | None = None, gen_ids: frozenset[str] | None = None) -> dict[str, Any]:
+                   pre: dict[str, Any] | None = None, gen_ids: frozenset[str] | None = None,
+                   computed: tuple[Any, float, int] | None = None) -> dict[str, Any]:
+    """One case: edit (or take the patch ``computed`` with its group), evaluate, revert."""
     req = case.request
     record = case_header(case)
 
@@ -382,12 +419,17 @@ def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, 
     else:
         pre = pre if pre is not None else evaluate(False)
         t1 = time.perf_counter()
-        try:
-            patch = method.compute(model, tok, req)
-        except FactEditError as exc:
-            log.warning("case %s: %s failed: %s", case.case_id, method.name, exc)
-            return {**record, "error": str(exc)}
-        edit_s = time.perf_counter() - t1
+        if computed is not None:
+            patch, edit_s, group = computed
+            t0 -= edit_s  # this case's share of the group's edit time counts in its total
+        else:
+            group = 1
+            try:
+                patch = method.compute(model, tok, req)
+            except FactEditError as exc:
+                log.warning("case %s: %s failed: %s", case.case_id, method.name, exc)
+                return {**record, "error": str(exc)}
+            edit_s = time.perf_counter() - t1
         if patch is not None:
             record["edit"] = edit_info(patch)
             patch.apply(model)
@@ -399,8 +441,10 @@ def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, 
         if model_fingerprint(model) != base_fp:
             raise FactEditError(f"case {case.case_id}: the model was not restored after the edit; stopping")
     total = time.perf_counter() - t0
-    return {**record, "pre": pre, "post": post,
-            "timing": {"edit_s": edit_s, "eval_s": total - edit_s, "total_s": total}}
+    timing = {"edit_s": edit_s, "eval_s": total - edit_s, "total_s": total}
+    if method.name != "none" and group > 1:
+        timing["group"] = group
+    return {**record, "pre": pre, "post": post, "timing": timing}
 
 
 def case_header(case) -> dict[str, Any]:

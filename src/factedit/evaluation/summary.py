@@ -44,6 +44,7 @@ COUNTERFACT_METRICS = [
 ZSRE_METRICS = [("Efficacy", "rewrite_acc", 100), ("Paraphrase", "paraphrase_acc", 100),
                 ("Specificity", "neighborhood_acc", 100)]
 TIME = ("edit s", "edit_s", 1)
+RATE = "cases/min"  # throughput: cases over the summed per-case wall time (edit + evaluation + revert)
 DELTA = {"counterfact": ("ΔNS", "neighborhood_success"), "zsre": ("ΔSpec", "neighborhood_acc")}
 BOUNDED = {"rewrite_success", "paraphrase_success", "neighborhood_success", "rewrite_acc", "paraphrase_acc",
            "neighborhood_acc"}
@@ -168,6 +169,9 @@ def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = 
         times = [c["timing"]["edit_s"] for c in chosen if "timing" in c] if run.manifest["method"] != "none" else None
         cells = summarize_block(dataset, [c["post"] for c in chosen], times, n_boot=n_boot, seed=seed)
         cells.update(_specificity_drop(dataset, chosen))
+        totals = [c["timing"]["total_s"] for c in chosen if "total_s" in c.get("timing", {})]
+        if totals and sum(totals) > 0:
+            cells[RATE] = Cell(60 * len(totals) / sum(totals), math.nan, math.nan)
         rows.append(Row(label=run.label, method=run.manifest["method"], n=len(chosen), errors=len(run.errors),
                         cells=cells))
         for note in run.manifest.get("notes", []):
@@ -183,6 +187,8 @@ def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = 
         columns.insert(columns.index("NS" if dataset == "counterfact" else "Specificity") + 1, delta)
     if any(TIME[0] in r.cells for r in rows):
         columns.append(TIME[0])
+    if any(RATE in r.cells for r in rows):
+        columns.append(RATE)
     return Summary(dataset=dataset, columns=columns, rows=rows, notes=notes)
 
 
