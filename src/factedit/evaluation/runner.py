@@ -298,6 +298,8 @@ def run_evaluation(
         try:
             pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
             if mode["kind"] == "single":
+                if config.group > 1 and not hasattr(method, "compute_each"):
+                    log.warning("%s computes one edit at a time; group=%d is ignored", method.name, config.group)
                 for group in _groups(dataset.cases, todo, config.group if hasattr(method, "compute_each") else 1):
                     edits = _compute_each(model, tok, method, group) if len(group) > 1 else {}
                     for case in group:

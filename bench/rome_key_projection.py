@@ -1,0 +1,69 @@
+"""Why does ROME (r-ROME key) miss some rewrite prompts? Compare the bare prompt's key with k*.
+
+    python bench/rome_key_projection.py runs/counterfact_rome [--limit N]
+
+r-ROME writes the rank-one update for k* (the key averaged over the context templates); a prompt
+whose key k has a smaller projection kᵀu than k*ᵀu receives only that fraction of the change.
+For every case of the run this prints the ratio kᵀu / k*ᵀu for the bare rewrite prompt ("{}"
+template) and the position of the subject's last token, and compares cases whose rewrite
+prompt failed (new target not preferred after the edit) with those that succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from common import machine
+
+from factedit import load_model
+from factedit.data import load_dataset
+from factedit.editing.keys import subject_keys
+from factedit.editing.rome import left_vector
+from factedit.evaluation.methods import get_method
+from factedit.evaluation.runner import read_manifest
+from factedit.models import arch_for
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--limit", type=int, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(machine(), flush=True)
+    manifest = read_manifest(args.run)
+    rows = [json.loads(x) for x in (Path(args.run) / "cases.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "post" in r][: args.limit]
+    failed = {str(r["case_id"]) for r in rows
+              if not all(p["target_new"] < p["target_true"] for p in r["post"]["rewrite_prompts_probs"])}
+    model, tok = load_model()
+    method = get_method("rome")
+    method.setup(model, tok)
+    hp, arch = method.hp, arch_for(model)
+    layer = hp.layers[0]
+    data = load_dataset(manifest["dataset"]["name"], n=manifest["selection"]["n"])
+    cases = {str(c.case_id): c for c in data.cases}
+    ratios = {True: [], False: []}
+    for r in rows:
+        req = cases[str(r["case_id"])].request
+        keys = subject_keys(model, tok, arch, [layer], req.prompt, req.subject, method.templates, hp.fact_token)[layer]
+        u = left_vector(keys.mean(0), method.moments[layer])
+        bare = float(keys[0] @ u / (keys.mean(0) @ u))
+        subject_end = len(tok(req.prompt.split("{}")[0] + req.subject)["input_ids"]) - 1
+        is_failed = str(r["case_id"]) in failed
+        ratios[is_failed].append(bare)
+        if is_failed:
+            print(f"failed case {r['case_id']}: {req.prompt.format(req.subject)!r} -> {req.target_new!r}: "
+                  f"kᵀu/k*ᵀu = {bare:.3f}, subject's last token at position {subject_end}")
+    for is_failed, values in ratios.items():
+        if values:
+            print(f"{'failed' if is_failed else 'succeeded'}: {len(values)} cases, median ratio "
+                  f"{statistics.median(values):.3f}, share below 0.5: {sum(v < 0.5 for v in values) / len(values):.3f}")
+
+
+if __name__ == "__main__":
+    main()
