@@ -372,15 +372,21 @@ def test_ft_l_respects_its_linf_bound(default_model):
         FTLHyperParams.from_dict({"layers": [1], "norm_constraint": -1.0})
 
 
-@pytest.mark.parametrize("cls", [FTHyperParams, FTLHyperParams])
-def test_ft_each_equals_ft_alone(default_model, cls):
+@pytest.mark.parametrize("cls, changes", [(FTHyperParams, {"num_steps": 4}),
+                                           (FTLHyperParams, {"num_steps": 4}),
+                                           # one request stops early, the other goes on: stopped rows stay put
+                                           (FTHyperParams, {"num_steps": 6, "lr": 5e-3, "early_stop_loss": 0.5})])
+def test_ft_each_equals_ft_alone(default_model, cls, changes):
     """Edits computed together follow the same path as alone: same steps, same change up to float rounding."""
     model, tok = default_model
-    hp = cls.for_model(model, num_steps=4)
+    hp = cls.for_model(model, **changes)
     other = EditRequest("{} is a native speaker of", "Danielle Darrieux", "English", "French")
     fp = model_fingerprint(model)
     together = compute_ft_each(model, tok, [MADRID, other], hp)
     assert model_fingerprint(model) == fp
+    print("steps:", [r.steps for _, r in together])
+    if "early_stop_loss" in changes:
+        assert len({r.steps for _, r in together}) == 2  # one stopped before the other
     for (patch, result), req in zip(together, [MADRID, other]):
         alone, alone_result = compute_ft(model, tok, req, hp)
         a, b = patch.entries[0].dense.double(), alone.entries[0].dense.double()

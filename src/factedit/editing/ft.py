@@ -35,7 +35,7 @@ from factedit.editing.requests import EditRequest
 from factedit.editing.values import lm_logits
 from factedit.errors import FactEditError
 from factedit.hooks import Trace, frozen
-from factedit.models.architectures import arch_for, get_module, get_parameter
+from factedit.models.architectures import arch_for, get_parameter
 from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
 from factedit.text import pad_id, pad_right, target_ids
 
@@ -226,6 +226,9 @@ def compute_ft_each(
     hp.check_model(model)
     if hp.weight_decay:
         raise FactEditError("compute_ft_each needs weight_decay 0; use compute_ft for each request")
+    if next(model.parameters()).dtype != torch.float32:
+        # alone, the change is rounded into the half-precision weight at every step; here it would not be
+        raise FactEditError("compute_ft_each needs a float32 model; use compute_ft for each request")
     arch = arch_for(model)
     base_fp = model_fingerprint(model)
     ids, mask, rows, pos, toks, owner, n = _batches(model, tok, reqs, hp.replace(batch_size=len(reqs)))[0]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -129,8 +130,8 @@ class FTMethod:
         """Independent edits of several requests in one pass (see ``compute_ft_each``)."""
         from factedit.editing.ft import compute_ft_each
 
-        if self.hp.weight_decay:
-            return [self.compute(model, tok, r) for r in requests]
+        if self.hp.weight_decay or next(model.parameters()).dtype != torch.float32:
+            return [self.compute(model, tok, r) for r in requests]  # see compute_ft_each
         return [patch for patch, _ in compute_ft_each(model, tok, requests, self.hp)]
 
 

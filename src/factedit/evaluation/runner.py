@@ -234,6 +234,8 @@ def run_evaluation(
             raise FactEditError("generation metrics are defined for CounterFact only")
         if config.batch is not None and config.batch < 1:
             raise FactEditError(f"batch must be at least 1, not {config.batch}")
+        if config.group < 1:
+            raise FactEditError(f"group must be at least 1, not {config.group}")
         method = get_method(config.method)
         mode = _mode(config, method)
         # generation metrics (slow) only for the first gen_cases cases, when limited
@@ -298,7 +300,7 @@ def run_evaluation(
         try:
             pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
             if mode["kind"] == "single":
-                if config.group > 1 and not hasattr(method, "compute_each"):
+                if config.group > 1 and method.name != "none" and not hasattr(method, "compute_each"):
                     log.warning("%s computes one edit at a time; group=%d is ignored", method.name, config.group)
                 for group in _groups(dataset.cases, todo, config.group if hasattr(method, "compute_each") else 1):
                     edits = _compute_each(model, tok, method, group) if len(group) > 1 else {}
@@ -337,8 +339,6 @@ def _mode(config: RunConfig, method) -> dict[str, Any]:
 def _groups(cases: list, todo: list, size: int) -> Iterator[list]:
     """``todo`` in groups of at most ``size`` by position in the data set, so that a resumed run groups the
     cases it still has to do as an uninterrupted run would have (when a group was not cut in half)."""
-    if size < 1:
-        raise FactEditError(f"group must be at least 1, not {size}")
     position = {str(c.case_id): i for i, c in enumerate(cases)}
     group: list = []
     for case in todo:
@@ -358,7 +358,7 @@ def _compute_each(model, tok, method, cases: list) -> dict[str, tuple[Any, float
     started = time.perf_counter()
     try:
         patches = method.compute_each(model, tok, [c.request for c in cases])
-    except FactEditError as exc:
+    except (FactEditError, torch.OutOfMemoryError) as exc:
         log.info("computing %d edits together failed (%s); computing them one at a time", len(cases), exc)
         return {}
     seconds = (time.perf_counter() - started) / len(cases)
