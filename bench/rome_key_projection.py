@@ -12,7 +12,6 @@ prompt failed (new target not preferred after the edit) with those that succeede
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from factedit.data import load_dataset
 from factedit.editing.keys import subject_keys
 from factedit.editing.rome import left_vector
 from factedit.evaluation.methods import get_method
-from factedit.evaluation.runner import read_manifest
+from factedit.evaluation.metrics import counterfact_case_scores
+from factedit.evaluation.runner import CASES, CaseLog, read_manifest
 from factedit.models import arch_for
 
 
@@ -36,10 +36,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(machine(), flush=True)
     manifest = read_manifest(args.run)
-    rows = [json.loads(x) for x in (Path(args.run) / "cases.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "post" in r][: args.limit]
-    failed = {str(r["case_id"]) for r in rows
-              if not all(p["target_new"] < p["target_true"] for p in r["post"]["rewrite_prompts_probs"])}
+    rows = [r for r in CaseLog(Path(args.run) / CASES).load(repair=False).values() if "post" in r][: args.limit]
+    failed = {str(r["case_id"]) for r in rows if counterfact_case_scores(r["post"])["rewrite_success"] < 1}
     model, tok = load_model()
     method = get_method("rome")
     method.setup(model, tok)

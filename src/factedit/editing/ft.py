@@ -115,6 +115,40 @@ def _batches(model, tok, requests: Sequence[EditRequest], hp: FTHyperParams):
     return out
 
 
+def _request_losses(model, arch, final_hidden, rows, pos, toks, owner, n) -> torch.Tensor:
+    """Per request: mean negative log-probability of its target tokens read at ``(rows, pos)``."""
+    logp = torch.log_softmax(lm_logits(model, arch, final_hidden[rows, pos]).float(), dim=-1)
+    token_logp = logp.gather(1, toks[:, None]).squeeze(1)
+    per_req = torch.zeros(n, device=token_logp.device).index_add(0, owner, token_logp)
+    counts = torch.zeros(n, device=token_logp.device).index_add(0, owner, torch.ones_like(token_logp))
+    return -per_req / counts
+
+
+def _ft_patch(model, arch, hp: FTHyperParams, base_fp: str, reqs: Sequence[EditRequest],
+              deltas: dict[str, torch.Tensor], result: FTResult, info: dict | None = None,
+              shas: dict[str, str] | None = None) -> Patch:
+    """The dense patch of one FT edit: ``deltas`` by weight name, in the (out, in) view
+    (``shas``: the weights' hashes, when already known)."""
+    entries = []
+    for name, dense in deltas.items():
+        param = get_parameter(model, name)
+        result.max_abs_delta[name] = float(dense.abs().max())
+        sha = shas[name] if shas else tensor_sha256(param)
+        entries.append(PatchEntry(name=name, shape=tuple(param.shape), transposed=arch.conv1d,
+                                  dense=dense.contiguous().cpu(), base_sha256=sha))
+    return Patch(
+        method="ft-l" if hp.norm_constraint is not None else "ft",
+        entries=entries,
+        base_fingerprint=base_fp,
+        model_identity=model_identity(model),
+        requests=[r.to_dict() for r in reqs],
+        hparams=hp.model_dump(mode="json"),
+        info={"losses": result.losses, "steps": result.steps, "seconds": result.seconds,
+              "max_abs_delta": result.max_abs_delta, **(info or {})},
+        version=__version__,
+    )
+
+
 def compute_ft(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -147,11 +181,7 @@ def compute_ft(
         with Trace(model, arch.final_norm, retain_output=True, detach=False, stop=True) as fin:
             functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask,
                                                           "use_cache": False}, strict=False)
-        logp = torch.log_softmax(lm_logits(model, arch, fin.output[rows, pos]).float(), dim=-1)
-        token_logp = logp.gather(1, toks[:, None]).squeeze(1)
-        per_req = torch.zeros(n, device=ids.device).index_add(0, owner, token_logp)
-        counts = torch.zeros(n, device=ids.device).index_add(0, owner, torch.ones_like(token_logp))
-        return (-per_req / counts).mean()
+        return _request_losses(model, arch, fin.output, rows, pos, toks, owner, n).mean()
 
     bar = tqdm(range(hp.num_steps), desc="ft", disable=not progress, leave=False)
     with frozen(model):
@@ -178,29 +208,14 @@ def compute_ft(
                 break
     result.seconds = time.perf_counter() - started
 
-    entries = []
+    deltas = {}
     for name, w in trained.items():
-        param = originals[name]
-        delta = (w.detach() - param.detach().float())
+        delta = (w.detach() - originals[name].detach().float())
         if hp.norm_constraint is not None:  # exact bound despite float rounding of the clamp limits
             delta = delta.clamp(-hp.norm_constraint, hp.norm_constraint)
-        result.max_abs_delta[name] = float(delta.abs().max())
-        dense = delta.T if arch.conv1d else delta  # stored in the (out, in) view
-        entries.append(PatchEntry(name=name, shape=tuple(param.shape), transposed=arch.conv1d,
-                                  dense=dense.contiguous().cpu(), base_sha256=tensor_sha256(param)))
-    method = "ft-l" if hp.norm_constraint is not None else "ft"
-    patch = Patch(
-        method=method,
-        entries=entries,
-        base_fingerprint=base_fp,
-        model_identity=model_identity(model),
-        requests=[r.to_dict() for r in reqs],
-        hparams=hp.model_dump(mode="json"),
-        info={"losses": result.losses, "steps": result.steps, "seconds": result.seconds,
-              "max_abs_delta": result.max_abs_delta},
-        version=__version__,
-    )
-    log.debug("%s: %d steps, final loss %.4g", method, result.steps, result.losses[-1])
+        deltas[name] = delta.T if arch.conv1d else delta  # stored in the (out, in) view
+    patch = _ft_patch(model, arch, hp, base_fp, reqs, deltas, result)
+    log.debug("%s: %d steps, final loss %.4g", patch.method, result.steps, result.losses[-1])
     return patch, result
 
 
@@ -240,69 +255,50 @@ def compute_ft_each(
     active = torch.ones(n, dtype=torch.bool, device=ids.device)
     results = [FTResult() for _ in reqs]
     started = time.perf_counter()
-    traces: dict[int, Trace] = {}
 
     def add_change(layer: int):
         def edit(out: torch.Tensor, name: str) -> torch.Tensor:
-            x = traces[layer].input
-            return out + torch.einsum("bti,boi->bto", x.float(), deltas[layer]).to(out.dtype)
+            return out + torch.einsum("bti,boi->bto", traces[layer].input.float(), deltas[layer]).to(out.dtype)
         return edit
 
-    with frozen(model):
-        for _ in range(hp.num_steps):
-            opt.zero_grad()
-            try:
-                for layer in hp.layers:
-                    traces[layer] = Trace(model, arch.rewrite_at(layer), retain_input=True, retain_output=False,
-                                          detach=False, edit_output=add_change(layer))
+    traces = {layer: Trace(model, arch.rewrite_at(layer), retain_input=True, retain_output=False, detach=False,
+                           edit_output=add_change(layer)) for layer in hp.layers}
+    try:
+        with frozen(model):
+            for _ in range(hp.num_steps):
+                opt.zero_grad()
                 with Trace(model, arch.final_norm, retain_output=True, detach=False, stop=True) as fin:
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
-            finally:
-                for trace in traces.values():
-                    trace.close()
-            logp = torch.log_softmax(lm_logits(model, arch, fin.output[rows, pos]).float(), dim=-1)
-            token_logp = logp.gather(1, toks[:, None]).squeeze(1)
-            per_req = torch.zeros(n, device=ids.device).index_add(0, owner, token_logp)
-            counts = torch.zeros(n, device=ids.device).index_add(0, owner, torch.ones_like(token_logp))
-            losses = -per_req / counts
-            for b in active.nonzero().squeeze(1).tolist():
-                results[b].losses.append(float(losses[b].detach()))
-            stepping = active & (losses.detach() >= hp.early_stop_loss)
-            if bool(stepping.any()):
-                losses[stepping].sum().backward()
-                kept = {layer: d.detach()[~stepping].clone() for layer, d in deltas.items()}
-                opt.step()
-                with torch.no_grad():
-                    for layer, d in deltas.items():
-                        d[~stepping] = kept[layer]  # finished requests do not move (Adam's momentum would)
-                        if hp.norm_constraint is not None:
-                            d.clamp_(-hp.norm_constraint, hp.norm_constraint)
-                for b in stepping.nonzero().squeeze(1).tolist():
-                    results[b].steps += 1
-            active = stepping
-            if not bool(active.any()):
-                break
+                losses = _request_losses(model, arch, fin.output, rows, pos, toks, owner, n)
+                for b in active.nonzero().squeeze(1).tolist():
+                    results[b].losses.append(float(losses[b].detach()))
+                stepping = active & (losses.detach() >= hp.early_stop_loss)
+                if bool(stepping.any()):
+                    losses[stepping].sum().backward()
+                    kept = {layer: d.detach()[~stepping].clone() for layer, d in deltas.items()}
+                    opt.step()
+                    with torch.no_grad():
+                        for layer, d in deltas.items():
+                            d[~stepping] = kept[layer]  # finished requests do not move (Adam's momentum would)
+                            if hp.norm_constraint is not None:
+                                d.clamp_(-hp.norm_constraint, hp.norm_constraint)
+                    for b in stepping.nonzero().squeeze(1).tolist():
+                        results[b].steps += 1
+                active = stepping
+                if not bool(active.any()):
+                    break
+    finally:
+        for trace in traces.values():
+            trace.close()
     seconds = time.perf_counter() - started
 
-    method = "ft-l" if hp.norm_constraint is not None else "ft"
-    shas = {layer: tensor_sha256(p) for layer, p in params.items()}
+    shas = {arch.rewrite_weight_at(layer): tensor_sha256(p) for layer, p in params.items()}
     out = []
     for b, req in enumerate(reqs):
         result = results[b]
         result.seconds = seconds / n
-        entries = []
-        for layer, p in params.items():
-            name = arch.rewrite_weight_at(layer)
-            dense = deltas[layer][b].detach().clone()
-            result.max_abs_delta[name] = float(dense.abs().max())
-            entries.append(PatchEntry(name=name, shape=tuple(p.shape), transposed=arch.conv1d,
-                                      dense=dense.contiguous().cpu(), base_sha256=shas[layer]))
-        patch = Patch(method=method, entries=entries, base_fingerprint=base_fp, model_identity=model_identity(model),
-                      requests=[req.to_dict()], hparams=hp.model_dump(mode="json"),
-                      info={"losses": result.losses, "steps": result.steps, "seconds": result.seconds,
-                            "max_abs_delta": result.max_abs_delta, "computed_with": n},
-                      version=__version__)
-        out.append((patch, result))
+        changes = {arch.rewrite_weight_at(layer): d[b].detach().clone() for layer, d in deltas.items()}
+        out.append((_ft_patch(model, arch, hp, base_fp, [req], changes, result, {"computed_with": n}, shas), result))
     return out
 
 
