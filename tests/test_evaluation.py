@@ -424,6 +424,7 @@ def test_grouped_run_matches_one_at_a_time(default_model, tmp_path):
     with pytest.raises(FactEditError, match="group"):
         run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=3, group=0), tmp_path / "bad",
                        progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_ft_hparams_files_parse():

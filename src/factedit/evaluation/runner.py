@@ -224,6 +224,10 @@ def run_evaluation(
     ``on_case(case_id, record)`` is called after each case's line is safely on disk.
     """
     started = time.perf_counter()
+    if config.batch is not None and config.batch < 1:  # checked before anything is written
+        raise FactEditError(f"batch must be at least 1, not {config.batch}")
+    if config.group < 1:
+        raise FactEditError(f"group must be at least 1, not {config.group}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -232,10 +236,6 @@ def run_evaluation(
                                target=config.zsre_target, download=config.download)
         if config.dataset == "zsre" and config.generation:
             raise FactEditError("generation metrics are defined for CounterFact only")
-        if config.batch is not None and config.batch < 1:
-            raise FactEditError(f"batch must be at least 1, not {config.batch}")
-        if config.group < 1:
-            raise FactEditError(f"group must be at least 1, not {config.group}")
         method = get_method(config.method)
         mode = _mode(config, method)
         # generation metrics (slow) only for the first gen_cases cases, when limited
