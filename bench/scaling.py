@@ -5,7 +5,9 @@
 
 Each argument is LABEL:RUN_FOLDER (a run written by ``factedit eval`` with ``--batch`` or
 ``--sequential``); the number of edits is read from the run (its cases). Writes scaling.md,
-scaling.csv and scaling.png/.pdf (one panel per metric, one line per label, 95% CIs as bands).
+scaling.csv and scaling.png/.pdf (one panel per metric, one line per label, 95% CIs as bands),
+and, for sequential runs with ``--drift-every``, drift.png/.pdf: edits still holding, neighbours
+keeping the true answer and fluency (GE) after every measured step of the longest run per label.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+from factedit.evaluation.batched import read_drift
 from factedit.evaluation.summary import load_run, summarize_runs
 
 METRICS = ["ES", "PS", "NS", "S", "GE"]
@@ -58,6 +61,7 @@ def main() -> None:
                     w.writerow([r["label"], r["edits"], m, f"{c.mean:.4g}", f"{c.low:.4g}", f"{c.high:.4g}"])
     print(table)
     plot(rows, out / "scaling")
+    plot_drift(rows, out / "drift")
 
 
 def plot(rows: list[dict], stem: Path) -> None:
@@ -90,6 +94,43 @@ def plot(rows: list[dict], stem: Path) -> None:
     for ext in ("png", "pdf"):
         fig.savefig(f"{stem}.{ext}", dpi=200)
     plt.close(fig)
+    print(f"plot: {stem}.png")
+
+
+DRIFT = [("edits_holding", "earlier edits holding"), ("neighbourhood_kept", "neighbours keeping truth"),
+         ("ngram_entropy", "fluency (GE)")]
+
+
+def plot_drift(rows: list[dict], stem: Path) -> None:
+    """Drift along each label's longest sequential run (points without a field are skipped)."""
+    longest: dict[str, dict] = {}
+    for r in rows:
+        if read_drift(r["folder"]) and r["edits"] >= longest.get(r["label"], {"edits": -1})["edits"]:
+            longest[r["label"]] = r
+    if not longest:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DRIFT), figsize=(3.4 * len(DRIFT), 3.0), squeeze=False)
+    for ax, (key, title) in zip(axes[0], DRIFT):
+        for label, r in longest.items():
+            pts = [(d["edits"], d[key]) for d in read_drift(r["folder"]) if key in d]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=f"{label} ({r['edits']})")
+        ax.set_xlabel("edits in the model")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{stem}.{ext}", dpi=200)
+    plt.close(fig)
+    for label, r in longest.items():
+        for d in read_drift(r["folder"]):
+            print(label, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items() if k != "case_id"})
     print(f"plot: {stem}.png")
 
 

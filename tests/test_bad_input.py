@@ -139,10 +139,26 @@ def test_requests_file_with_bad_records_is_refused_whole(tmp_path):
     assert result.exit_code == 2 and "nothing edited" in result.output
 
 
-def test_memit_batch_conflicts_are_refused_before_loading(tmp_path):
+def test_empty_batch_and_mixed_options_are_refused_before_loading(tmp_path):
     path = tmp_path / "requests.json"
     path.write_text(json.dumps([]))
     result = _run("edit", "--method", "memit", "--requests", str(path))
     assert result.exit_code == 2 and "non-empty" in result.output
     result = _run("edit", "--method", "rome", "--requests", str(path), "--prompt", "The {} is")
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_conflicting_batch_is_refused_with_both_requests_named(tmp_path):
+    """Same subject in the same leading text (so the same keys), different targets: refused whole."""
+    path = tmp_path / "requests.json"
+    content = json.dumps([
+        {"prompt": "{} is located in", "subject": "Eiffel Tower", "target": "Rome"},
+        {"prompt": "{} was built in", "subject": "Eiffel Tower", "target": "1999"},
+        {"prompt": "The capital of {} is", "subject": "France", "target": "Lyon"},
+    ])
+    path.write_text(content)
+    result = _run("edit", "--method", "memit", "--requests", str(path))
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert result.exit_code == 2
+    assert "conflicting requests" in output and "'Eiffel Tower was built in' -> '1999'" in output
+    assert path.read_text() == content

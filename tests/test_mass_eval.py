@@ -4,6 +4,7 @@ restored, and a killed run resumed to the same per-case results without recomput
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,7 @@ def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model
     drift = read_drift(tmp_path / "full")
     assert [d["edits"] for d in drift] == [1, 2]
     assert all(0.0 <= d["edits_holding"] <= 1.0 for d in drift)
+    assert [d["fluency_cases"] for d in drift] == [1, 2] and all(d["ngram_entropy"] > 1.0 for d in drift)
 
     # killed while computing the second step: the first is re-applied with AlphaEdit's kept keys
     real_compute, calls = batched._compute, []
@@ -97,6 +99,13 @@ def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model
     resumed = _cases(tmp_path / "killed")
     for key, case in cases.items():
         assert resumed[key]["post"] == case["post"], key
+
+    # a finished run whose drift points are missing replays its saved steps to measure them again
+    calls.clear()
+    (tmp_path / "full" / "drift.jsonl").unlink()
+    run_evaluation(model, tok, config, tmp_path / "full", progress=False)
+    assert not calls and model_fingerprint(model) == before
+    assert read_drift(tmp_path / "full") == drift
 
 
 def test_pre_scores_are_reused_and_modes_are_checked(default_model, tmp_path):
@@ -122,3 +131,29 @@ def test_pre_scores_are_reused_and_modes_are_checked(default_model, tmp_path):
     with pytest.raises(FactEditError, match="other settings"):  # a batch run cannot resume as a sequence
         run_evaluation(model, tok, RunConfig(**{**config.__dict__, "sequential": True}), tmp_path / "memit",
                        progress=False)
+
+
+def test_cli_sequential_memit_reports_holding_after_every_step(tmp_path, corpus_file):
+    """``factedit edit --method memit --sequential``: both facts edited one step after another, the
+    share of earlier edits still holding reported per step, and the patches saved per step."""
+    from typer.testing import CliRunner
+
+    from factedit.cli.main import app
+
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([
+        {"prompt": "The {} is located in the city of", "subject": "Eiffel Tower", "target": "Rome"},
+        {"prompt": "{} plays the sport of", "subject": "LeBron James", "target": "football"},
+    ]))
+    hparams = tmp_path / "memit.json"
+    hparams.write_text(json.dumps({**FAST, "v_num_grad_steps": 20}))
+    result = CliRunner().invoke(app, ["edit", "--method", "memit", "--requests", str(requests), "--sequential",
+                                      "--hparams", str(hparams), "--corpus", str(corpus_file),
+                                      "--save", str(tmp_path / "patches"), "--json"])
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    out = json.loads(last[last.index('{"request"'):])  # after any progress bar on the same line
+    assert [(d["step"], d["edits"], d["measured"]) for d in out["drift"]] == [(1, 1, 1), (2, 2, 2)]
+    assert out["drift"][0]["edits_holding"] == 1.0
+    assert all(a["p_target_new"] > b["p_target_new"] for a, b in zip(out["after"], out["before"]))
+    assert len(out["patch"]) == 2 and all(Path(p).is_file() for p in out["patch"])

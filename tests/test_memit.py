@@ -7,7 +7,10 @@ import torch
 
 from factedit import EditRequest, FactEditError, ROMEHyperParams, compute_rome
 from factedit.editing.hparams import MEMITHyperParams
-from factedit.editing.memit import check_batch, compute_memit
+from factedit.editing.memit import check_batch, compute_memit, template_weights
+from factedit.editing.patch import Patch
+from factedit.editing.sequential import SequentialEditor
+from factedit.editing.templates import template_group_sizes
 from factedit.stats.second_moment import second_moments
 
 from .tiny_models import tiny_model
@@ -49,7 +52,15 @@ def test_batch_of_two_edits_makes_both_targets_top1_and_reverts_bit_exact(setup,
     assert [e.name for e in patch.entries] == ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
     patch.apply(model)
     assert [_argmax(model, tok, r.text) for r in REQUESTS] == targets
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
     patch.revert(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the saved file is the same edit: applied from disk it gives the same weights, and reverts
+    loaded = Patch.load(patch.save(tmp_path / "memit"))
+    assert loaded.method == "memit" and loaded.requests == patch.requests
+    loaded.apply(model)
+    assert all(torch.equal(v, edited[k]) for k, v in model.state_dict().items())
+    loaded.revert(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -76,11 +87,17 @@ def test_bad_batches_are_refused(setup):
         check_batch([])
     conflicting = [REQUESTS[0], EditRequest(REQUESTS[0].prompt, REQUESTS[0].subject, "Berlin")]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(FactEditError, match="conflicting targets"):
+    with pytest.raises(FactEditError, match="conflicting requests"):
         compute_memit(model, tok, conflicting, MEMITHyperParams.for_model(model, layers=[1], **SETTINGS),
                       second_moment=moments, templates=["{}"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert len(check_batch([REQUESTS[0], REQUESTS[0]])) == 1  # exact duplicates collapse to one edit
+    # the keys are read up to the subject: another relation after the same subject shares them ...
+    same_keys = EditRequest("The {} was designed by", "Eiffel Tower", "Gaudi")
+    with pytest.raises(FactEditError, match="conflicting requests"):
+        check_batch([REQUESTS[0], same_keys])
+    # ... but with the key read at the last token, the two prompts are different keys
+    assert len(check_batch([REQUESTS[0], same_keys], fact_token="last")) == 2
 
 
 def test_alphaedit_sequence_keeps_updates_in_the_null_space(setup):
@@ -137,3 +154,46 @@ def test_batched_values_equal_one_at_a_time_with_early_stopping(setup):
         for result in together.values():
             rel = float((result.delta[i] - single.delta[0]).norm() / single.delta[0].norm())
             assert rel < 1e-3, (i, rel)
+
+
+def test_template_weights_follow_memit_context_types():
+    """compute_ks averages keys within each context type, then over the types."""
+    starts = ["The", "Therefore", "Because", "I", "You"]
+    sizes = template_group_sizes([(10, 5)], starts)
+    weights = template_weights(["{}"] + [f"t{i}. {{}}" for i in range(sizes[1])], sizes)
+    assert sizes == [1, 5] and weights[0] == pytest.approx(0.5) and sum(weights) == pytest.approx(1.0)
+    sizes = template_group_sizes([(5, 10), (10, 10)])
+    weights = template_weights(["{}"] + ["x. {}"] * 20, sizes)
+    assert sizes == [1, 10, 10] and weights[0] == pytest.approx(1 / 3) and weights[1] == pytest.approx(1 / 30)
+    assert template_weights(["a {}", "b {}"], sizes) == [0.5, 0.5]  # not laid out as generated: equal weights
+
+
+def test_sequential_editor_tracks_holding_and_reverts_all(setup):
+    """Two MEMIT steps on one model: templates made once, drift recorded per step, undone bit-exact."""
+    model, tok, moments = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hp = MEMITHyperParams.for_model(model, layers=[1, 2], **SETTINGS)
+    requests = [EditRequest(r.prompt, r.subject, r.target_new, target_true="Paris") for r in REQUESTS]
+    editor = SequentialEditor(model, tok, "memit", hp, second_moment=moments, templates=["{}", "Hello. {}"])
+    history = editor.run(requests, batch_size=1, after_step=lambda step, done: editor.edits_holding(done))
+    assert [(h["step"], h["edits"], h["measured"]) for h in history] == [(1, 1, 1), (2, 2, 2)]
+    assert history[0]["edits_holding"] == 1.0  # the edit just made beats the old answer
+    assert all(p.info["templates"] == ["{}", "Hello. {}"] for p in editor.patches)
+    assert editor.patches[1].base_fingerprint != editor.patches[0].base_fingerprint  # step 2 saw step 1
+    editor.revert_all()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_alphaedit_refuses_an_empty_null_space_and_zero_l2(setup):
+    from factedit.editing.alphaedit import compute_alphaedit
+    from factedit.editing.hparams import AlphaEditHyperParams
+
+    model, tok, moments = setup
+    with pytest.raises(FactEditError, match="L2"):
+        AlphaEditHyperParams.for_model(model, layers=[1], L2=0.0)
+    smallest = float(torch.linalg.eigvalsh(moments[1].double())[0])
+    hp = AlphaEditHyperParams.for_model(model, layers=[1], nullspace_threshold=smallest / 2, **SETTINGS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FactEditError, match="projected to zero"):
+        compute_alphaedit(model, tok, REQUESTS[:1], hp, second_moment=moments, templates=["{}"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

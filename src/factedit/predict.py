@@ -53,6 +53,18 @@ def target_log_probs(
     return out
 
 
+def new_beats_true(
+    model: nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str], new: str, true: str
+) -> list[bool]:
+    """Per text: is the new target more likely than the true one (per-token NLL, ROME's test)?
+
+    Both targets of every text go through one forward pass.
+    """
+    texts = list(texts)
+    scores = target_log_probs(model, tok, texts + texts, [new] * len(texts) + [true] * len(texts))
+    return [a / n > b / m for (a, n), (b, m) in zip(scores[: len(texts)], scores[len(texts) :])]
+
+
 def target_probs(model, tok, texts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """Joint probability of each (multi-token) target after its text."""
     return [float(torch.tensor(s).exp()) for s, _ in target_log_probs(model, tok, texts, targets)]

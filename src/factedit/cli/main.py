@@ -126,6 +126,10 @@ def edit(
             changes["layers"] = layer
         hp = hp.replace(**changes)
         hp.check_model(mdl)
+        if family != "rome" and not sequential:
+            from factedit.editing.memit import check_batch
+
+            batch_requests = check_batch(batch_requests, hp.fact_token)  # before any probing or statistics
         moments = None
         if stats is not None:
             if len(hp.layers) != 1:
@@ -152,7 +156,7 @@ def edit(
             checks_of.append(checks)
         before = [probe(mdl, tok, c, r.new_text, r.true_text) for c, r in zip(checks_of, batch_requests)]
         started = time.perf_counter()
-        patches, timings = _run_edit(mdl, tok, family, hp, batch_requests, moments, corpus, sequential, batch,
+        patches, timings, drift = _run_edit(mdl, tok, family, hp, batch_requests, moments, corpus, sequential, batch,
                                      progress=not as_json)
         seconds = time.perf_counter() - started
         after = [probe(mdl, tok, c, r.new_text, r.true_text) for c, r in zip(checks_of, batch_requests)]
@@ -166,7 +170,7 @@ def edit(
         flat = lambda rows: [row for group in rows for row in group]  # noqa: E731
         out = {"request": batch_requests[0].to_dict() if single else None,
                "requests": [r.to_dict() for r in batch_requests], "method": name, "layers": hp.layers,
-               "before": flat(before), "after": flat(after), "edit_seconds": seconds, "timings": timings,
+               "before": flat(before), "after": flat(after), "edit_seconds": seconds, "timings": timings, "drift": drift,
                "patch": saved[0] if saved and len(saved) == 1 else saved}
         sys.stdout.write(json.dumps(out) + "\n")
         return
@@ -176,21 +180,25 @@ def edit(
                            f"layer {','.join(map(str, hp.layers))}, {seconds:.1f}s)", before[0], after[0])
     else:
         _print_batch_table(name, batch_requests, before, after, seconds)
+    if drift:
+        console.print("earlier edits still holding after each step: "
+                      + " ".join(f"{d['edits_holding']:.2f}" for d in drift if d["edits_holding"] is not None))
     if saved:
         console.print(f"patch saved to {', '.join(saved) if len(saved) < 4 else saved[0] + ' ...'}")
 
 
 def _run_edit(mdl, tok, family, hp, requests, moments, corpus, sequential, batch, progress):
-    """Compute and apply the edit(s); returns the applied patches and their timings."""
+    """Compute and apply the edit(s); returns the applied patches, their timings and (sequential)
+    the share of earlier edits still holding after every step."""
     from factedit.editing.alphaedit import compute_alphaedit
     from factedit.editing.memit import compute_memit
     from factedit.editing.rome import compute_rome
     from factedit.editing.sequential import SequentialEditor
 
     if sequential:
-        editor = SequentialEditor(mdl, tok, family, hp, second_moment=moments, progress=progress)
-        editor.run(requests, batch_size=batch)
-        return editor.patches, [p.info.get("timings") for p in editor.patches]
+        editor = SequentialEditor(mdl, tok, family, hp, second_moment=moments, corpus=corpus, progress=progress)
+        drift = editor.run(requests, batch_size=batch, after_step=lambda step, done: editor.edits_holding(done))
+        return editor.patches, [p.info.get("timings") for p in editor.patches], drift
     if family == "rome":
         patch, results = compute_rome(mdl, tok, requests[0], hp, second_moment=moments, corpus=corpus,
                                       progress=progress)
@@ -202,7 +210,7 @@ def _run_edit(mdl, tok, family, hp, requests, moments, corpus, sequential, batch
         patch, _ = compute_alphaedit(mdl, tok, requests, hp, second_moment=moments, corpus=corpus, progress=progress)
         timings = patch.info["timings"]
     patch.apply(mdl)
-    return [patch], timings
+    return [patch], timings, None
 
 
 def _print_batch_table(method: str, requests, before, after, seconds: float) -> None:

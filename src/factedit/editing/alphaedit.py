@@ -21,6 +21,7 @@ from factedit.editing.hparams import AlphaEditHyperParams
 from factedit.editing.memit import compute_memit
 from factedit.editing.patch import Patch
 from factedit.editing.requests import EditRequest
+from factedit.errors import FactEditError
 from factedit.stats.second_moment import second_moments
 
 
@@ -33,6 +34,11 @@ class AlphaEditState:
         for layer, moment in second_moment.items():
             eigvals, eigvecs = torch.linalg.eigh(moment.double())
             basis = eigvecs[:, eigvals < hparams.nullspace_threshold]
+            if basis.shape[1] == 0:
+                raise FactEditError(
+                    f"layer {layer}: no eigenvalue of C is below nullspace_threshold={hparams.nullspace_threshold:g} "
+                    f"(smallest {float(eigvals[0]):.3g}), so every update would be projected to zero; "
+                    "raise the threshold")
             self.projection[layer] = basis @ basis.T
         self.previous: dict[int, torch.Tensor] = {}
         self._pending: dict[int, torch.Tensor] = {}

@@ -127,7 +127,8 @@ class MEMITHyperParams(ValueOptimizationParams):
 
     @field_validator("layers")
     @classmethod
-    def _consecutive(cls, v: list[int]) -> list[int]:
+    def _sorted_distinct(cls, v: list[int]) -> list[int]:
+        """Edited in increasing order; z lives at the last one. (Need not be consecutive.)"""
         if len(set(v)) != len(v):
             raise ValueError("layers must be distinct")
         return sorted(v)
@@ -137,7 +138,7 @@ class AlphaEditHyperParams(MEMITHyperParams):
     """AlphaEdit (Fang et al. 2024, arXiv 2410.02355): MEMIT's z and keys, null-space projected update."""
 
     nullspace_threshold: float = Field(2e-2, gt=0)  # eigenvalues of C below this span the null space
-    L2: float = Field(10.0, ge=0)
+    L2: float = Field(10.0, gt=0)  # > 0 keeps (P K Kᵀ + L2 I) invertible
 
     @classmethod
     def method(cls) -> str:

@@ -31,7 +31,7 @@ from factedit.editing.hparams import MEMITHyperParams
 from factedit.editing.keys import lookup_position, mean_keys, module_inputs_at
 from factedit.editing.patch import Patch, PatchEntry
 from factedit.editing.requests import EditRequest
-from factedit.editing.templates import context_templates
+from factedit.editing.templates import check_templates, context_templates, template_group_sizes
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for, get_parameter
@@ -43,32 +43,56 @@ from factedit.text import encode_with_subject, pad_id
 log = logging.getLogger(__name__)
 
 
-def check_batch(requests: Sequence[EditRequest]) -> list[EditRequest]:
-    """Refuse empty batches and conflicting duplicates; drop exact duplicates (one key, one value)."""
+def key_text(request: EditRequest, fact_token: str = "subject_last") -> str:
+    """The text a request's keys are read from: up to the subject's end (or the whole prompt).
+
+    Two requests with the same key text get the same key at every layer, so one batch cannot give
+    them different values; this is what makes two requests conflict.
+    """
+    if fact_token == "subject_last":
+        return request.prompt[: request.prompt.index("{}")] + request.subject
+    return request.text
+
+
+def check_batch(requests: Sequence[EditRequest], fact_token: str = "subject_last") -> list[EditRequest]:
+    """Refuse empty batches and conflicting requests; drop exact duplicates (one key, one value).
+
+    Rule: requests whose keys are read from the same text (``key_text``: e.g. ``"{} is in"`` and
+    ``"{} was founded in"`` with the same subject) must ask for the same target.
+    """
     if not requests:
         raise FactEditError("empty batch: give at least one request")
-    seen: dict[tuple[str, str], EditRequest] = {}
-    unique = []
+    by_key: dict[str, EditRequest] = {}
+    seen: set[tuple[str, str, str]] = set()
+    unique, conflicts = [], []
     for r in requests:
-        key = (r.prompt, r.subject)
-        if key in seen:
-            if seen[key].target_new.strip() != r.target_new.strip():
-                raise FactEditError(
-                    f"conflicting targets for {r.text!r}: {seen[key].target_new!r} and {r.target_new!r}; "
-                    "a batch may hold one target per (prompt, subject)"
-                )
+        exact = (r.prompt, r.subject, r.target_new.strip())
+        if exact in seen:
             continue
-        seen[key] = r
+        first = by_key.setdefault(key_text(r, fact_token), r)
+        if first.target_new.strip() != r.target_new.strip():
+            conflicts.append(f"{r.text!r} -> {r.target_new!r} conflicts with {first.text!r} -> {first.target_new!r}")
+            continue
+        seen.add(exact)
         unique.append(r)
+    if conflicts:
+        raise FactEditError(
+            "conflicting requests (same subject in the same leading text, different targets; their keys are "
+            "equal, so one batch cannot hold both): " + "; ".join(conflicts))
     return unique
 
 
-def _template_weights(templates: Sequence[str]) -> list[float]:
-    """MEMIT averages the bare prompt and the mean of the generated templates with equal weight."""
-    if len(templates) == 1:
-        return [1.0]
-    rest = len(templates) - 1
-    return [0.5] + [0.5 / rest] * rest
+def template_weights(templates: Sequence[str], group_sizes: Sequence[int] | None = None) -> list[float]:
+    """MEMIT's ``compute_ks``: average the keys within each context type, then over the types.
+
+    ``group_sizes`` are the template counts of the types in order (the bare ``"{}"`` is the first
+    type, of size 1); without them, or when they do not add up to the templates given, every
+    template weighs the same.
+    """
+    if not group_sizes or sum(group_sizes) != len(templates):
+        return [1.0 / len(templates)] * len(templates)
+    groups = [g for g in group_sizes if g > 0]
+    return [1.0 / (len(groups) * g) for g in groups for _ in range(g)]
 
 
 class KeySolver(Protocol):
@@ -109,12 +133,23 @@ def compute_memit(
     hp = hparams or MEMITHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
-    requests = check_batch(list(requests))
+    requests = check_batch(list(requests), hp.fact_token)
     base_fp = model_fingerprint(model)
     if templates is None:
         templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
                                       starts=hp.template_starts, fingerprint=base_fp)
-    problems = [build_value_problem(tok, r, templates, hp.fact_token) for r in requests]  # validates every request
+    check_templates(templates)
+    groups = template_group_sizes(hp.context_template_length_params, hp.template_starts)
+    groups = groups if templates[0] == "{}" else None  # given templates not laid out like generated ones
+    problems, failures = [], []
+    for r in requests:  # every request is checked before anything is computed; all failures reported together
+        try:
+            problems.append(build_value_problem(tok, r, templates, hp.fact_token))
+        except FactEditError as exc:
+            failures.append(f"{r.text!r}: {exc}")
+    if failures:
+        raise FactEditError(f"{len(failures)} of {len(requests)} requests cannot be edited; nothing was "
+                            "changed: " + "; ".join(failures))
     missing = [layer for layer in hp.layers if second_moment is None or layer not in second_moment]
     if missing:
         second_moment = {**(second_moment or {}), **second_moments(
@@ -150,7 +185,7 @@ def compute_memit(
 
     bare = [encode_with_subject(tok, r.prompt, r.subject) for r in requests]
     bare_pos = [lookup_position(b, hp.fact_token) for b in bare]
-    weights_tw = _template_weights(templates)
+    weights_tw = template_weights(templates, groups)
     entries: list[PatchEntry] = []
     originals: dict[str, torch.Tensor] = {}
     timings["keys"] = timings["solve"] = 0.0

@@ -21,7 +21,7 @@ from factedit.editing.hparams import ROMEHyperParams
 from factedit.editing.keys import subject_keys
 from factedit.editing.patch import Patch, PatchEntry
 from factedit.editing.requests import EditRequest
-from factedit.editing.templates import context_templates
+from factedit.editing.templates import check_templates, context_templates
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for, get_module, get_parameter
@@ -77,8 +77,7 @@ def compute_rome(
     if templates is None:
         templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
                                       fingerprint=base_fp)
-    if not templates or any(t.count("{}") != 1 for t in templates):
-        raise FactEditError("every context template must contain exactly one '{}'")
+    check_templates(templates)
     if hp.mom2_adjustment:
         missing = [layer for layer in hp.layers if second_moment is None or layer not in second_moment]
         stats = second_moments(model, tok, missing, corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,

@@ -20,7 +20,9 @@ from factedit.editing.hparams import AlphaEditHyperParams, HyperParams, MEMITHyp
 from factedit.editing.memit import compute_memit
 from factedit.editing.patch import Patch
 from factedit.editing.requests import EditRequest
+from factedit.editing.templates import context_templates
 from factedit.errors import FactEditError
+from factedit.predict import new_beats_true
 from factedit.stats.second_moment import second_moments
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,30 @@ class SequentialEditor:
         *,
         second_moment: dict[int, torch.Tensor] | None = None,
         templates: list[str] | None = None,
+        corpus: str | None = None,
         progress: bool = False,
     ) -> None:
         self.model, self.tok, self.method = model, tok, method
         self.hparams = hparams or default_hparams(method, model)
-        self.templates = templates
         self.progress = progress
         hp = self.hparams
-        # Statistics are of the *unedited* model, computed once, as in the papers' sequential setups.
+        # Statistics and context templates are the *unedited* model's, made once, as in the papers'
+        # sequential setups (and so a step does not regenerate templates from an edited model).
+        self.templates = templates or context_templates(
+            model, tok, hp.context_template_length_params, seed=hp.template_seed,
+            starts=getattr(hp, "template_starts", None))
         self.second_moment = second_moment or second_moments(
-            model, tok, hp.layers, corpus=hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
+            model, tok, hp.layers, corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
             max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=progress)
         self.alpha: AlphaEditState | None = None
         self.patches: list[Patch] = []
+
+    def edits_holding(self, requests: Sequence[EditRequest], max_requests: int = 200) -> dict[str, Any]:
+        """A drift measure for ``run``'s ``after_step``: the share of the first ``max_requests``
+        edited requests (with a true target) whose new target still beats the true one."""
+        measured = [r for r in requests if r.target_true][:max_requests]
+        held = sum(new_beats_true(self.model, self.tok, [r.text], r.new_text, r.true_text)[0] for r in measured)
+        return {"measured": len(measured), "edits_holding": held / len(measured) if measured else None}
 
     def step(self, requests: Sequence[EditRequest]) -> Patch:
         """Compute one batch on the current (already edited) model and apply it."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from factedit.errors import FactEditError
 from factedit.models.fingerprint import model_fingerprint
 from factedit.paths import atomic_write_bytes, cache_dir
 
@@ -30,6 +31,20 @@ def _start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
         if token_id is not None:
             return [int(token_id)]
     return tok("The")["input_ids"][:1]
+
+
+def _per_start(n_gen: int, starts: list[str] | None) -> int:
+    return n_gen if not starts else max(1, n_gen // len(starts))
+
+
+def template_group_sizes(length_params: list[tuple[int, int]], starts: list[str] | None = None) -> list[int]:
+    """How many templates each context type yields: 1 for ``"{}"``, then one count per (length, n)."""
+    return [1] + [_per_start(n, starts) * (len(starts) if starts else 1) for _, n in length_params]
+
+
+def check_templates(templates: list[str]) -> None:
+    if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+        raise FactEditError("every context template must contain exactly one '{}'")
 
 
 @torch.no_grad()
@@ -54,7 +69,7 @@ def generate_context_templates(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for length, n_gen in length_params:
-            per_prompt = n_gen if not starts else max(1, n_gen // len(starts))
+            per_prompt = _per_start(n_gen, starts)
             for ids, keep_prompt in prompts:
                 start = torch.tensor([ids], device=device)
                 new_tokens = max(1, length - start.shape[1])

@@ -13,7 +13,7 @@ and manifest, this module the chunks. What makes a killed run resumable without 
   if it edits exactly the same cases, else it is recomputed;
 * ``patches/state.safetensors``: AlphaEdit's kept keys after the last saved step;
 * ``drift.jsonl`` (sequential, CounterFact, with ``drift_every``): after every k-th step, how many of
-  the edits made so far still hold and how neighbourhood prompts drift.
+  the edits made so far still hold and how neighbourhood prompts and fluency drift.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from factedit.data.counterfact import CounterFactCase
+from factedit.editing.memit import key_text
 from factedit.editing.patch import Patch
 from factedit.errors import FactEditError
 from factedit.evaluation.runner import GENERATION_KEYS, CaseLog, RunConfig, case_header, edit_info
@@ -54,14 +55,16 @@ def _ids(chunk: Sequence[Any]) -> list[str]:
     return [str(c.case_id) for c in chunk]
 
 
-def split_valid(tok: PreTrainedTokenizerBase, chunk: Sequence[Any]) -> tuple[list[Any], dict[str, str]]:
+def split_valid(tok: PreTrainedTokenizerBase, chunk: Sequence[Any],
+                fact_token: str = "subject_last") -> tuple[list[Any], dict[str, str]]:
     """Cases whose request can be edited in one batch, and an error message for each other case.
 
-    A batch holds one target per (prompt, subject): a later case that asks for another target of
-    the same fact is refused (the first one is edited), so a batch is never half-applied.
+    MEMIT's rule (``check_batch``): requests whose keys are read from the same text must share
+    their target; a later case that asks for another target is refused (the first one is
+    edited), so a batch is never half-applied.
     """
     valid, errors = [], {}
-    first: dict[tuple[str, str], Any] = {}
+    first: dict[str, Any] = {}
     for case in chunk:
         req = case.request
         try:
@@ -70,14 +73,20 @@ def split_valid(tok: PreTrainedTokenizerBase, chunk: Sequence[Any]) -> tuple[lis
         except FactEditError as exc:
             errors[str(case.case_id)] = str(exc)
             continue
-        key = (req.prompt, req.subject)
+        key = key_text(req, fact_token)
         if key in first and first[key].request.target_new.strip() != req.target_new.strip():
-            errors[str(case.case_id)] = (f"conflicts with case {first[key].case_id} in the same batch "
-                                         f"({req.text!r}: {first[key].request.target_new!r} vs {req.target_new!r})")
+            other = first[key].request
+            errors[str(case.case_id)] = (f"conflicts with case {first[key].case_id} in the same batch: same key text "
+                                         f"{key!r} ({req.text!r} -> {req.target_new!r} vs {other.text!r} -> "
+                                         f"{other.target_new!r})")
             continue
         first.setdefault(key, case)
         valid.append(case)
     return valid, errors
+
+
+def _fact_token(method: Any) -> str:
+    return getattr(getattr(method, "hp", None), "fact_token", "subject_last")
 
 
 def _load_saved(path: Path, ids: list[str], model: nn.Module) -> Patch | None:
@@ -164,7 +173,7 @@ def _run_batches(model, tok, method, chunks, done, out: Path, evaluate: Evaluate
         if not todo:
             continue
         pre.ensure(todo, progress)
-        valid, errors = split_valid(tok, chunk)
+        valid, errors = split_valid(tok, chunk, _fact_token(method))
         for case in todo:
             if str(case.case_id) in errors:
                 finished(case, {**case_header(case), "error": errors[str(case.case_id)]})
@@ -208,13 +217,17 @@ def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path
                   pre: _PreScores, finished: Finished, base_fp: str, progress: bool) -> None:
     all_cases = [c for chunk in chunks for c in chunk]
     todo = [c for c in all_cases if str(c.case_id) not in done]
-    if not todo:
+    drift_log = CaseLog(out / "drift.jsonl")
+    drift_log.load()  # drops a torn last line
+    # steps measured before fluency was part of a drift point are measured again
+    drift_done = {int(r["step"]) for r in read_drift(out) if "ngram_entropy" in r or "measured_cases" not in r}
+    drift_due = set(range(config.drift_every, len(chunks) + 1, config.drift_every)) if config.drift_every else set()
+    if not todo and drift_due <= drift_done:
         return
+    # (a finished run with drift points missing replays its saved steps to measure them)
     pre.ensure(todo, progress)  # before any edit: the model is unedited here
     state_path = out / "patches" / "state.safetensors"
     saved_state_step = _state_step(state_path) if _has_state(method) else None
-    drift_log = CaseLog(out / "drift.jsonl")
-    drift_done = {int(k) for k in drift_log.load()}
     # One snapshot of every weight a step changes, taken before its first change: the sequence is
     # undone from it, so the patches need not each keep a copy of the weights (1,000 steps would).
     snapshot: dict[str, torch.Tensor] = {}
@@ -227,7 +240,7 @@ def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path
     try:
         for index, chunk in enumerate(tqdm(chunks, desc=f"{method.name} sequence", unit="step",
                                            disable=not progress or len(chunks) < 2)):
-            valid, chunk_errors = split_valid(tok, chunk)
+            valid, chunk_errors = split_valid(tok, chunk, _fact_token(method))
             errors.update(chunk_errors)
             if not valid:
                 continue
@@ -323,30 +336,36 @@ def _restore_state(method, path: Path, step: int, device: torch.device) -> None:
 
 
 def drift_point(model: nn.Module, tok: PreTrainedTokenizerBase, edited: Sequence[Any], step: int,
-                max_cases: int = 200) -> dict[str, Any]:
-    """How many earlier edits still hold (new beats true on the rewrite prompt) and how many neighbour
-    prompts keep the true answer, over the first ``max_cases`` edited CounterFact cases."""
-    from factedit.predict import target_log_probs
+                max_cases: int = 200, fluency_cases: int = 5, seed: int = 0) -> dict[str, Any]:
+    """The model after ``step`` steps, on the first ``max_cases`` edited CounterFact cases: how many
+    edits still hold (new beats true on the rewrite prompt), how many neighbour prompts keep the
+    true answer, and fluency: GE (n-gram entropy) of seeded samples from the first generation
+    prompt of the first ``fluency_cases`` cases (the same texts' seeds at every step)."""
+    from factedit.evaluation.generation import case_seed, sample_texts
+    from factedit.evaluation.metrics import generation_entropy
+    from factedit.predict import new_beats_true
 
     cases = [c for c in edited if isinstance(c, CounterFactCase)][:max_cases]
     if not cases:
         return {"step": step, "edits": len(edited)}
-
-    def new_beats_true(texts: list[str], case) -> list[bool]:
-        req = case.request  # both targets of every prompt in one forward
-        scores = target_log_probs(model, tok, texts + texts, [req.new_text] * len(texts) + [req.true_text] * len(texts))
-        new, true = scores[: len(texts)], scores[len(texts) :]
-        return [a / n > b / m for (a, n), (b, m) in zip(new, true)]
-
-    held = sum(new_beats_true([c.request.text], c)[0] for c in cases)
-    kept = [not x for c in cases for x in new_beats_true(list(c.neighborhood_prompts[:2]), c)]
+    held = sum(new_beats_true(model, tok, [c.request.text], c.request.new_text, c.request.true_text)[0]
+               for c in cases)
+    kept = [not x for c in cases for x in new_beats_true(model, tok, list(c.neighborhood_prompts[:2]),
+                                                         c.request.new_text, c.request.true_text)]
+    texts = [sample_texts(model, tok, [c.generation_prompts[0]], seed=case_seed(seed, c.case_id))[0]
+             for c in cases[:fluency_cases] if c.generation_prompts]
     return {"step": step, "edits": len(edited), "measured_cases": len(cases),
-            "edits_holding": held / len(cases), "neighbourhood_kept": sum(kept) / max(1, len(kept))}
+            "edits_holding": held / len(cases), "neighbourhood_kept": sum(kept) / max(1, len(kept)),
+            "ngram_entropy": generation_entropy(texts), "fluency_cases": len(texts)}
 
 
 def read_drift(folder: str | Path) -> list[dict[str, Any]]:
     path = Path(folder) / "drift.jsonl"
     if not path.is_file():
         return []
-    return sorted((json.loads(line) for line in path.read_text().splitlines() if line.strip()),
-                  key=lambda r: r["step"])
+    latest = {}  # a step measured again (resumed run, newer fields) counts once: its last record
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            latest[record["step"]] = record
+    return [latest[k] for k in sorted(latest)]
