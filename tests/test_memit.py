@@ -197,3 +197,23 @@ def test_alphaedit_refuses_an_empty_null_space_and_zero_l2(setup):
     with pytest.raises(FactEditError, match="projected to zero"):
         compute_alphaedit(model, tok, REQUESTS[:1], hp, second_moment=moments, templates=["{}"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_memit_and_alphaedit_files_cover_every_rome_family():
+    """Every family with a ROME file has MEMIT and AlphaEdit files that parse, with consecutive
+    layers and the threshold/L2 AlphaEdit adds."""
+    from importlib import resources
+    from pathlib import Path
+
+    from factedit.editing.hparams import AlphaEditHyperParams
+
+    root = resources.files("factedit") / "hparams"
+    families = sorted(f.name for f in (root / "rome").iterdir() if f.name.endswith(".json"))
+    for method, cls in (("memit", MEMITHyperParams), ("alphaedit", AlphaEditHyperParams)):
+        assert sorted(f.name for f in (root / method).iterdir()) == families
+        for name in families:
+            hp = cls.from_json(Path(str(root / method / name)))
+            assert hp.layers == list(range(hp.layers[0], hp.layers[-1] + 1)) and len(hp.layers) >= 5
+            assert hp.context_template_length_params == [(10, 5)] and hp.mom2_update_weight > 0
+            if method == "alphaedit":
+                assert hp.nullspace_threshold == 2e-2 and hp.L2 == 10.0
