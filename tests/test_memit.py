@@ -182,6 +182,11 @@ def test_sequential_editor_tracks_holding_and_reverts_all(setup):
     assert editor.patches[1].base_fingerprint != editor.patches[0].base_fingerprint  # step 2 saw step 1
     editor.revert_all()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a conflict in the second batch is found before the first one is applied
+    clash = EditRequest(requests[0].prompt, requests[0].subject, "Berlin")
+    with pytest.raises(FactEditError, match="conflicting requests"):
+        editor.run(requests + [requests[0], clash], batch_size=2)
+    assert not editor.patches and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_alphaedit_refuses_an_empty_null_space_and_zero_l2(setup):

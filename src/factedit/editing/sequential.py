@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from factedit.editing.alphaedit import AlphaEditState, compute_alphaedit
 from factedit.editing.hparams import AlphaEditHyperParams, HyperParams, MEMITHyperParams, ROMEHyperParams
-from factedit.editing.memit import compute_memit
+from factedit.editing.memit import check_batch, compute_memit
 from factedit.editing.patch import Patch
 from factedit.editing.requests import EditRequest
 from factedit.editing.templates import context_templates
@@ -105,8 +105,11 @@ class SequentialEditor:
         """Edit ``requests`` in consecutive batches; ``after_step(i, edited_so_far)`` measures drift."""
         history = []
         done: list[EditRequest] = []
-        for i, start in enumerate(range(0, len(requests), batch_size)):
-            batch = list(requests[start : start + batch_size])
+        batches = [list(requests[start : start + batch_size]) for start in range(0, len(requests), batch_size)]
+        if self.method != "rome":  # a conflict in a later batch must not leave earlier ones applied
+            for batch in batches:
+                check_batch(batch, self.hparams.fact_token)
+        for i, batch in enumerate(batches):
             self.step(batch)
             done.extend(batch)
             if after_step is not None:
