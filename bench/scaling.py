@@ -64,18 +64,37 @@ def main() -> None:
     plot_drift(rows, out / "drift")
 
 
-def plot(rows: list[dict], stem: Path) -> None:
+def _panels(n: int, width: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, n, figsize=(width * n, 3.0), squeeze=False)
+    return fig, axes[0]
+
+
+def _finish(fig, axes, stem: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xlabel("edits in the model")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{stem}.{ext}", dpi=200)
+    plt.close(fig)
+    print(f"plot: {stem}.png")
+
+
+def plot(rows: list[dict], stem: Path) -> None:
     metrics = [m for m in METRICS if any(m in r["post"] for r in rows)]
     by_label: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_label[r["label"]].append(r)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 3.0), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    fig, axes = _panels(len(metrics), 3.0)
+    for ax, metric in zip(axes, metrics):
         for label, points in by_label.items():
             pts = [p for p in points if metric in p["post"]]
             if not pts:
@@ -86,15 +105,8 @@ def plot(rows: list[dict], stem: Path) -> None:
             ax.fill_between(x, [p["post"][metric].low for p in pts], [p["post"][metric].high for p in pts],
                             alpha=0.2)
         ax.set_xscale("log")
-        ax.set_xlabel("edits in the model")
         ax.set_title(metric)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{stem}.{ext}", dpi=200)
-    plt.close(fig)
-    print(f"plot: {stem}.png")
+    _finish(fig, axes, stem)
 
 
 DRIFT = [("edits_holding", "earlier edits holding"), ("neighbourhood_kept", "neighbours keeping truth"),
@@ -109,29 +121,17 @@ def plot_drift(rows: list[dict], stem: Path) -> None:
             longest[r["label"]] = r
     if not longest:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(DRIFT), figsize=(3.4 * len(DRIFT), 3.0), squeeze=False)
-    for ax, (key, title) in zip(axes[0], DRIFT):
+    fig, axes = _panels(len(DRIFT), 3.4)
+    for ax, (key, title) in zip(axes, DRIFT):
         for label, r in longest.items():
             pts = [(d["edits"], d[key]) for d in read_drift(r["folder"]) if key in d]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=f"{label} ({r['edits']})")
-        ax.set_xlabel("edits in the model")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{stem}.{ext}", dpi=200)
-    plt.close(fig)
     for label, r in longest.items():
         for d in read_drift(r["folder"]):
             print(label, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items() if k != "case_id"})
-    print(f"plot: {stem}.png")
+    _finish(fig, axes, stem)
 
 
 if __name__ == "__main__":
