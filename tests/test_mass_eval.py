@@ -74,9 +74,10 @@ def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model
     assert {c["edit"]["edits_in_model"] for c in cases.values()} == {2}
     assert sorted(c["edit"]["step"] for c in cases.values()) == [0, 1]
     drift = read_drift(tmp_path / "full")
-    assert [d["edits"] for d in drift] == [1, 2]
+    assert [d["edits"] for d in drift] == [0, 1, 2]  # step 0: the unedited model, the reference
     assert all(0.0 <= d["edits_holding"] <= 1.0 for d in drift)
-    assert [d["fluency_cases"] for d in drift] == [1, 2] and all(d["ngram_entropy"] > 1.0 for d in drift)
+    assert drift[0]["measured_cases"] == 2  # both cases the sequence will edit
+    assert [d["fluency_cases"] for d in drift] == [2, 1, 2] and all(d["ngram_entropy"] > 1.0 for d in drift)
 
     # killed while computing the second step: the first is re-applied with AlphaEdit's kept keys
     real_compute, calls = batched._compute, []

@@ -221,7 +221,10 @@ def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path
     drift_log.load()  # drops a torn last line
     # steps measured before fluency was part of a drift point are measured again
     drift_done = {int(r["step"]) for r in read_drift(out) if "ngram_entropy" in r or "measured_cases" not in r}
-    drift_due = set(range(config.drift_every, len(chunks) + 1, config.drift_every)) if config.drift_every else set()
+    drift_due = {0, *range(config.drift_every, len(chunks) + 1, config.drift_every)} if config.drift_every else set()
+    if 0 in drift_due - drift_done:  # the reference: the unedited model on the cases the sequence will edit
+        drift_log.append({"case_id": 0, **drift_point(model, tok, all_cases, 0), "edits": 0})
+        drift_done.add(0)
     if not todo and drift_due <= drift_done:
         return
     # (a finished run with drift points missing replays its saved steps to measure them)
