@@ -55,8 +55,12 @@ def main() -> None:
         }
         print(method, json.dumps({k: round(v, 3) for k, v in results[method].items()}), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "dataset": args.dataset,
-                                              "generation": args.generation, "results": results}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {"machine": machine(), "dataset": args.dataset, "generation": args.generation, "results": results},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

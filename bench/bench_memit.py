@@ -12,16 +12,13 @@ import argparse
 import json
 import time
 
-from common import counterfact, machine, score_record
+from common import counterfact, machine, score_case
 
-from factedit import EditRequest, load_model
-from factedit.editing.alphaedit import compute_alphaedit
-from factedit.editing.hparams import AlphaEditHyperParams, MEMITHyperParams
-from factedit.editing.memit import compute_memit
-from factedit.editing.templates import context_templates
+from factedit import load_model
+from factedit.editing.methods import get_method
+from factedit.editing.resources import EditResources
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.models import arch_for
-from factedit.stats.second_moment import second_moments
 from factedit.text import pad_id
 
 
@@ -35,15 +32,18 @@ def main() -> None:
     args = ap.parse_args()
     print(machine(), flush=True)
     model, tok = load_model()
-    hp_cls = MEMITHyperParams if args.method == "memit" else AlphaEditHyperParams
-    hp = hp_cls.for_model(model)
-    stats = second_moments(model, tok, hp.layers, n_tokens=hp.mom2_n_tokens, dtype=hp.mom2_dtype)
-    templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
-                                  starts=hp.template_starts)
+    method = get_method(args.method)
+    hp = method.hparams(model)
+    resources = EditResources(model, tok)
+    _, templates = resources.for_hparams(hp, progress=True)  # statistics and templates before timing starts
     records = counterfact(args.n)
-    requests = [EditRequest.from_dict(r) for r in records]
-    result: dict = {"method": args.method, "n": len(requests), "layers": hp.layers,
-                    "mom2_update_weight": hp.mom2_update_weight}
+    requests = [case.request for case in records]
+    result: dict = {
+        "method": args.method,
+        "n": len(requests),
+        "layers": hp.layers,
+        "mom2_update_weight": hp.mom2_update_weight,
+    }
 
     if args.compare_z:
         arch = arch_for(model)
@@ -57,24 +57,25 @@ def main() -> None:
         for p in problems:
             optimize_values(model, arch, [p], **kw)
         alone = time.perf_counter() - t
-        result["z_compare"] = {"requests": len(problems), "batched_s": batched, "one_at_a_time_s": alone,
-                               "speedup": alone / batched}
+        result["z_compare"] = {
+            "requests": len(problems),
+            "batched_s": batched,
+            "one_at_a_time_s": alone,
+            "speedup": alone / batched,
+        }
         print("z", json.dumps(result["z_compare"]), flush=True)
 
     t = time.perf_counter()
-    if args.method == "memit":
-        patch = compute_memit(model, tok, requests, hp, second_moment=stats, templates=templates, progress=True)
-    else:
-        patch, _ = compute_alphaedit(model, tok, requests, hp, second_moment=stats, templates=templates, progress=True)
+    edit = method.compute(model, tok, requests, hp, resources=resources, progress=True)
     result["wall_s"] = time.perf_counter() - t
-    result["breakdown_s"] = patch.info["timings"]
+    result["breakdown_s"] = edit.timings
     print("edit", json.dumps({k: result[k] for k in ("n", "wall_s", "breakdown_s")}), flush=True)
 
     scored = records[: args.score]
-    pre = [score_record(model, tok, r, q) for r, q in zip(scored, requests)]
-    patch.apply(model)
-    post = [score_record(model, tok, r, q) for r, q in zip(scored, requests)]
-    patch.revert(model)
+    pre = [score_case(model, tok, case) for case in scored]
+    handle = edit.patch.apply(model)
+    post = [score_case(model, tok, case) for case in scored]
+    handle.revert()
     for name, rows in (("pre", pre), ("post", post)):
         es = 100 * sum(r["rewrite"] for r in rows) / len(rows)
         ps = 100 * sum(r["paraphrase"] / r["n_paraphrase"] for r in rows) / len(rows)

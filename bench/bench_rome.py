@@ -55,12 +55,13 @@ def bench_edit(model, tok, reps: int, plain: bool) -> dict:
         templates = None
         request = EditRequest("The {} is located in the city of", "Eiffel Tower", "Rome")
     out = {}
-    for fast in ([True, False] if plain else [True]):
+    for fast in [True, False] if plain else [True]:
         runs = []
         for _ in range(reps if fast else 1):
             t = time.perf_counter()
-            _, (res,) = compute_rome(model, tok, request, hp.replace(prefix_cache=fast), second_moment=stats,
-                                     templates=templates)
+            (res,) = compute_rome(
+                model, tok, request, hp.replace(prefix_cache=fast), second_moment=stats, templates=templates
+            ).details  # the one layer's keys, vectors, losses, timings
             runs.append({"total": time.perf_counter() - t, **res.timings, "steps": len(res.losses)})
         key = "fast" if fast else "plain"
         out[key] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -77,9 +78,15 @@ def bench_stats(model, tok, tokens: int, layers: list[int]) -> dict:
     for layer in layers:
         collect_second_moments(model, tok, [layer], corpus, n_tokens=tokens, progress=False)
     per_layer = time.perf_counter() - t
-    return {"layers": layers, "tokens": tokens, "one_pass_s": one_pass, "one_pass_tok_per_s": tokens / one_pass,
-            "pass_per_layer_s": per_layer, "speedup": per_layer / one_pass,
-            "single_layer6_tok_per_s": None}
+    return {
+        "layers": layers,
+        "tokens": tokens,
+        "one_pass_s": one_pass,
+        "one_pass_tok_per_s": tokens / one_pass,
+        "pass_per_layer_s": per_layer,
+        "speedup": per_layer / one_pass,
+        "single_layer6_tok_per_s": None,
+    }
 
 
 def main() -> None:

@@ -56,31 +56,54 @@ def main() -> None:
     results = {}
     for rep in range(args.reps):
         for method in ("fast", "straightforward"):
-            res, wall, cpu = timed(lambda: causal_trace(model, tok, args.prompt, args.subject, method=method,
-                                                        batch_size=args.batch_size, **kw))
+            res, wall, cpu = timed(
+                lambda method=method: causal_trace(
+                    model, tok, args.prompt, args.subject, method=method, batch_size=args.batch_size, **kw
+                )
+            )
             runs[method].append((wall, cpu))
             results[method] = res
-            print(f"rep {rep + 1}/{args.reps} {method:15s} wall {wall:7.1f}s  cpu {cpu:7.1f}s  "
-                  f"({res.meta['restorations']} restorations)", flush=True)
-    diff = max(float(np.nanmax(np.abs(results["fast"].scores[k] - results["straightforward"].scores[k])))
-               for k in KINDS)
-    med = {m: {"wall_s": statistics.median(w for w, _ in r), "cpu_s": statistics.median(c for _, c in r)}
-           for m, r in runs.items()}
+            print(
+                f"rep {rep + 1}/{args.reps} {method:15s} wall {wall:7.1f}s  cpu {cpu:7.1f}s  "
+                f"({res.meta['restorations']} restorations)",
+                flush=True,
+            )
+    diff = max(
+        float(np.nanmax(np.abs(results["fast"].scores[k] - results["straightforward"].scores[k]))) for k in KINDS
+    )
+    med = {
+        m: {"wall_s": statistics.median(w for w, _ in r), "cpu_s": statistics.median(c for _, c in r)}
+        for m, r in runs.items()
+    }
     fast, slow = med["fast"], med["straightforward"]
     summary = {
-        "prompt": args.prompt, "subject": args.subject, "tokens": len(results["fast"].tokens),
-        "layers": results["fast"].num_layers, "samples": args.samples, "kinds": list(KINDS), "reps": args.reps,
-        "batch_size": args.batch_size, "medians": med, "runs": runs,
-        "speedup_wall": slow["wall_s"] / fast["wall_s"], "speedup_cpu": slow["cpu_s"] / fast["cpu_s"],
+        "prompt": args.prompt,
+        "subject": args.subject,
+        "tokens": len(results["fast"].tokens),
+        "layers": results["fast"].num_layers,
+        "samples": args.samples,
+        "kinds": list(KINDS),
+        "reps": args.reps,
+        "batch_size": args.batch_size,
+        "medians": med,
+        "runs": runs,
+        "speedup_wall": slow["wall_s"] / fast["wall_s"],
+        "speedup_cpu": slow["cpu_s"] / fast["cpu_s"],
         "max_abs_score_diff": diff,
-        "machine": machine(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+        "machine": machine(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
     }
-    print(f"\nfull trace of {args.prompt!r} ({summary['tokens']} tokens x {summary['layers']} layers x "
-          f"{len(KINDS)} kinds, {args.samples} samples), medians of {args.reps}:")
+    print(
+        f"\nfull trace of {args.prompt!r} ({summary['tokens']} tokens x {summary['layers']} layers x "
+        f"{len(KINDS)} kinds, {args.samples} samples), medians of {args.reps}:"
+    )
     print(f"  fast            wall {fast['wall_s']:7.1f}s  cpu {fast['cpu_s']:7.1f}s")
     print(f"  straightforward wall {slow['wall_s']:7.1f}s  cpu {slow['cpu_s']:7.1f}s")
-    print(f"  speed-up        wall {summary['speedup_wall']:.2f}x  cpu {summary['speedup_cpu']:.2f}x   "
-          f"(max |score difference| {diff:.2e})")
+    print(
+        f"  speed-up        wall {summary['speedup_wall']:.2f}x  cpu {summary['speedup_cpu']:.2f}x   "
+        f"(max |score difference| {diff:.2e})"
+    )
     print(f"machine: {summary['machine']}\nplatform: {summary['platform']}; torch threads: {summary['torch_threads']}")
     if args.out:
         atomic_write_bytes(args.out, json.dumps(summary, indent=1).encode())

@@ -1,16 +1,21 @@
-"""Shared bits of the benchmark scripts: machine description and CounterFact scoring."""
+"""Shared bits of the benchmark scripts: machine description, CounterFact cases and their scores.
+
+Scores come from the evaluation layer (:func:`factedit.evaluation.cases.evaluate_counterfact` and
+ROME's per-prompt rule :func:`factedit.evaluation.metrics.prompt_success`), so a benchmark counts
+exactly what ``factedit eval`` reports.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 import torch
 
-from factedit.editing.requests import EditRequest
-from factedit.predict import target_log_probs
+from factedit.data import CounterFactCase, load_counterfact
+from factedit.evaluation.cases import evaluate_counterfact
+from factedit.evaluation.metrics import prompt_success
 
 
 def machine() -> str:
@@ -23,29 +28,33 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-            f"GPU: {gpu}; python {platform.python_version()}")
+    return (
+        f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"GPU: {gpu}; python {platform.python_version()}"
+    )
 
 
 def data_dir() -> Path:
     return Path(os.environ.get("FACTEDIT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def counterfact(n: int, start: int = 0) -> list[dict]:
-    records = json.loads((data_dir() / "counterfact" / "counterfact_dev.json").read_text())
-    return records[start : start + n]
+def counterfact(n: int, start: int = 0) -> list[CounterFactCase]:
+    """The CounterFact dev cases ``start .. start + n``."""
+    return load_counterfact(data_dir() / "counterfact" / "counterfact_dev.json", n=n, start=start).cases
 
 
-def new_beats_true(model, tok, texts: list[str], request: EditRequest) -> list[bool]:
-    """Per prompt: is the new target more likely than the true one (length-normalised NLL, as ROME)?"""
-    new = target_log_probs(model, tok, texts, [request.new_text] * len(texts))
-    true = target_log_probs(model, tok, texts, [request.true_text] * len(texts))
-    return [ln / nn > lt / nt for (ln, nn), (lt, nt) in zip(new, true)]
-
-
-def score_record(model, tok, record: dict, request: EditRequest) -> dict:
-    rewrite = new_beats_true(model, tok, [request.text], request)
-    para = new_beats_true(model, tok, record["paraphrase_prompts"], request)
-    neigh = new_beats_true(model, tok, record["neighborhood_prompts"], request)
-    return {"rewrite": sum(rewrite), "paraphrase": sum(para), "n_paraphrase": len(para),
-            "neighbourhood_kept": sum(not x for x in neigh), "n_neighbourhood": len(neigh)}
+def score_case(model, tok, case: CounterFactCase) -> dict:
+    """Counts on the model as it is: rewrite and paraphrase prompts where the new target beats the true
+    one, neighbourhood prompts where the true one still wins (length-normalised NLL, as ROME)."""
+    block = evaluate_counterfact(model, tok, case)
+    wins = {
+        key: [prompt_success(pair, new_should_win=key != "neighborhood") for pair in block[f"{key}_prompts_probs"]]
+        for key in ("rewrite", "paraphrase", "neighborhood")
+    }
+    return {
+        "rewrite": sum(wins["rewrite"]),
+        "paraphrase": sum(wins["paraphrase"]),
+        "n_paraphrase": len(wins["paraphrase"]),
+        "neighbourhood_kept": sum(wins["neighborhood"]),
+        "n_neighbourhood": len(wins["neighborhood"]),
+    }

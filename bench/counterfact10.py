@@ -12,10 +12,11 @@ import argparse
 import json
 import time
 
-from common import counterfact, machine, score_record
+from common import counterfact, machine, score_case
 
-from factedit import EditRequest, ROMEHyperParams, compute_rome, load_model
-from factedit.stats.second_moment import second_moments
+from factedit import load_model
+from factedit.editing.methods import get_method
+from factedit.editing.resources import EditResources
 
 
 def main() -> None:
@@ -29,36 +30,43 @@ def main() -> None:
     args = ap.parse_args()
     print(machine())
     model, tok = load_model()
-    changes = {"consistent_key": args.method == "rome"}
+    changes = {}
     if args.layer is not None:
         changes["layers"] = [args.layer]
     if args.mom2_tokens is not None:
         changes["mom2_n_tokens"] = args.mom2_tokens
-    hp = ROMEHyperParams.for_model(model, **changes)
-    stats = second_moments(model, tok, hp.layers, n_tokens=hp.mom2_n_tokens, dtype=hp.mom2_dtype)
+    method = get_method(args.method)  # rome-original: consistent_key off
+    hp = method.hparams(model, overrides=changes)
+    resources = EditResources(model, tok)
+    resources.for_hparams(hp, progress=True)  # statistics and templates before timing starts
     totals = {"pre": {}, "post": {}}
     rows, seconds = [], []
-    for record in counterfact(args.n, args.start):
-        request = EditRequest.from_dict(record)
-        pre = score_record(model, tok, record, request)
+    for case in counterfact(args.n, args.start):
+        request = case.request
+        pre = score_case(model, tok, case)
         started = time.perf_counter()
-        patch, _ = compute_rome(model, tok, request, hp, second_moment=stats)
+        patch = method.compute(model, tok, [request], hp, resources=resources).patch
         seconds.append(time.perf_counter() - started)
-        patch.apply(model)
-        post = score_record(model, tok, record, request)
-        patch.revert(model)
-        rows.append({"case_id": record["case_id"], "pre": pre, "post": post, "seconds": seconds[-1]})
+        handle = patch.apply(model)
+        post = score_case(model, tok, case)
+        handle.revert()
+        rows.append({"case_id": case.case_id, "pre": pre, "post": post, "seconds": seconds[-1]})
         for phase, s in (("pre", pre), ("post", post)):
             for k, v in s.items():
                 totals[phase][k] = totals[phase].get(k, 0) + v
-        print(record["case_id"], request.text, "->", request.new_text, "post:", post, f"{seconds[-1]:.1f}s", flush=True)
+        print(case.case_id, request.text, "->", request.new_text, "post:", post, f"{seconds[-1]:.1f}s", flush=True)
     for phase in ("pre", "post"):
         t = totals[phase]
-        print(f"{phase}: rewrite new>true {t['rewrite']}/{args.n}; paraphrase new>true "
-              f"{t['paraphrase']}/{t['n_paraphrase']}; neighbourhood true>new "
-              f"{t['neighbourhood_kept']}/{t['n_neighbourhood']}")
+        print(
+            f"{phase}: rewrite new>true {t['rewrite']}/{args.n}; paraphrase new>true "
+            f"{t['paraphrase']}/{t['n_paraphrase']}; neighbourhood true>new "
+            f"{t['neighbourhood_kept']}/{t['n_neighbourhood']}"
+        )
     seconds.sort()
-    print(f"method {args.method}, layer {hp.layers}, statistics {hp.mom2_n_tokens} tokens; median edit time {seconds[len(seconds) // 2]:.1f}s")
+    print(
+        f"method {args.method}, layer {hp.layers}, statistics {hp.mom2_n_tokens} tokens; "
+        f"median edit time {seconds[len(seconds) // 2]:.1f}s"
+    )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"method": args.method, "layers": hp.layers, "totals": totals, "cases": rows}, fh, indent=1)

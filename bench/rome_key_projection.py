@@ -21,10 +21,11 @@ from common import machine
 from factedit import load_model
 from factedit.data import load_dataset
 from factedit.editing.keys import subject_keys
+from factedit.editing.methods import get_method
+from factedit.editing.resources import EditResources
 from factedit.editing.rome import left_vector
-from factedit.evaluation.methods import get_method
 from factedit.evaluation.metrics import counterfact_case_scores
-from factedit.evaluation.runner import CASES, CaseLog, read_manifest
+from factedit.evaluation.records import CASES, CaseLog, read_manifest
 from factedit.models import arch_for
 
 
@@ -39,28 +40,33 @@ def main() -> None:
     rows = [r for r in CaseLog(Path(args.run) / CASES).load(repair=False).values() if "post" in r][: args.limit]
     failed = {str(r["case_id"]) for r in rows if counterfact_case_scores(r["post"])["rewrite_success"] < 1}
     model, tok = load_model()
-    method = get_method("rome")
-    method.setup(model, tok)
-    hp, arch = method.hp, arch_for(model)
+    rome = manifest["method"] in ("rome", "rome-original")  # the run's own settings, else ROME's defaults
+    method = get_method(manifest["method"] if rome else "rome")
+    hp, arch = method.hparams(model, manifest["hparams"] if rome else None), arch_for(model)
+    moments, templates = EditResources(model, tok).for_hparams(hp, progress=True)
     layer = hp.layers[0]
     data = load_dataset(manifest["dataset"]["name"], n=manifest["selection"]["n"])
     cases = {str(c.case_id): c for c in data.cases}
     ratios = {True: [], False: []}
     for r in rows:
         req = cases[str(r["case_id"])].request
-        keys = subject_keys(model, tok, arch, [layer], req.prompt, req.subject, method.templates, hp.fact_token)[layer]
-        u = left_vector(keys.mean(0), method.moments[layer])
+        keys = subject_keys(model, tok, arch, [layer], req.prompt, req.subject, templates, hp.fact_token)[layer]
+        u = left_vector(keys.mean(0), moments[layer])
         bare = float(keys[0] @ u / (keys.mean(0) @ u))
         subject_end = len(tok(req.prompt.split("{}")[0] + req.subject)["input_ids"]) - 1
         is_failed = str(r["case_id"]) in failed
         ratios[is_failed].append(bare)
         if is_failed:
-            print(f"failed case {r['case_id']}: {req.prompt.format(req.subject)!r} -> {req.target_new!r}: "
-                  f"kᵀu/k*ᵀu = {bare:.3f}, subject's last token at position {subject_end}")
+            print(
+                f"failed case {r['case_id']}: {req.prompt.format(req.subject)!r} -> {req.target_new!r}: "
+                f"kᵀu/k*ᵀu = {bare:.3f}, subject's last token at position {subject_end}"
+            )
     for is_failed, values in ratios.items():
         if values:
-            print(f"{'failed' if is_failed else 'succeeded'}: {len(values)} cases, median ratio "
-                  f"{statistics.median(values):.3f}, share below 0.5: {sum(v < 0.5 for v in values) / len(values):.3f}")
+            print(
+                f"{'failed' if is_failed else 'succeeded'}: {len(values)} cases, median ratio "
+                f"{statistics.median(values):.3f}, share below 0.5: {sum(v < 0.5 for v in values) / len(values):.3f}"
+            )
 
 
 if __name__ == "__main__":

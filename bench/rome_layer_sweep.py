@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import counterfact, machine, score_record
+from common import counterfact, machine, score_case
 
-from factedit import EditRequest, ROMEHyperParams, compute_rome, load_model
-from factedit.stats.second_moment import second_moments
+from factedit import load_model
+from factedit.editing.methods import get_method
+from factedit.editing.resources import EditResources
 
 
 def main() -> None:
@@ -27,28 +28,31 @@ def main() -> None:
     args = ap.parse_args()
     print(machine())
     model, tok = load_model(args.model)
-    base = ROMEHyperParams.for_model(model)
-    stats = second_moments(model, tok, args.layers, n_tokens=base.mom2_n_tokens, dtype=base.mom2_dtype)
+    rome = get_method("rome")
+    base = rome.hparams(model)
+    resources = EditResources(model, tok)
+    resources.second_moments(args.layers, base.stats_spec, progress=True)  # every candidate layer in one pass
     records = counterfact(args.n, args.start)
     pre = {}
     for record in records:  # the unedited model's scores: neighbourhood is judged against these
-        for k, v in score_record(model, tok, record, EditRequest.from_dict(record)).items():
+        for k, v in score_case(model, tok, record).items():
             pre[k] = pre.get(k, 0) + v
     print("unedited:", json.dumps(pre), flush=True)
     table = []
     for layer in args.layers:
-        hp = base.replace(layers=[layer])
+        hp = rome.hparams(model, base, overrides={"layers": [layer]})
         tot = {}
         for record in records:
-            request = EditRequest.from_dict(record)
-            patch, _ = compute_rome(model, tok, request, hp, second_moment=stats)
-            patch.apply(model)
-            for k, v in score_record(model, tok, record, request).items():
+            handle = rome.compute(model, tok, [record.request], hp, resources=resources).patch.apply(model)
+            for k, v in score_case(model, tok, record).items():
                 tot[k] = tot.get(k, 0) + v
-            patch.revert(model)
-        row = {"layer": layer, "efficacy": tot["rewrite"] / len(records),
-               "paraphrase": tot["paraphrase"] / tot["n_paraphrase"],
-               "neighbourhood": tot["neighbourhood_kept"] / tot["n_neighbourhood"]}
+            handle.revert()
+        row = {
+            "layer": layer,
+            "efficacy": tot["rewrite"] / len(records),
+            "paraphrase": tot["paraphrase"] / tot["n_paraphrase"],
+            "neighbourhood": tot["neighbourhood_kept"] / tot["n_neighbourhood"],
+        }
         row["neighbourhood_drop"] = (pre["neighbourhood_kept"] - tot["neighbourhood_kept"]) / tot["n_neighbourhood"]
         row["score"] = 3 / sum(1 / max(row[k], 1e-9) for k in ("efficacy", "paraphrase", "neighbourhood"))
         table.append(row)
@@ -56,8 +60,10 @@ def main() -> None:
     print("| layer | efficacy | paraphrase | neighbourhood (drop vs unedited) | harmonic mean |")
     print("|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['layer']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} | {r['neighbourhood']:.2f} "
-              f"({r['neighbourhood_drop']:+.2f}) | {r['score']:.3f} |")
+        print(
+            f"| {r['layer']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} | {r['neighbourhood']:.2f} "
+            f"({r['neighbourhood_drop']:+.2f}) | {r['score']:.3f} |"
+        )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(table, fh, indent=1)

@@ -37,12 +37,22 @@ def main() -> None:
         edits = len(run.cases) + len(run.errors)
         summary = summarize_runs([folder], common=False, pre=True)
         pre_row, post_row = summary.rows[0], summary.rows[-1]
-        rows.append({"label": label, "edits": edits, "folder": folder, "mode": run.manifest.get("mode", {}),
-                     "post": post_row.cells, "pre": pre_row.cells})
+        rows.append(
+            {
+                "label": label,
+                "edits": edits,
+                "folder": folder,
+                "mode": run.manifest.get("mode", {}),
+                "post": post_row.cells,
+                "pre": pre_row.cells,
+            }
+        )
     rows.sort(key=lambda r: (r["label"], r["edits"]))
 
-    lines = ["| method | edits | mode | " + " | ".join(METRICS) + " | NS unedited |",
-             "|---|---:|---|" + "---:|" * (len(METRICS) + 1)]
+    lines = [
+        "| method | edits | mode | " + " | ".join(METRICS) + " | NS unedited |",
+        "|---|---:|---|" + "---:|" * (len(METRICS) + 1),
+    ]
     for r in rows:
         cells = [f"{r['post'][m].mean:.1f} ± {r['post'][m].half:.1f}" if m in r["post"] else "–" for m in METRICS]
         mode = r["mode"]
@@ -102,15 +112,17 @@ def plot(rows: list[dict], stem: Path) -> None:
             x = [p["edits"] for p in pts]
             mean = [p["post"][metric].mean for p in pts]
             ax.plot(x, mean, marker="o", label=label)
-            ax.fill_between(x, [p["post"][metric].low for p in pts], [p["post"][metric].high for p in pts],
-                            alpha=0.2)
+            ax.fill_between(x, [p["post"][metric].low for p in pts], [p["post"][metric].high for p in pts], alpha=0.2)
         ax.set_xscale("log")
         ax.set_title(metric)
     _finish(fig, axes, stem)
 
 
-DRIFT = [("edits_holding", "earlier edits holding"), ("neighbourhood_kept", "neighbours keeping truth"),
-         ("ngram_entropy", "fluency (GE)")]
+DRIFT = [
+    ("edits_holding", "earlier edits holding"),
+    ("neighbourhood_kept", "neighbours keeping truth"),
+    ("ngram_entropy", "fluency (GE)"),
+]
 
 
 def plot_drift(rows: list[dict], stem: Path) -> None:

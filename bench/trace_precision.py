@@ -32,9 +32,13 @@ def compare(fp32_dir: str, bf16_dir: str) -> dict:
             diffs.append(float(np.max(np.abs(x[ok] - y[ok]))))
             corrs.append(float(np.corrcoef(x[ok], y[ok])[0, 1]))
             same_peak += np.unravel_index(np.nanargmax(x), x.shape) == np.unravel_index(np.nanargmax(y), y.shape)
-        out["kinds"][kind] = {"max_abs_diff": max(diffs), "median_max_abs_diff": float(np.median(diffs)),
-                              "min_corr": min(corrs), "median_corr": float(np.median(corrs)),
-                              "same_peak_cell": f"{same_peak}/{len(common)}"}
+        out["kinds"][kind] = {
+            "max_abs_diff": max(diffs),
+            "median_max_abs_diff": float(np.median(diffs)),
+            "min_corr": min(corrs),
+            "median_corr": float(np.median(corrs)),
+            "same_peak_cell": f"{same_peak}/{len(common)}",
+        }
     return out
 
 
@@ -50,8 +54,12 @@ def time_one(prompt: str, subject: str) -> dict:
         t = time.perf_counter()
         causal_trace(model, tok, prompt, subject, autocast=None if name == "float32" else name)
         seconds[name] = time.perf_counter() - t
-    return {"prompt": prompt, "threads": torch.get_num_threads(), "seconds": seconds,
-            "speedup": seconds["float32"] / seconds["bfloat16"]}
+    return {
+        "prompt": prompt,
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "speedup": seconds["float32"] / seconds["bfloat16"],
+    }
 
 
 def main() -> None:

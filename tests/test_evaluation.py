@@ -14,9 +14,9 @@ import torch
 from factedit import EditRequest
 from factedit.data import DatasetError, load_counterfact, load_known_facts, load_zsre, parse_counterfact
 from factedit.editing.ft import FTHyperParams, FTLHyperParams, compute_ft, compute_ft_each
+from factedit.editing.methods import METHODS, EditMethod, register
 from factedit.errors import FactEditError
-from factedit.evaluation import RunConfig, register_method, run_evaluation, summarize_runs, to_csv, to_markdown
-from factedit.evaluation.methods import METHODS
+from factedit.evaluation import RunConfig, run_evaluation, summarize_runs, to_csv, to_markdown
 from factedit.evaluation.metrics import (
     TfidfModel,
     bootstrap_ci,
@@ -28,12 +28,12 @@ from factedit.evaluation.metrics import (
     word_tokenize,
     zsre_case_scores,
 )
-from factedit.evaluation.runner import CASES, MANIFEST, CaseLog
-from factedit.evaluation.scoring import score_continuations
+from factedit.evaluation.records import CASES, MANIFEST, CaseLog
 from factedit.evaluation.summary import plot
 from factedit.models import arch_for, model_fingerprint
-from factedit.predict import target_log_probs
+from factedit.predict import score_continuations, target_log_probs
 
+from .tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,7 +55,18 @@ def test_ngram_entropy_by_hand():
 
 def test_word_tokenize_follows_treebank():
     assert word_tokenize("I don't know, John's well-known U.S. car.") == [
-        "I", "do", "n't", "know", ",", "John", "'s", "well-known", "U.S.", "car", "."]
+        "I",
+        "do",
+        "n't",
+        "know",
+        ",",
+        "John",
+        "'s",
+        "well-known",
+        "U.S.",
+        "car",
+        ".",
+    ]
 
 
 def test_tfidf_matches_smooth_idf_formula():
@@ -76,8 +87,10 @@ def test_counterfact_case_scores_by_hand():
     block = {
         "rewrite_prompts_probs": [{"target_new": 0.5, "target_true": 1.0}],
         "paraphrase_prompts_probs": [{"target_new": 0.5, "target_true": 1.0}, {"target_new": 2.0, "target_true": 1.0}],
-        "neighborhood_prompts_probs": [{"target_new": 3.0, "target_true": 1.0},
-                                       {"target_new": 1.0, "target_true": 1.0}],
+        "neighborhood_prompts_probs": [
+            {"target_new": 3.0, "target_true": 1.0},
+            {"target_new": 1.0, "target_true": 1.0},
+        ],
         "rewrite_prompts_correct": [True],
         "paraphrase_prompts_correct": [True, False],
         "neighborhood_prompts_correct": [False, False],
@@ -110,8 +123,13 @@ def test_zsre_scores_harmonic_mean_and_intervals():
 
 def _fake_run(folder: Path, method: str, posts: list[dict], pre: dict | None = None) -> Path:
     folder.mkdir(parents=True)
-    manifest = {"format": "factedit-eval-run-v1", "method": method, "dataset": {"name": "counterfact", "sha256": "x"},
-                "model": {"fingerprint": "f"}, "notes": []}
+    manifest = {
+        "format": "factedit-eval-run-v1",
+        "method": method,
+        "dataset": {"name": "counterfact", "sha256": "x"},
+        "model": {"fingerprint": "f"},
+        "notes": [],
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest))
     log = CaseLog(folder / CASES)
     for i, post in enumerate(posts):
@@ -123,14 +141,20 @@ def _block(rw_new_wins: bool, para_wins: list[bool], neigh_kept: list[bool]) -> 
     def pair(win):
         return {"target_new": 1.0, "target_true": 2.0} if win else {"target_new": 2.0, "target_true": 1.0}
 
-    return {"rewrite_prompts_probs": [pair(rw_new_wins)],
-            "paraphrase_prompts_probs": [pair(w) for w in para_wins],
-            "neighborhood_prompts_probs": [pair(not k) for k in neigh_kept]}
+    return {
+        "rewrite_prompts_probs": [pair(rw_new_wins)],
+        "paraphrase_prompts_probs": [pair(w) for w in para_wins],
+        "neighborhood_prompts_probs": [pair(not k) for k in neigh_kept],
+    }
 
 
 def test_summary_tables_and_plot(tmp_path):
-    posts = [_block(True, [True, True], [True, False]), _block(True, [True, False], [True, True]),
-             _block(False, [False, False], [True, True]), _block(True, [True, True], [True, True])]
+    posts = [
+        _block(True, [True, True], [True, False]),
+        _block(True, [True, False], [True, True]),
+        _block(False, [False, False], [True, True]),
+        _block(True, [True, True], [True, True]),
+    ]
     run = _fake_run(tmp_path / "runA", "rome", posts, pre=_block(False, [False, False], [True, True]))
     s = summarize_runs([run], n_boot=200)
     pre_row, row = s.rows
@@ -192,15 +216,25 @@ def test_zsre_and_known_loaders(data_dir):
 
 
 def test_malformed_records_are_reported_not_fatal(tmp_path, caplog):
-    good = {"case_id": 1, "requested_rewrite": {"prompt": "{} is in", "subject": "X", "target_new": {"str": "A"},
-                                                "target_true": {"str": "B"}},
-            "paraphrase_prompts": ["X is in"], "neighborhood_prompts": ["Y is in"]}
-    records = [good,
-               {"case_id": 2, "paraphrase_prompts": []},
-               {**good, "case_id": 3, "requested_rewrite": {**good["requested_rewrite"], "prompt": "no slot"}},
-               {**good, "case_id": 4, "neighborhood_prompts": "not a list"},
-               {**good},  # duplicate id 1
-               {**good, "case_id": 6, "requested_rewrite": {**good["requested_rewrite"], "target_new": {"str": "B"}}}]
+    good = {
+        "case_id": 1,
+        "requested_rewrite": {
+            "prompt": "{} is in",
+            "subject": "X",
+            "target_new": {"str": "A"},
+            "target_true": {"str": "B"},
+        },
+        "paraphrase_prompts": ["X is in"],
+        "neighborhood_prompts": ["Y is in"],
+    }
+    records = [
+        good,
+        {"case_id": 2, "paraphrase_prompts": []},
+        {**good, "case_id": 3, "requested_rewrite": {**good["requested_rewrite"], "prompt": "no slot"}},
+        {**good, "case_id": 4, "neighborhood_prompts": "not a list"},
+        {**good},  # duplicate id 1
+        {**good, "case_id": 6, "requested_rewrite": {**good["requested_rewrite"], "target_new": {"str": "B"}}},
+    ]
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(records))
     with caplog.at_level(logging.WARNING):
@@ -211,8 +245,11 @@ def test_malformed_records_are_reported_not_fatal(tmp_path, caplog):
     with pytest.raises(DatasetError, match="malformed"):
         load_counterfact(path, on_error="raise")
     zpath = tmp_path / "z.json"
-    zpath.write_text(json.dumps([{"subject": "Q", "src": "Who is R?", "answers": ["a"], "rephrase": "x",
-                                  "loc": "l", "loc_ans": "m"}]))
+    zpath.write_text(
+        json.dumps(
+            [{"subject": "Q", "src": "Who is R?", "answers": ["a"], "rephrase": "x", "loc": "l", "loc_ans": "m"}]
+        )
+    )
     assert load_zsre(zpath).skipped[0][1].startswith("subject")
     with pytest.raises(DatasetError, match="not found"):
         load_counterfact(tmp_path / "missing.json")
@@ -220,14 +257,23 @@ def test_malformed_records_are_reported_not_fatal(tmp_path, caplog):
 
 
 # -- scoring on the default model -----------------------------------------------------------------------------
-def test_scoring_matches_target_log_probs(default_model):
+def test_scoring_matches_a_direct_full_forward(default_model):
+    """The sparse LM-head scoring equals log-softmax of the model's own full logits, token by token."""
+    from factedit.text import target_ids
+
     model, tok = default_model
     pairs = [(MADRID.text, " Spain"), ("The Eiffel Tower is in", " the city of Paris")]
-    scores = score_continuations(model, tok, pairs)
+    scores = score_continuations(model, tok, pairs, batch_size=1)
     ref = target_log_probs(model, tok, [p for p, _ in pairs], [t for _, t in pairs])
-    for s, (total, n) in zip(scores, ref):
-        assert len(s.logprobs) == n and sum(s.logprobs) == pytest.approx(total, abs=1e-3)
-        assert s.nll == pytest.approx(-total / n, abs=1e-3)
+    for (prompt, cont), s, (total, n) in zip(pairs, scores, ref):
+        ids = tok(prompt)["input_ids"]
+        tgt = target_ids(tok, prompt, cont)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids + tgt])).logits[0].float(), dim=-1)
+        direct = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(tgt)]
+        assert len(s.logprobs) == n == len(tgt)
+        assert s.logprobs == pytest.approx(direct, abs=1e-4)
+        assert sum(s.logprobs) == pytest.approx(total, abs=1e-4) and s.nll == pytest.approx(-total / n, abs=1e-4)
 
 
 # -- resumable runs ---------------------------------------------------------------------------------------------
@@ -244,15 +290,25 @@ def _strip(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ref") / "corpus.txt"
-    path.write_text("Sweden is a country in Northern Europe.\nThe capital of Sweden is Stockholm.\n"
-                    "Spain is in southern Europe.\nEnglish is a West Germanic language.\n"
-                    "Russian is spoken in Russia.\n")
+    path.write_text(
+        "Sweden is a country in Northern Europe.\nThe capital of Sweden is Stockholm.\n"
+        "Spain is in southern Europe.\nEnglish is a West Germanic language.\n"
+        "Russian is spoken in Russia.\n"
+    )
     return str(path)
 
 
 def _config(ref: str, **kw) -> RunConfig:
-    base = dict(method="none", dataset="counterfact", n=3, generation=True, n_gen=1, max_out_len=12, seed=7,
-                reference_corpus=ref)
+    base = dict(
+        method="none",
+        dataset="counterfact",
+        n=3,
+        generation=True,
+        n_gen=1,
+        max_out_len=12,
+        seed=7,
+        reference_corpus=ref,
+    )
     return RunConfig(**{**base, **kw})
 
 
@@ -307,24 +363,21 @@ def test_interrupted_run_resumes_to_identical_results(default_model, tmp_path, t
 def test_zsre_run_and_method_registry(default_model, tmp_path):
     model, tok = default_model
 
-    class Broken:
+    class Broken(EditMethod):
         name = "broken"
 
-        def setup(self, model, tok, hparams=None, overrides=None):
-            return {"x": 1}
-
-        def compute(self, model, tok, request):
+        def compute(self, model, tok, requests, hp, **options):
             raise FactEditError("cannot edit this")
 
-    register_method("broken", Broken)
+    register(Broken())
     try:
-        report = run_evaluation(model, tok, RunConfig(method="broken", dataset="zsre", n=2), tmp_path / "z",
-                                progress=False)
+        report = run_evaluation(
+            model, tok, RunConfig(method="broken", dataset="zsre", n=2), tmp_path / "z", progress=False
+        )
     finally:
         METHODS.pop("broken")
     assert report.errors == 2 and all("error" in r for r in _strip(tmp_path / "z" / CASES))
-    report = run_evaluation(model, tok, RunConfig(method="none", dataset="zsre", n=2), tmp_path / "z0",
-                            progress=False)
+    report = run_evaluation(model, tok, RunConfig(method="none", dataset="zsre", n=2), tmp_path / "z0", progress=False)
     rec = _strip(tmp_path / "z0" / CASES)[0]
     assert rec["pre"] == rec["post"] and len(rec["post"]["neighborhood_prompts_correct"]) >= 2
     s = summarize_runs([tmp_path / "z0"])
@@ -333,14 +386,67 @@ def test_zsre_run_and_method_registry(default_model, tmp_path):
         run_evaluation(model, tok, RunConfig(method="nope", dataset="zsre", n=1), tmp_path / "z1", progress=False)
 
 
+def test_eval_takes_every_registry_method_rome_original(default_model, tmp_path):
+    """``factedit eval --method`` dispatches through the core registry: original ROME (not in the old
+    evaluation-only list) edits both cases, the model is restored, the manifest names the method."""
+    from typer.testing import CliRunner
+
+    from factedit.cli.main import app
+
+    model, _ = default_model
+    before = model_fingerprint(model)
+    out = tmp_path / "rome_original"
+    result = CliRunner().invoke(
+        app, ["eval", "--method", "rome-original", "--dataset", "counterfact", "--n", "2", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["method"] == "rome-original" and manifest["hparams"]["consistent_key"] is False
+    records = _strip(out / CASES)
+    assert len(records) == 2 and all(r["edit"]["method"] == "rome-original" for r in records)
+    for r in records:  # the edit lowers the new target's NLL on the rewrite prompt
+        assert r["post"]["rewrite_prompts_probs"][0]["target_new"] < r["pre"]["rewrite_prompts_probs"][0]["target_new"]
+    assert model_fingerprint(model) == before  # the CLI loaded its own copy; ours is untouched
+
+
+def test_run_reports_cases_through_progress(default_model, tmp_path):
+    """The runner reports through ``factedit.progress``: a stage "evaluating" counting every case,
+    continued (not restarted from zero) when a run is resumed."""
+    from factedit.progress import Progress
+
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            self.started, self.done = [], {}
+
+        def on_start(self, stage) -> None:
+            self.started.append((stage.name, stage.total, stage.unit))
+
+        def on_advance(self, stage, info) -> None:
+            self.done[stage.name] = stage.done
+
+    model, tok = default_model
+    first = Recorder()
+    run_evaluation(model, tok, RunConfig(method="none", dataset="zsre", n=1), tmp_path / "p", progress=first)
+    assert first.started == [("evaluating", 1, "case")] and first.done == {"evaluating": 1}
+    resumed = Recorder()
+    run_evaluation(model, tok, RunConfig(method="none", dataset="zsre", n=2), tmp_path / "p", progress=resumed)
+    assert resumed.started == [("evaluating", 2, "case")] and resumed.done == {"evaluating": 2}
+
+
 # -- FT / FT-L ------------------------------------------------------------------------------------------------
+def _patch_and_steps(edit):
+    """An FT ``EditResult`` as ``(patch, FTResult)``: the change and its per-step losses."""
+    (steps,) = edit.details
+    return edit.patch, steps
+
+
 def test_ft_patch_reverts_bit_exact(default_model):
     model, tok = default_model
     hp = FTHyperParams.for_model(model, num_steps=3)
     name = arch_for(model).rewrite_weight_at(hp.layers[0])
     original = model.get_parameter(name).detach().clone()
     fp = model_fingerprint(model)
-    patch, result = compute_ft(model, tok, MADRID, hp)
+    patch, result = _patch_and_steps(compute_ft(model, tok, MADRID, hp))
     assert model_fingerprint(model) == fp  # computing leaves the model unchanged
     assert result.steps == 3 and result.losses[-1] < result.losses[0]
     assert patch.method == "ft" and patch.entries[0].dense is not None
@@ -356,7 +462,7 @@ def test_ft_l_respects_its_linf_bound(default_model):
     hp = FTLHyperParams.for_model(model, num_steps=4, norm_constraint=eps)
     name = arch_for(model).rewrite_weight_at(hp.layers[0])
     original = model.get_parameter(name).detach().clone()
-    patch, _ = compute_ft(model, tok, [MADRID], hp)
+    patch = compute_ft(model, tok, [MADRID], hp).patch
     assert patch.method == "ft-l"
     delta = patch.entries[0].dense
     assert float(delta.abs().max()) <= eps
@@ -372,27 +478,34 @@ def test_ft_l_respects_its_linf_bound(default_model):
         FTLHyperParams.from_dict({"layers": [1], "norm_constraint": -1.0})
 
 
-@pytest.mark.parametrize("cls, changes", [(FTHyperParams, {"num_steps": 4}),
-                                           (FTLHyperParams, {"num_steps": 4}),
-                                           # one request stops early, the other goes on: stopped rows stay put
-                                           (FTHyperParams, {"num_steps": 6, "lr": 5e-3, "early_stop_loss": 0.5})])
+@pytest.mark.parametrize(
+    "cls, changes",
+    [
+        (FTHyperParams, {"num_steps": 4}),
+        (FTLHyperParams, {"num_steps": 4}),
+        # one request stops early, the other goes on: stopped rows stay put
+        (FTHyperParams, {"num_steps": 6, "lr": 5e-3, "early_stop_loss": 0.5}),
+    ],
+)
 def test_ft_each_equals_ft_alone(default_model, cls, changes):
     """Edits computed together follow the same path as alone: same steps, same change up to float rounding."""
     model, tok = default_model
     hp = cls.for_model(model, **changes)
     other = EditRequest("{} is a native speaker of", "Danielle Darrieux", "English", "French")
     fp = model_fingerprint(model)
-    together = compute_ft_each(model, tok, [MADRID, other], hp)
+    together = [_patch_and_steps(edit) for edit in compute_ft_each(model, tok, [MADRID, other], hp)]
     assert model_fingerprint(model) == fp
     print("steps:", [r.steps for _, r in together])
     if "early_stop_loss" in changes:
         assert len({r.steps for _, r in together}) == 2  # one stopped before the other
     for (patch, result), req in zip(together, [MADRID, other]):
-        alone, alone_result = compute_ft(model, tok, req, hp)
+        alone, alone_result = _patch_and_steps(compute_ft(model, tok, req, hp))
         a, b = patch.entries[0].dense.double(), alone.entries[0].dense.double()
         cosine = float((a * b).sum() / (a.norm() * b.norm()))
-        print(f"{cls.__name__} {req.subject}: cosine {cosine:.8f}, relative difference "
-              f"{float((a - b).norm() / b.norm()):.2e}")
+        print(
+            f"{cls.__name__} {req.subject}: cosine {cosine:.8f}, relative difference "
+            f"{float((a - b).norm() / b.norm()):.2e}"
+        )
         assert result.steps == alone_result.steps and cosine > 0.9999
         assert result.losses == pytest.approx(alone_result.losses, rel=1e-3, abs=1e-4)
         assert patch.requests == alone.requests and patch.method == alone.method
@@ -404,13 +517,24 @@ def test_grouped_run_matches_one_at_a_time(default_model, tmp_path):
     """``group``: the same cases, edited alone each, scored the same as without grouping; resumes by position."""
     model, tok = default_model
     overrides = {"num_steps": 3}
-    one = run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides),
-                         tmp_path / "one", progress=False)
-    cut = run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=1, overrides=overrides, group=2),
-                         tmp_path / "grouped", progress=False)
+    one = run_evaluation(
+        model, tok, RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides), tmp_path / "one", progress=False
+    )
+    cut = run_evaluation(
+        model,
+        tok,
+        RunConfig(method="ft", dataset="zsre", n=1, overrides=overrides, group=2),
+        tmp_path / "grouped",
+        progress=False,
+    )
     assert one.evaluated == 4 and cut.evaluated == 1
-    rest = run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides, group=2),
-                          tmp_path / "grouped", progress=False)
+    rest = run_evaluation(
+        model,
+        tok,
+        RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides, group=2),
+        tmp_path / "grouped",
+        progress=False,
+    )
     assert rest.already_done == 1 and rest.evaluated == 3
     a, b = _strip(tmp_path / "one" / CASES), _strip(tmp_path / "grouped" / CASES)
     assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
@@ -422,16 +546,19 @@ def test_grouped_run_matches_one_at_a_time(default_model, tmp_path):
     # groups are cut by position: the case left over from the interrupted first pair is edited alone
     assert [t.get("group", 1) for t in timings] == [1, 1, 2, 2]
     with pytest.raises(FactEditError, match="group"):
-        run_evaluation(model, tok, RunConfig(method="ft", dataset="zsre", n=3, group=0), tmp_path / "bad",
-                       progress=False)
+        run_evaluation(
+            model, tok, RunConfig(method="ft", dataset="zsre", n=3, group=0), tmp_path / "bad", progress=False
+        )
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_ft_hparams_files_parse():
     for method, cls in (("ft", FTHyperParams), ("ft-l", FTLHyperParams)):
-        files = list((resources.files("factedit") / "hparams" / method).iterdir())
+        files = [f for f in (resources.files("factedit") / "hparams" / method).iterdir() if f.name.endswith(".json")]
         assert len(files) >= 9
         for f in files:
-            hp = cls.from_json(Path(str(f)))
+            with torch.device("meta"):  # the family's defaults resolved for a model of that family
+                model = tiny_model(f.name.removesuffix(".json"), layers=30)
+            hp = cls.for_model(model)
             assert hp.lr == 5e-4 and hp.num_steps == 25
             assert (hp.norm_constraint is None) == (method == "ft")

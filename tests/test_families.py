@@ -17,9 +17,9 @@ from factedit.editing.hparams import ROMEHyperParams
 from factedit.editing.patch import Patch
 from factedit.editing.requests import EditRequest
 from factedit.editing.rome import compute_rome
-from factedit.editing.values import build_value_problem, lm_logits, optimize_values
+from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
-from factedit.hooks import Trace, TraceDict
+from factedit.hooks import TraceDict
 from factedit.models.architectures import (
     ALIASES,
     ARCHITECTURES,
@@ -29,6 +29,7 @@ from factedit.models.architectures import (
     get_parameter,
     weight_to_math,
 )
+from factedit.models.runtime import lm_logits
 from factedit.stats.second_moment import second_moments
 from factedit.text import pad_id
 
@@ -121,8 +122,11 @@ def test_hooks_resolve(family, attn, tokenizer):
     # stop=True ends the forward after the last traced module: nothing later runs
     later = [arch.block(2), arch.block(3), arch.final_norm, arch.lm_head]
     result = "not assigned"
-    with torch.no_grad(), TraceDict(model, later) as after, \
-            TraceDict(model, [arch.rewrite_at(0), arch.rewrite_at(1)], retain_input=True, stop=True) as keys:
+    with (
+        torch.no_grad(),
+        TraceDict(model, later) as after,
+        TraceDict(model, [arch.rewrite_at(0), arch.rewrite_at(1)], retain_input=True, stop=True) as keys,
+    ):
         result = model(input_ids=ids, attention_mask=mask)
     assert result == "not assigned"
     assert all(after[name].output is None for name in later)
@@ -196,7 +200,8 @@ def test_rome_edit_apply_revert_save_load(family, tokenizer, corpus_file, facted
         assert int(model(input_ids=ids).logits[0, -1].argmax()) != target
 
     hp = ROMEHyperParams.for_model(model, layers=[1], mom2_n_tokens=2000, **ROME_SETTINGS)
-    patch, results = compute_rome(model, tok, REQUEST, hp, templates=TEMPLATES, corpus=str(corpus_file))
+    edit = compute_rome(model, tok, REQUEST, hp, templates=TEMPLATES, corpus=str(corpus_file))
+    patch, results = edit.patch, edit.details
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "compute_rome changed the model"
     assert list((factedit_home / "stats").glob(f"{arch.rewrite_at(1)}-*.safetensors")), "stats not under FACTEDIT_HOME"
     assert [e.name for e in patch.entries] == [arch.rewrite_weight_at(1)]
@@ -247,14 +252,15 @@ def test_prefix_cache_matches_plain_path(family, layer, attn, tokenizer):
     results = {}
     for fast in (True, False):
         hp = ROMEHyperParams.for_model(model, layers=[layer], prefix_cache=fast, **FAST_SETTINGS)
-        results[fast] = optimize_values(model, arch, [problem], site=arch.rewrite_at(layer), layer=layer,
-                                        hparams=hp, pad=pad_id(tokenizer))
+        results[fast] = optimize_values(
+            model, arch, [problem], site=arch.rewrite_at(layer), layer=layer, hparams=hp, pad=pad_id(tokenizer)
+        )
     fast, plain = results[True], results[False]
     assert fast.steps == plain.steps == FAST_SETTINGS["v_num_grad_steps"]
     torch.testing.assert_close(fast.target_init, plain.target_init, rtol=1e-5, atol=1e-6)
     assert plain.delta.norm() > 0.1 * plain.target_init.norm(), "the optimisation did not move"
     assert (fast.delta - plain.delta).norm() <= 1e-4 * plain.delta.norm()
-    for a, b in zip(fast.losses[0], plain.losses[0]):
+    for a, b in zip(fast.losses[0], plain.losses[0], strict=True):
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-6)
     assert fast.losses[0][-1]["nll"] < fast.losses[0][0]["nll"]
@@ -296,7 +302,7 @@ def test_layer_out_of_range(family, tokenizer, corpus_file, factedit_home):
 
 def test_tiny_models_are_deterministic():
     a, b = tiny_model("llama", seed=3), tiny_model("llama", seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     c = tiny_model("llama", seed=4)
     assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
     assert a.config.vocab_size == VOCAB

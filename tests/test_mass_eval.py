@@ -11,7 +11,7 @@ import pytest
 from factedit.errors import FactEditError
 from factedit.evaluation import RunConfig, batched, run_evaluation
 from factedit.evaluation.batched import read_drift
-from factedit.evaluation.runner import CASES
+from factedit.evaluation.records import CASES
 from factedit.models import model_fingerprint
 
 # Small but real settings: two critical layers, a 4k-token second moment, few optimisation steps.
@@ -119,19 +119,21 @@ def test_pre_scores_are_reused_and_modes_are_checked(default_model, tmp_path):
     assert not (tmp_path / "memit" / "pre.jsonl").exists() or not (tmp_path / "memit" / "pre.jsonl").read_text()
 
     with pytest.raises(FactEditError, match="makes no edits"):
-        run_evaluation(model, tok, RunConfig(method="none", dataset="zsre", n=1, batch=2), tmp_path / "a",
-                       progress=False)
+        run_evaluation(
+            model, tok, RunConfig(method="none", dataset="zsre", n=1, batch=2), tmp_path / "a", progress=False
+        )
     with pytest.raises(FactEditError, match="one request at a time"):
-        run_evaluation(model, tok, RunConfig(method="rome", dataset="zsre", n=2, batch=2), tmp_path / "b",
-                       progress=False)
+        run_evaluation(
+            model, tok, RunConfig(method="rome", dataset="zsre", n=2, batch=2), tmp_path / "b", progress=False
+        )
     with pytest.raises(FactEditError, match="selection.n"):  # chunks depend on n: it cannot grow
         run_evaluation(model, tok, RunConfig(**{**config.__dict__, "n": 3}), tmp_path / "memit", progress=False)
     with pytest.raises(FactEditError, match="drift_every"):
-        run_evaluation(model, tok, RunConfig(**{**config.__dict__, "drift_every": 1}), tmp_path / "c",
-                       progress=False)
+        run_evaluation(model, tok, RunConfig(**{**config.__dict__, "drift_every": 1}), tmp_path / "c", progress=False)
     with pytest.raises(FactEditError, match="other settings"):  # a batch run cannot resume as a sequence
-        run_evaluation(model, tok, RunConfig(**{**config.__dict__, "sequential": True}), tmp_path / "memit",
-                       progress=False)
+        run_evaluation(
+            model, tok, RunConfig(**{**config.__dict__, "sequential": True}), tmp_path / "memit", progress=False
+        )
 
 
 def test_cli_sequential_memit_reports_holding_after_every_step(tmp_path, corpus_file):
@@ -142,18 +144,37 @@ def test_cli_sequential_memit_reports_holding_after_every_step(tmp_path, corpus_
     from factedit.cli.main import app
 
     requests = tmp_path / "requests.json"
-    requests.write_text(json.dumps([
-        {"prompt": "The {} is located in the city of", "subject": "Eiffel Tower", "target": "Rome"},
-        {"prompt": "{} plays the sport of", "subject": "LeBron James", "target": "football"},
-    ]))
+    requests.write_text(
+        json.dumps(
+            [
+                {"prompt": "The {} is located in the city of", "subject": "Eiffel Tower", "target": "Rome"},
+                {"prompt": "{} plays the sport of", "subject": "LeBron James", "target": "football"},
+            ]
+        )
+    )
     hparams = tmp_path / "memit.json"
     hparams.write_text(json.dumps({**FAST, "v_num_grad_steps": 20}))
-    result = CliRunner().invoke(app, ["edit", "--method", "memit", "--requests", str(requests), "--sequential",
-                                      "--hparams", str(hparams), "--corpus", str(corpus_file),
-                                      "--save", str(tmp_path / "patches"), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "edit",
+            "--method",
+            "memit",
+            "--requests",
+            str(requests),
+            "--sequential",
+            "--hparams",
+            str(hparams),
+            "--corpus",
+            str(corpus_file),
+            "--save",
+            str(tmp_path / "patches"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
-    out = json.loads(last[last.index('{"request"'):])  # after any progress bar on the same line
+    out = json.loads(last[last.index('{"request"') :])  # after any progress bar on the same line
     assert [(d["step"], d["edits"], d["measured"]) for d in out["drift"]] == [(1, 1, 1), (2, 2, 2)]
     assert out["drift"][0]["edits_holding"] == 1.0
     assert all(a["p_target_new"] > b["p_target_new"] for a, b in zip(out["after"], out["before"]))

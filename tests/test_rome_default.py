@@ -36,8 +36,15 @@ def reference():
 @pytest.fixture(scope="module")
 def small_stats(default_model, corpus_file, tmp_path_factory):
     model, tok = default_model
-    return second_moments(model, tok, [6], corpus=corpus_file, n_tokens=20_000,
-                          cache_folder=tmp_path_factory.mktemp("stats"), progress=False)
+    return second_moments(
+        model,
+        tok,
+        [6],
+        corpus=corpus_file,
+        n_tokens=20_000,
+        cache_folder=tmp_path_factory.mktemp("stats"),
+        progress=False,
+    )
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,8 +59,9 @@ def test_matches_official_rome_on_all_reference_cases(default_model, reference):
     report = []
     for case in reference["cases"]:
         request = EditRequest.from_dict(case["request"])
-        _, (res,) = compute_rome(model, tok, request, hp, second_moment={6: reference["C"]},
-                                 templates=reference["templates"])
+        (res,) = compute_rome(
+            model, tok, request, hp, second_moment={6: reference["C"]}, templates=reference["templates"]
+        ).details
         cid = case["case_id"]
         cos_u = _cos(res.u, reference["vectors"][f"case{cid}.u"])
         cos_v = _cos(res.v, reference["vectors"][f"case{cid}.v"])
@@ -72,8 +80,15 @@ def test_prefix_cached_optimisation_equals_plain(default_model, reference):
     request = EditRequest.from_dict(reference["cases"][0]["request"])
     problem = build_value_problem(tok, request, reference["templates"])
     results = {
-        fast: optimize_values(model, arch, [problem], site=arch.rewrite_at(6), layer=6,
-                              hparams=hp.replace(prefix_cache=fast), pad=pad_id(tok))
+        fast: optimize_values(
+            model,
+            arch,
+            [problem],
+            site=arch.rewrite_at(6),
+            layer=6,
+            hparams=hp.replace(prefix_cache=fast),
+            pad=pad_id(tok),
+        )
         for fast in (True, False)
     }
     fast, plain = results[True], results[False]
@@ -88,7 +103,7 @@ def test_prefix_cached_optimisation_equals_plain(default_model, reference):
 def test_edit_apply_revert_save_load(default_model, small_stats, tmp_path):
     model, tok = default_model
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    patch, _ = compute_rome(model, tok, EIFFEL, second_moment=small_stats)
+    patch = compute_rome(model, tok, EIFFEL, second_moment=small_stats).patch
     assert top_next_tokens(model, tok, [EIFFEL.text], 1)[0][0][0] == " Paris"
 
     patch.apply(model)
@@ -101,10 +116,35 @@ def test_edit_apply_revert_save_load(default_model, small_stats, tmp_path):
 
     path = patch.save(tmp_path / "eiffel")
     loaded = Patch.load(path)
-    assert json.loads(path.with_suffix(".json").read_text())["method"] == "rome"
+    from factedit.editing.patch import read_patch_metadata
+
+    assert read_patch_metadata(path)["method"] == "rome" and not path.with_suffix(".json").exists()
     loaded.apply(model)
     assert torch.equal(model(**tok(EIFFEL.text, return_tensors="pt")).logits, edited_logits)
     loaded.revert(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_edit_and_compare_reports_a_converged_landed_edit(default_model, small_stats):
+    """The report every front end shows: before/after rows, and the edit converged and landed."""
+    from factedit import edit_and_compare
+
+    model, tok = default_model
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    report = edit_and_compare(
+        model,
+        tok,
+        EIFFEL,
+        "rome",
+        second_moment=small_stats,
+        paraphrases=["The Eiffel Tower can be found in the city of"],
+        neighbours=["The Louvre is located in the city of"],
+    )
+    assert [row.kind for row in report.rows] == ["prompt", "paraphrase", "neighbour"]
+    assert report.rows[0].before["top"][0][0] == " Paris" and report.rows[0].after["top"][0][0] == " Rome"
+    assert report.landed == [True] and report.converged == [True]
+    assert "converged" in report.summary_line() and "is now the top prediction" in report.summary_line()
+    report.applied[0].revert()
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
@@ -112,7 +152,7 @@ def test_patch_refused_on_other_weights_and_corrupt_files(default_model, small_s
     from factedit.errors import FactEditError
 
     model, tok = default_model
-    patch, _ = compute_rome(model, tok, EIFFEL, second_moment=small_stats)
+    patch = compute_rome(model, tok, EIFFEL, second_moment=small_stats).patch
     path = patch.save(tmp_path / "p")
     data = path.read_bytes()
 
@@ -129,11 +169,12 @@ def test_patch_refused_on_other_weights_and_corrupt_files(default_model, small_s
 
     # the same model with one other weight changed: refused, and nothing is modified
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    other = patch.__class__(**{**patch.__dict__, "_backups": {}})
-    other.base_fingerprint = "0" * 32
+    from dataclasses import replace
+
+    other = replace(patch, base_fingerprint="0" * 32)
     with pytest.raises(FactEditError, match="differ from those this patch was computed on"):
         other.apply(model)
-    other.model_identity = "another"
+    other = replace(other, model_identity="another")
     with pytest.raises(FactEditError, match="another model"):
         other.apply(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -1,14 +1,23 @@
-"""Subject positions match the official code's; the default model loads from its package and cache."""
+"""Subject positions match the official code's; the default model loads from its package and cache;
+every registered model's first use works with an empty home, also with two processes at once."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from factedit.models import load_model
-from factedit.models.registry import REGISTRY, gguf_parts
+from factedit.models.registry import REGISTRY, ModelSource, gguf_parts, model_label, registry_name
 from factedit.text import encode_with_subject, target_ids
 
 from .conftest import shared_reference
@@ -24,8 +33,10 @@ def test_subject_last_token_matches_official_lookup(tokenizer):
     checked = 0
     for case in cases:
         req = case["request"]
-        ours = [encode_with_subject(tokenizer, t.replace("{}", req["prompt"]), req["subject"]).subject_last
-                for t in templates]
+        ours = [
+            encode_with_subject(tokenizer, t.replace("{}", req["prompt"]), req["subject"]).subject_last
+            for t in templates
+        ]
         assert ours == case["lookup_idx"], case["case_id"]
         checked += len(ours)
     assert checked == 210
@@ -56,6 +67,177 @@ def test_gguf_path_loads_the_same_weights(default_model, tmp_path, monkeypatch):
     cached = list((tmp_path / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / "factedit-cache.json").is_file()
     second, _ = load_model(str(gguf))  # from the safetensors cache this time
-    for (name, a), b in zip(model.state_dict().items(), second.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     del first
+
+
+# -- first use of every registered model, on tiny GGUF files in stand-in packages ---------------------
+
+
+TINY_LAYERS = 2
+PROCESSES = 3
+
+
+def _write_tiny_llama_gguf(path: Path, *, hidden: int = 16, ffn: int = 32, heads: int = 2) -> dict[str, np.ndarray]:
+    """A tiny random Llama with a byte-level BPE tokenizer, float32, written with the ``gguf`` package.
+    Returns the embedding and output matrices, to check what gets loaded."""
+    rng = np.random.default_rng(0)
+    tokens = [*bytes_to_unicode().values(), "Ġt", "he", "Ġthe", "<|endoftext|>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny test llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(TINY_LAYERS)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])  # the last one is a control token
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    matrices: dict[str, np.ndarray] = {}
+
+    def random(name: str, *shape: int) -> None:
+        matrices[name] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        writer.add_tensor(name, matrices[name])
+
+    random("token_embd.weight", len(tokens), hidden)
+    random("output.weight", len(tokens), hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    head = hidden // heads
+    for i in range(TINY_LAYERS):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        random(f"blk.{i}.attn_q.weight", hidden, hidden)
+        random(f"blk.{i}.attn_k.weight", head, hidden)
+        random(f"blk.{i}.attn_v.weight", head, hidden)
+        random(f"blk.{i}.attn_output.weight", hidden, hidden)
+        random(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        random(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        random(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return matrices
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> tuple[bytes, dict[str, np.ndarray]]:
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    matrices = _write_tiny_llama_gguf(path)
+    return path.read_bytes(), matrices
+
+
+def _stand_in_packages(source: ModelSource, site: Path, data: bytes) -> None:
+    """Lay ``data`` out the way ``source``'s packages hold their weights: one file, or chunks matching
+    the registry's glob patterns (two per package, so order within and across packages both count)."""
+    pattern = source.files[0]
+    per_package = 2 if "*" in pattern else 1
+    assert per_package == 2 or len(source.modules) == 1, "a plain file name can only be one chunk"
+    n_chunks = per_package * len(source.modules)
+    cuts = [len(data) * i // n_chunks for i in range(n_chunks + 1)]
+    chunk = 0
+    for module in source.modules:
+        folder = site / module
+        folder.mkdir(parents=True)
+        (folder / "__init__.py").write_text("")
+        for k in range(per_package):
+            name = pattern.replace("*", f"{k:02d}")
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data[cuts[chunk] : cuts[chunk + 1]])
+            chunk += 1
+
+
+def _hidden_leftovers(home: Path) -> list[Path]:
+    """Temporary files and folders (all cache writes go through hidden names first)."""
+    return list(home.rglob(".*"))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_first_use_of_every_registered_model_with_an_empty_home(name, tiny_gguf, tmp_path, monkeypatch):
+    """The real loading path (package lookup, chunk joining, dequantization, cache) from a home that does
+    not exist yet: the GGUF files are tiny stand-ins placed where the registry looks for them."""
+    data, matrices = tiny_gguf
+    source = REGISTRY[name]
+    site, home = tmp_path / "site", tmp_path / "home"
+    _stand_in_packages(source, site, data)
+    monkeypatch.syspath_prepend(str(site))  # the registry finds these packages first, as installed ones
+    monkeypatch.setenv("FACTEDIT_HOME", str(home))
+    assert all(site in part.parents for part in gguf_parts(source))  # the stand-ins, not installed packages
+
+    model, tok = load_model(name)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == TINY_LAYERS
+    assert registry_name(model) == name == model_label(model)
+    embed = model.get_input_embeddings().weight
+    assert torch.equal(embed, torch.from_numpy(matrices["token_embd.weight"]))
+    assert torch.equal(model.get_output_embeddings().weight, torch.from_numpy(matrices["output.weight"]))
+    assert tok.decode(tok("the cat")["input_ids"]) == "the cat"
+    cache = home / "models" / name
+    assert json.loads((cache / "factedit-cache.json").read_text())["source"] == name
+    if len(gguf_parts(source)) > 1:
+        assert (home / "gguf" / name / source.gguf_name).read_bytes() == data  # chunks joined in order
+    assert not _hidden_leftovers(home)
+
+    # a model loaded by hand from the cache folder is still known as the registry model
+    by_hand = AutoModelForCausalLM.from_pretrained(cache)
+    assert registry_name(by_hand) == name
+    # later loads need only the cache
+    for module in source.modules:
+        for file in sorted((site / module).rglob("*"), reverse=True):
+            file.unlink() if file.is_file() else file.rmdir()
+    again, _ = load_model(name)
+    assert torch.equal(again.get_input_embeddings().weight, embed)
+
+
+def test_processes_converting_one_model_at_once(tiny_gguf, tmp_path):
+    """Each writes its own temporary names and renames them into place: all succeed, one complete copy
+    stays, nothing half-written is left, and an incomplete folder from an interrupted run is replaced."""
+    data, matrices = tiny_gguf
+    name = next(n for n, s in sorted(REGISTRY.items()) if len(s.modules) > 1)  # chunks: join and convert
+    site, home = tmp_path / "site", tmp_path / "home"
+    _stand_in_packages(REGISTRY[name], site, data)
+    interrupted = home / "models" / name
+    interrupted.mkdir(parents=True)
+    (interrupted / "config.json").write_text("{")  # no marker: an interrupted conversion
+    env = {
+        **os.environ,
+        "FACTEDIT_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    # Imports take seconds and a tiny conversion milliseconds: each process says it is ready, then waits
+    # for the other, so that their conversions overlap.
+    script = "\n".join(
+        [
+            "import os, pathlib, time",
+            "from factedit.models import load_model",
+            f"ready = pathlib.Path({str(ready)!r})",
+            "(ready / str(os.getpid())).touch()",
+            "deadline = time.monotonic() + 120",
+            f"while len(list(ready.iterdir())) < {PROCESSES} and time.monotonic() < deadline: time.sleep(0.001)",
+            f"m, _ = load_model({name!r})",
+            "print(m.get_input_embeddings().weight.sum().item())",
+        ]
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(PROCESSES)
+    ]
+    results = [run.communicate(timeout=300) for run in runs]
+    for run, (out, err) in zip(runs, results, strict=True):
+        assert run.returncode == 0, err[-2000:]
+        assert float(out.split()[-1]) == pytest.approx(float(matrices["token_embd.weight"].sum()), abs=1e-4)
+    assert json.loads((interrupted / "factedit-cache.json").read_text())["source"] == name
+    assert (home / "gguf" / name / REGISTRY[name].gguf_name).read_bytes() == data
+    assert not _hidden_leftovers(home)

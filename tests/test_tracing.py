@@ -16,9 +16,16 @@ from transformers import MistralConfig, MistralForCausalLM
 from typer.testing import CliRunner
 
 from factedit.errors import FactEditError
+from factedit.progress import Progress
 from factedit.tracing import ALL_KINDS, KINDS, TraceResult, causal_trace, window_layers
 from factedit.tracing.dataset import (
-    BUCKETS, bucket_rows, read_results, summarize, t_quantile_975, trace_dataset, write_summary,
+    BUCKETS,
+    bucket_rows,
+    read_results,
+    summarize,
+    t_quantile_975,
+    trace_dataset,
+    write_summary,
 )
 from tests.tiny_models import FAMILIES, tiny_model
 
@@ -58,8 +65,17 @@ def test_last_layer_at_last_token_recovers_clean(tiny, tokenizer):
 
 def test_zero_noise_gives_clean_probability_everywhere(tiny, tokenizer):
     for method in ("fast", "straightforward"):
-        r = causal_trace(tiny, tokenizer, PROMPT, SUBJECT, kinds=ALL_KINDS, samples=2, noise=0.0, method=method,
-                         tokens=[3, -1] if method == "straightforward" else None)
+        r = causal_trace(
+            tiny,
+            tokenizer,
+            PROMPT,
+            SUBJECT,
+            kinds=ALL_KINDS,
+            samples=2,
+            noise=0.0,
+            method=method,
+            tokens=[3, -1] if method == "straightforward" else None,
+        )
         assert r.low_prob == pytest.approx(r.clean_prob, rel=1e-5)
         for k in r.kinds:
             m = r.scores[k]
@@ -101,20 +117,33 @@ def test_fast_equals_straightforward_every_family(family, tokenizer):
 
 def test_fast_equals_straightforward_sliding_window_every_layer(tokenizer):
     """Models whose every layer slides (Mistral/Phi-3 style ``sliding_window``)."""
-    cfg = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, initializer_range=0.2)
+    cfg = MistralConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)
     model = MistralForCausalLM(cfg).eval()
     kw = dict(kinds=KINDS, samples=2, noise=1.0, window=2, tokens=[6, 8, -1])
-    _close(causal_trace(model, tokenizer, LONG_PROMPT, SUBJECT, batch_size=4, **kw),
-           causal_trace(model, tokenizer, LONG_PROMPT, SUBJECT, method="straightforward", **kw))
+    _close(
+        causal_trace(model, tokenizer, LONG_PROMPT, SUBJECT, batch_size=4, **kw),
+        causal_trace(model, tokenizer, LONG_PROMPT, SUBJECT, method="straightforward", **kw),
+    )
 
 
 def test_fast_equals_straightforward_sever_all_tokens(tiny, tokenizer):
-    kw = dict(kinds=["hidden_sever_mlp", "hidden_sever_attn"], samples=2, noise=1.0, tokens=[2, 4],
-              sever_all_tokens=True)
-    _close(causal_trace(tiny, tokenizer, PROMPT, SUBJECT, **kw),
-           causal_trace(tiny, tokenizer, PROMPT, SUBJECT, method="straightforward", **kw))
+    kw = dict(
+        kinds=["hidden_sever_mlp", "hidden_sever_attn"], samples=2, noise=1.0, tokens=[2, 4], sever_all_tokens=True
+    )
+    _close(
+        causal_trace(tiny, tokenizer, PROMPT, SUBJECT, **kw),
+        causal_trace(tiny, tokenizer, PROMPT, SUBJECT, method="straightforward", **kw),
+    )
 
 
 def test_default_model_fast_equals_straightforward(default_model):
@@ -150,29 +179,35 @@ def test_default_model_bfloat16_autocast_stays_close_to_float32(default_model):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("prompt, subject, answer, match", [
-    ("", SUBJECT, None, "prompt is empty"),
-    ("   ", SUBJECT, None, "prompt is empty"),
-    (PROMPT, "Eiffel Tower", None, "does not occur in the prompt"),
-    (PROMPT, "", None, "subject is empty"),
-    (PROMPT, SUBJECT, "", "tokenizes to nothing"),
-    (PROMPT, SUBJECT, "   ", "tokenizes to nothing"),
-])
+@pytest.mark.parametrize(
+    "prompt, subject, answer, match",
+    [
+        ("", SUBJECT, None, "prompt is empty"),
+        ("   ", SUBJECT, None, "prompt is empty"),
+        (PROMPT, "Eiffel Tower", None, "does not occur in the prompt"),
+        (PROMPT, "", None, "subject is empty"),
+        (PROMPT, SUBJECT, "", "tokenizes to nothing"),
+        (PROMPT, SUBJECT, "   ", "tokenizes to nothing"),
+    ],
+)
 def test_bad_input_raises(tiny, tokenizer, prompt, subject, answer, match):
     with pytest.raises(FactEditError, match=match):
         causal_trace(tiny, tokenizer, prompt, subject, answer, samples=1, noise=1.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(kinds=["neurons"]), "unknown kind"),
-    (dict(method="slow"), "unknown method"),
-    (dict(samples=0), "samples"),
-    (dict(window=0), "window"),
-    (dict(noise=-1.0), "noise scale"),
-    (dict(tokens=[40]), "out of range"),
-    (dict(layers=[4]), "out of range"),
-    (dict(autocast="int8"), "autocast"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kinds=["neurons"]), "unknown kind"),
+        (dict(method="slow"), "unknown method"),
+        (dict(samples=0), "samples"),
+        (dict(window=0), "window"),
+        (dict(noise=-1.0), "noise scale"),
+        (dict(tokens=[40]), "out of range"),
+        (dict(layers=[4]), "out of range"),
+        (dict(autocast="int8"), "autocast"),
+    ],
+)
 def test_bad_options_raise(tiny, tokenizer, kwargs, match):
     with pytest.raises(FactEditError, match=match):
         causal_trace(tiny, tokenizer, PROMPT, SUBJECT, **{"samples": 1, "noise": 1.0, **kwargs})
@@ -195,11 +230,13 @@ def test_cli_bad_input_writes_nothing(tmp_path):
     register(app)
     out = tmp_path / "trace"
     runner = CliRunner()
-    res = runner.invoke(app, ["trace", "--prompt", PROMPT, "--subject", "Eiffel Tower", "--noise", "0.3",
-                              "--out", str(out)])
+    res = runner.invoke(
+        app, ["trace", "--prompt", PROMPT, "--subject", "Eiffel Tower", "--noise", "0.3", "--out", str(out)]
+    )
     assert res.exit_code == 2 and "does not occur in the prompt" in res.output
-    res = runner.invoke(app, ["trace", "--prompt", PROMPT, "--subject", SUBJECT, "--kind", "neurons",
-                              "--out", str(out)])
+    res = runner.invoke(
+        app, ["trace", "--prompt", PROMPT, "--subject", SUBJECT, "--kind", "neurons", "--out", str(out)]
+    )
     assert res.exit_code == 2 and "unknown --kind" in res.output
     assert not out.exists()
 
@@ -232,8 +269,10 @@ def test_buckets_and_summary():
     one = bucket_rows(m[:3], (1, 2))  # one-token subject right before the last token
     assert "middle subject tokens" not in one and "further tokens" not in one
     assert one["first subsequent token"] is not None
-    recs = [{"low_prob": 0.1, "clean_prob": 0.5, "subject_range": [1, 4], "scores": {"hidden": (m / 100 + i).tolist()}}
-            for i in range(3)]
+    recs = [
+        {"low_prob": 0.1, "clean_prob": 0.5, "subject_range": [1, 4], "scores": {"hidden": (m / 100 + i).tolist()}}
+        for i in range(3)
+    ]
     table = summarize(recs)
     s = table.series("hidden", "last token")
     np.testing.assert_allclose(s["mean"], m[7] / 100 + 1 - 0.1)
@@ -245,22 +284,34 @@ def test_buckets_and_summary():
 
 
 def test_dataset_run_is_resumable(tiny, tokenizer, tmp_path):
-    from factedit.tracing.knowns import known_by_model, KnownFact
+    from factedit.tracing.knowns import KnownFact, known_by_model
 
     # the tiny model predicts ' routes', ' cables', ' fonts' here: a data file with those as attributes
-    prompts = [(PROMPT, SUBJECT), ("Beats Music is owned by", "Beats Music"),
-               ("Toko Yasuda plays the instrument", "Toko Yasuda")]
+    prompts = [
+        (PROMPT, SUBJECT),
+        ("Beats Music is owned by", "Beats Music"),
+        ("Toko Yasuda plays the instrument", "Toko Yasuda"),
+    ]
     preds = known_by_model(tiny, tokenizer, [KnownFact(i, s, "x", p) for i, (p, s) in enumerate(prompts)])
     assert all(pr.predicted.startswith(" ") for pr in preds)
-    records = [{"known_id": i, "subject": s, "prompt": p, "attribute": pr.predicted.strip(), "relation_id": "P1"}
-               for i, ((p, s), pr) in enumerate(zip(prompts, preds))]
+    records = [
+        {"known_id": i, "subject": s, "prompt": p, "attribute": pr.predicted.strip(), "relation_id": "P1"}
+        for i, ((p, s), pr) in enumerate(zip(prompts, preds, strict=True))
+    ]
     records.insert(1, {"known_id": 9, "subject": "Paris", "prompt": "Paris is the capital of", "attribute": "zzzqx"})
     data = tmp_path / "known.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "run"
     kw = dict(data=data, samples=2, noise=1.0, batch_size=64, plots=False, progress=False)
-    trace_dataset(tiny, tokenizer, out, n=2, **kw)
+    stages = []
+
+    class Stages(Progress):
+        def on_end(self, stage):
+            stages.append((stage.name, stage.total, stage.done))
+
+    trace_dataset(tiny, tokenizer, out, n=2, **{**kw, "progress": Stages()})
     assert [r["known_id"] for r in read_results(out)] == [0, 1]  # fact 9 is not predicted: skipped
+    assert stages == [("known facts", 4, 4), ("tracing facts", 2, 2)]
     with open(out / "results.jsonl", "a") as fh:  # a crash in the middle of a line
         fh.write('{"known_id": 2, "scor')
     table = trace_dataset(tiny, tokenizer, out, n=3, **kw)

@@ -6,6 +6,7 @@ weights, the patch stack and the job queue exactly as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -37,9 +38,7 @@ def restore_model(app, model, original: str) -> None:
     """Fixture teardown: revert whatever a failed test left applied (last first); the shared model must be as loaded."""
     session = app.state.session
     if session.model is model:
-        for entry in reversed(session.patches):
-            entry.patch.revert(model)
-        session.patches.clear()
+        session.revert_all()
     assert model_fingerprint(model) == original, "the session's default model was left edited"
 
 
@@ -92,12 +91,22 @@ def synthetic_patch(model, layer: int = 10, scale: float = 1e-3, base: str | Non
     weight = get_parameter(model, name)
     out_dim, in_dim = weight.shape
     gen = torch.Generator().manual_seed(layer)
-    entry = PatchEntry(name=name, shape=tuple(weight.shape), left=torch.randn(out_dim, 1, generator=gen) * scale,
-                       right=torch.randn(1, in_dim, generator=gen), base_sha256=tensor_sha256(weight))
-    return Patch(method="rome", entries=[entry], base_fingerprint=base or model_fingerprint(model),
-                 model_identity=model_identity(model),
-                 requests=[{"prompt": "The {} is in", "subject": "Test", "target_new": "Nowhere"}],
-                 hparams={"layers": [layer]}, version="test")
+    entry = PatchEntry(
+        name=name,
+        shape=tuple(weight.shape),
+        left=torch.randn(out_dim, 1, generator=gen) * scale,
+        right=torch.randn(1, in_dim, generator=gen),
+        base_sha256=tensor_sha256(weight),
+    )
+    return Patch(
+        method="rome",
+        entries=[entry],
+        base_fingerprint=base or model_fingerprint(model),
+        model_identity=model_identity(model),
+        requests=[{"prompt": "The {} is in", "subject": "Test", "target_new": "Nowhere"}],
+        hparams={"layers": [layer]},
+        version="test",
+    )
 
 
 def with_meta(data: bytes, change) -> bytes:
@@ -148,9 +157,20 @@ def test_page_openapi_info_models(client, default_model):
     assert page.status_code == 200 and "heatmap-hidden" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
     spec = client.get("/openapi.json").json()
-    for path in ("/api/info", "/api/models", "/api/model", "/api/predict", "/api/trace", "/api/edit", "/api/jobs",
-                 "/api/jobs/{job_id}", "/api/patches", "/api/patches/{patch_id}/revert",
-                 "/api/patches/{patch_id}/download", "/api/patches/upload"):
+    for path in (
+        "/api/info",
+        "/api/models",
+        "/api/model",
+        "/api/predict",
+        "/api/trace",
+        "/api/edit",
+        "/api/jobs",
+        "/api/jobs/{job_id}",
+        "/api/patches",
+        "/api/patches/{patch_id}/revert",
+        "/api/patches/{patch_id}/download",
+        "/api/patches/upload",
+    ):
         assert path in spec["paths"], path
     info = client.get("/api/info").json()
     assert info["model"] == "smollm2-135m" and info["num_layers"] == 30 and not info["edited"]
@@ -188,8 +208,10 @@ def test_trace_job_and_queueing(client, app, default_model):
     session = app.state.session
     with HoldModel(app):  # a job holds the model: both traces wait, a quick read answers "busy"
         first = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 2})
-        second = client.post("/api/trace", json={"prompt": "The {} is located in the city of", "subject": SUBJECT,
-                                                 "samples": 1, "answer": "Paris"})
+        second = client.post(
+            "/api/trace",
+            json={"prompt": "The {} is located in the city of", "subject": SUBJECT, "samples": 1, "answer": "Paris"},
+        )
         assert first.status_code == second.status_code == 202
         assert first.headers["location"] == f"/api/jobs/{first.json()['job']['id']}"
         snaps = [client.get(f"/api/jobs/{r.json()['job']['id']}").json() for r in (first, second)]
@@ -221,11 +243,17 @@ def test_edit_download_revert_upload(client, app, default_model):
     model, _ = default_model
     base = state(app, model)
     originals = {k: v.clone() for k, v in model.state_dict().items()}
-    r = client.post("/api/edit", json={
-        "prompt": PROMPT, "subject": SUBJECT, "target": "Rome",
-        "paraphrases": ["The Eiffel Tower can be found in the city of"],
-        "neighbours": ["The Louvre is located in the city of"], "generate_tokens": 8,
-    })
+    r = client.post(
+        "/api/edit",
+        json={
+            "prompt": PROMPT,
+            "subject": SUBJECT,
+            "target": "Rome",
+            "paraphrases": ["The Eiffel Tower can be found in the city of"],
+            "neighbours": ["The Louvre is located in the city of"],
+            "generate_tokens": 8,
+        },
+    )
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["job"])
     assert job["status"] == "done", job["error"]
@@ -285,8 +313,106 @@ def test_edit_download_revert_upload(client, app, default_model):
     assert {k: v for k, v in end.items() if k != "jobs"} == {k: v for k, v in base.items() if k != "jobs"}
 
 
+def test_info_lists_the_registry_methods(client, default_model):
+    """The app has no method list of its own: /api/info offers the registry's, less the stated exclusions."""
+    from factedit.editing.methods import get_method, method_names
+    from factedit.web.edits import EDITABLE_HPARAMS, NOT_EDITS
+    from factedit.web.schemas import EditHyperParamsIn
+
+    info = client.get("/api/info").json()
+    assert NOT_EDITS == ("none",)
+    assert info["methods"] == [name for name in method_names() if name not in NOT_EDITS]
+    assert {"rome", "rome-original", "memit", "alphaedit", "ft", "ft-l"} <= set(info["methods"])
+    assert [m["name"] for m in info["method_details"]] == info["methods"]
+    assert set(info["edit_defaults"]) == set(info["methods"])  # every method has defaults for the default model
+    for name in info["methods"]:
+        hp = get_method(name).hparams(default_model[0])
+        expected = {k: getattr(hp, k) for k in EDITABLE_HPARAMS if k in type(hp).model_fields}
+        assert info["edit_defaults"][name] == expected, name
+    details = {m["name"]: m["hparams"] for m in info["method_details"]}
+    assert "num_steps" in details["ft"] and "v_lr" not in details["ft"]
+    assert "v_lr" in details["alphaedit"] and "num_steps" not in details["rome"]
+    assert set(EditHyperParamsIn.model_fields) == set(EDITABLE_HPARAMS)  # the schema offers exactly these
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["EditIn"]["properties"]["method"]
+    assert schema["enum"] == info["methods"]
+
+
+@pytest.mark.parametrize("method, hparams", [("alphaedit", None), ("ft", {"num_steps": 20, "layers": [6]})])
+def test_registry_method_edit_and_revert(client, app, default_model, method, hparams):
+    """AlphaEdit and FT through the API: the job completes, the prediction changes, the revert restores the weights."""
+    model = default_model[0]
+    base = state(app, model)
+    body = {
+        "prompt": PROMPT,
+        "subject": SUBJECT,
+        "target": "Rome",
+        "method": method,
+        "neighbours": ["The Louvre is located in the city of"],
+        "generate_tokens": 0,
+    }
+    if hparams:
+        body["hparams"] = hparams
+    r = client.post("/api/edit", json=body)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "done", job["error"]
+    res = job["result"]
+    assert res["method"] == method and res["patch"]["method"] == method and res["patch"]["source"] == "edit"
+    rows = {row["kind"]: row for row in res["checks"]}
+    assert set(rows) == {"prompt", "neighbour"}
+    before, after = rows["prompt"]["before"], rows["prompt"]["after"]
+    assert before["top"][0][0] == " Paris"
+    assert after["top"] != before["top"] and after["p_target_new"] > before["p_target_new"]
+    assert res["landed"] == (after["top"][0][0] == " Rome")
+    assert isinstance(res["converged"], bool) and res["generation"]["before"] is None
+    if hparams:
+        assert res["layers"] == hparams["layers"]
+    edited = client.get("/api/info").json()
+    assert edited["edited"] and edited["fingerprint"] == model_fingerprint(model) != base["fingerprint"]
+    assert client.post("/api/predict", json={"prompt": PROMPT}).json()["top"][0][0] == after["top"][0][0]
+    rv = client.post(f"/api/patches/{res['patch']['id']}/revert")
+    assert rv.status_code == 202, rv.text
+    done = wait_job(client, rv.json()["job"])
+    assert done["status"] == "done" and done["result"]["restored_base"], done["error"]
+    assert done["result"]["fingerprint"] == base["fingerprint"] == model_fingerprint(model)
+    end = state(app, model)
+    assert {k: v for k, v in end.items() if k != "jobs"} == {k: v for k, v in base.items() if k != "jobs"}
+
+
+def test_job_progress_maps_core_stages():
+    """The core's stages drive a job's fraction (monotone, inside its span) and its "name: done / total" message."""
+    from factedit.web.jobs import Job, JobProgress, Reporter
+
+    job = Job(id="0" * 16, kind="test", params={})
+    progress = JobProgress(Reporter(job, threading.Lock()).span(0.1, 0.9))
+    seen = []
+    with progress.stage("second moments", total=4, unit="tok") as stage:
+        stage.advance(2)
+        assert job.message == "second moments: 2 / 4 tok"
+        stage.advance(2)
+        seen.append(job.progress)
+    assert job.message == "second moments: done" and job.progress == pytest.approx(0.5)  # half of 0.1..0.9
+    with progress.stage("z vectors", total=2, unit="req") as outer:
+        for _ in range(2):
+            with progress.stage("value optimisation", total=5) as inner:
+                for _ in range(5):
+                    inner.advance(1, loss=1.5)
+                    seen.append(job.progress)
+                assert job.message == "value optimisation: 5 / 5 (loss 1.5)"
+            outer.advance(1)
+            seen.append(job.progress)
+    assert seen == sorted(seen) and 0.1 <= seen[0] and seen[-1] <= 0.9
+    assert seen[-1] == pytest.approx(0.7)  # the second stage took half of what was left
+    with progress.stage("context templates") as untimed:  # no total: the message says it is working
+        assert job.message == "context templates: working"
+        untimed.advance(3)
+        assert job.message == "context templates: 3"
+    assert job.progress <= 0.9
+
+
 def test_edit_queued_behind_a_model_switch_is_refused(client, app, default_model):
-    """An edit validated for one model must not run on the next one (its hyper-parameters were resolved for the first)."""
+    """An edit validated for one model must not run on the next one (its hyper-parameters were resolved for the
+    first)."""
     model, tok = default_model
     session = app.state.session
     before = state(app, model)
@@ -320,7 +446,8 @@ def test_edit_queued_behind_a_model_switch_is_refused(client, app, default_model
 def _patch_variants(model) -> dict[str, bytes]:
     good = synthetic_patch(model).to_bytes()
     other_shape = synthetic_patch(model)
-    other_shape.entries[0].shape = (10, 10)
+    wrong_entry = dataclasses.replace(other_shape.entries[0], shape=(10, 10))
+    other_shape = dataclasses.replace(other_shape, entries=[wrong_entry])
     nonfinite = synthetic_patch(model)
     nonfinite.entries[0].left[0, 0] = float("nan")
     return {
@@ -353,9 +480,24 @@ HOSTILE_JSON = [
     ("/api/edit", {"prompt": "The {} is in {0.__class__}", "subject": SUBJECT, "target": "Rome"}, 422),  # format string
     ("/api/edit", {"prompt": "x" * 5000 + " {}", "subject": SUBJECT, "target": "Rome"}, 422),  # too long
     ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "   "}, 422),
-    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "method": "ft"}, 422),
-    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome",
-                   "hparams": {"mom2_dataset": "/etc/passwd"}}, 422),  # no server paths
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "method": "sgd"}, 422),  # not a method
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "method": "none"}, 422),  # makes no patch
+    (
+        "/api/edit",
+        {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "method": "ft", "hparams": {"v_lr": 0.5}},
+        400,
+    ),  # not a setting FT has
+    ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"num_steps": 5}}, 400),  # FT's
+    (
+        "/api/edit",
+        {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "method": "ft-l", "hparams": {"norm_constraint": 0.0}},
+        422,
+    ),
+    (
+        "/api/edit",
+        {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"mom2_dataset": "/etc/passwd"}},
+        422,
+    ),  # no server paths
     ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"layers": [29, 100_000]}}, 422),
     ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"layers": [45]}}, 400),
     ("/api/edit", {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome", "hparams": {"v_lr": -1.0}}, 422),
@@ -369,8 +511,11 @@ HOSTILE_JSON = [
 ]
 
 
-@pytest.mark.parametrize("endpoint, body, status", HOSTILE_JSON,
-                         ids=[f"{i:02d}{e.replace('/', '_')}" for i, (e, _, _) in enumerate(HOSTILE_JSON)])
+@pytest.mark.parametrize(
+    "endpoint, body, status",
+    HOSTILE_JSON,
+    ids=[f"{i:02d}{e.replace('/', '_')}" for i, (e, _, _) in enumerate(HOSTILE_JSON)],
+)
 def test_hostile_json_requests(client, app, default_model, endpoint, body, status):
     before = state(app, default_model[0])
     r = client.post(endpoint, json=body)
@@ -384,24 +529,46 @@ def test_hostile_transport_requests(client, app, default_model):
     before = state(app, default_model[0])
     edit = {"prompt": PROMPT, "subject": SUBJECT, "target": "Rome"}
     cases = {
-        "huge body": (lambda: client.post("/api/edit", content=json.dumps({**edit, "x": "a" * 5_000_000}),
-                                          headers={"content-type": "application/json"}), 413),
-        "huge chunked body": (lambda: client.post("/api/edit", content=(b"a" * 65536 for _ in range(64)),
-                                                  headers={"content-type": "application/json"}), 413),
-        "malformed json": (lambda: client.post("/api/edit", content=b'{"prompt": "The {} is", ',
-                                               headers={"content-type": "application/json"}), 422),
-        "not json": (lambda: client.post("/api/edit", content=json.dumps(edit),
-                                         headers={"content-type": "text/plain"}), 415),
-        "cross-site form post": (lambda: client.post("/api/edit", json=edit,
-                                                     headers={"origin": "http://evil.example"}), 403),
+        "huge body": (
+            lambda: client.post(
+                "/api/edit",
+                content=json.dumps({**edit, "x": "a" * 5_000_000}),
+                headers={"content-type": "application/json"},
+            ),
+            413,
+        ),
+        "huge chunked body": (
+            lambda: client.post(
+                "/api/edit", content=(b"a" * 65536 for _ in range(64)), headers={"content-type": "application/json"}
+            ),
+            413,
+        ),
+        "malformed json": (
+            lambda: client.post(
+                "/api/edit", content=b'{"prompt": "The {} is", ', headers={"content-type": "application/json"}
+            ),
+            422,
+        ),
+        "not json": (
+            lambda: client.post("/api/edit", content=json.dumps(edit), headers={"content-type": "text/plain"}),
+            415,
+        ),
+        "cross-site form post": (
+            lambda: client.post("/api/edit", json=edit, headers={"origin": "http://evil.example"}),
+            403,
+        ),
         "foreign host (DNS rebinding)": (lambda: client.get("/api/info", headers={"host": "evil.example"}), 400),
         "path traversal in patch id": (lambda: client.get("/api/patches/..%2F..%2Fetc%2Fpasswd/download"), 404),
         "bad patch id": (lambda: client.get("/api/patches/not-an-id/download"), 422),
         "unknown patch": (lambda: client.post("/api/patches/0123456789ab/revert"), 404),
         "unknown job": (lambda: client.get("/api/jobs/0123456789abcdef"), 404),
         "bad job id": (lambda: client.get("/api/jobs/..%2Fsecret"), 404),
-        "upload not multipart": (lambda: client.post("/api/patches/upload", content=b"x" * 100,
-                                                     headers={"content-type": "application/octet-stream"}), 415),
+        "upload not multipart": (
+            lambda: client.post(
+                "/api/patches/upload", content=b"x" * 100, headers={"content-type": "application/octet-stream"}
+            ),
+            415,
+        ),
         "upload without file": (lambda: client.post("/api/patches/upload", files={"other": ("a", b"x")}), 422),
         "upload empty file": (lambda: upload(client, b""), 400),
         "upload too big": (lambda: upload(client, b"x" * 1_100_000), 413),
@@ -425,7 +592,7 @@ def test_hostile_patch_uploads(client, app, default_model):
 def _duplicate_entry_patch(model) -> bytes:
     patch = synthetic_patch(model)
     twice = synthetic_patch(model, scale=2e-3)
-    patch.entries.append(twice.entries[0])  # the same weight named twice
+    patch = dataclasses.replace(patch, entries=[*patch.entries, twice.entries[0]])  # the same weight named twice
     return patch.to_bytes()
 
 
@@ -440,8 +607,9 @@ def _crafted_metadata(model) -> dict[str, bytes]:
         "hparams a list": with_meta(good, lambda m: m.update(hparams=[1])),
         "info a string": with_meta(good, lambda m: m.update(info="x")),
         "entry name a list": with_meta(good, lambda m: m["entries"][0].update(name=["model.layers.10.mlp"])),
-        "entry shape of floats": with_meta(good, lambda m: m["entries"][0].update(
-            shape=[float(d) for d in m["entries"][0]["shape"]])),
+        "entry shape of floats": with_meta(
+            good, lambda m: m["entries"][0].update(shape=[float(d) for d in m["entries"][0]["shape"]])
+        ),
         "fingerprint a number": with_meta(good, lambda m: m.update(base_fingerprint=5)),
         "identity a number": with_meta(good, lambda m: m.update(model_identity=5)),
         "method an object": with_meta(good, lambda m: m.update(method={"rome": 1})),
@@ -467,9 +635,14 @@ def test_upload_with_odd_but_valid_metadata_lists_and_reverts(client, app, defau
     model = default_model[0]
     before = state(app, model)
     good = synthetic_patch(model).to_bytes()
-    odd = with_meta(good, lambda m: m.update(
-        info={"nested": [1, {"x": None}]}, hparams={"layers": [10], "other": {"a": [1]}},
-        requests=[{"prompt": "The {} is in " + "x" * 2000, "subject": "Test", "target_new": None, "extra": [1, 2]}]))
+    odd = with_meta(
+        good,
+        lambda m: m.update(
+            info={"nested": [1, {"x": None}]},
+            hparams={"layers": [10], "other": {"a": [1]}},
+            requests=[{"prompt": "The {} is in " + "x" * 2000, "subject": "Test", "target_new": None, "extra": [1, 2]}],
+        ),
+    )
     r = upload(client, odd)
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["job"])
@@ -485,20 +658,30 @@ def test_upload_with_odd_but_valid_metadata_lists_and_reverts(client, app, defau
 
 
 def test_patch_summary_never_raises(default_model):
-    from factedit.web.session import AppliedPatch
+    from factedit.web.patches import PatchListing
 
     patch = synthetic_patch(default_model[0])
-    patch.requests, patch.hparams, patch.method = 5, {"layers": "x"}, ["rome"]  # as an unchecked file could say
-    patch.entries[0].name = ["not", "a", "name"]
-    summary = AppliedPatch(id="0123456789ab", patch=patch, source="upload").summary()
+    odd_entry = dataclasses.replace(patch.entries[0], name=["not", "a", "name"])
+    patch = dataclasses.replace(
+        patch,
+        requests=5,
+        hparams={"layers": "x"},
+        method=["rome"],  # as an unchecked file
+        entries=[odd_entry],
+    )  # could say
+    summary = PatchListing(id="0123456789ab", patch=patch, source="upload").summary()
     assert summary["method"] is None and summary["layers"] is None and summary["weights"] == []
     assert summary["n_requests"] == 0 and summary["request"]["text"] is None and summary["id"] == "0123456789ab"
     json.dumps(summary)
 
 
 def test_security_headers(client):
-    for r in (client.get("/"), client.get("/api/info"), client.get("/static/app.js"),
-              client.post("/api/predict", json={"prompt": PROMPT}, headers={"origin": "http://evil.example"})):
+    for r in (
+        client.get("/"),
+        client.get("/api/info"),
+        client.get("/static/app.js"),
+        client.post("/api/predict", json={"prompt": PROMPT}, headers={"origin": "http://evil.example"}),
+    ):
         assert r.headers["x-frame-options"] == "DENY", r.url
         assert r.headers["x-content-type-options"] == "nosniff"
         csp = r.headers["content-security-policy"]
@@ -513,8 +696,16 @@ def test_origin_must_be_the_requests_own(client, app, default_model):
     body = {"prompt": PROMPT, "k": 1}
     assert client.post("/api/predict", json=body, headers={"origin": "http://127.0.0.1"}).status_code == 200
     assert client.post("/api/predict", json=body, headers={"origin": "http://127.0.0.1:80"}).status_code == 200
-    for origin in ("http://127.0.0.1:8001", "https://127.0.0.1", "http://localhost", "null", "http://evil.example",
-                   "http://127.0.0.1:99999", "file://", "http://user@127.0.0.1"):
+    for origin in (
+        "http://127.0.0.1:8001",
+        "https://127.0.0.1",
+        "http://localhost",
+        "null",
+        "http://evil.example",
+        "http://127.0.0.1:99999",
+        "file://",
+        "http://user@127.0.0.1",
+    ):
         r = client.post("/api/predict", json=body, headers={"origin": origin})
         assert r.status_code == 403 and "cross-origin" in r.json()["detail"], origin
     r = client.get("/api/info", headers={"host": "evil.example"})
@@ -536,7 +727,8 @@ def test_host_and_origin_checks_when_bound_beyond_loopback(default_model):
             allowed_hosts_for("0.0.0.0", [bad])
     assert split_host_header("[::1]:8000") == ("::1", 8000) and split_host_header("Box.LAN") == ("box.lan", None)
     assert split_host_header("::1") is None and split_host_header("a:b") is None and split_host_header(":80") is None
-    assert same_origin("http://[::1]:8000", "http", "[::1]:8000") and not same_origin("http://[::1]:8001", "http", "[::1]:8000")
+    assert same_origin("http://[::1]:8000", "http", "[::1]:8000")
+    assert not same_origin("http://[::1]:8001", "http", "[::1]:8000")
 
     model, tok = default_model
     app = create_app(model, tok, allowed_hosts=hosts)

@@ -22,6 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from factedit.models.fingerprint import model_fingerprint  # noqa: E402
 from factedit.web.app import create_app  # noqa: E402
+from factedit.web.edits import edit_method_names  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
 from .test_web_api import restore_model, web_overrides  # noqa: E402
@@ -30,9 +31,19 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOT = REPO / "out" / "web" / "screenshot.png"
 # Without the networking switches Chromium stalls on this offline machine.
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1440,1000", "--hide-scrollbars"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1440,1000",
+    "--hide-scrollbars",
+]
 
 
 def _free_port() -> int:
@@ -87,8 +98,10 @@ def wait_for(driver, condition, timeout: float, what: str):
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.25).until(lambda d: condition(d))
     except TimeoutException:
-        statuses = {s: driver.find_element("css selector", s).text for s in
-                    ("#predict-status", "#trace-status", "#edit-status", "#patch-status")}
+        statuses = {
+            s: driver.find_element("css selector", s).text
+            for s in ("#predict-status", "#trace-status", "#edit-status", "#patch-status")
+        }
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; page statuses: {statuses}") from None
 
 
@@ -100,11 +113,14 @@ def attr(driver, selector: str, name: str) -> str | None:
     """An attribute of the first match, read atomically in the page (re-rendered nodes never go stale)."""
     return driver.execute_script(
         "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;",
-        selector, name)
+        selector,
+        name,
+    )
 
 
 def test_trace_edit_revert_in_chromium(server, browser, default_model):
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
 
     app, url = server
     model = default_model[0]
@@ -113,6 +129,16 @@ def test_trace_edit_revert_in_chromium(server, browser, default_model):
     d.get(url)
     wait_for(d, lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1", 60, "page ready")
     assert "smollm2-135m" in [o.get_attribute("value") for o in css(d, "#model-select option")]
+    # the method menu is the library's registry; each method shows only its own hyper-parameters
+    assert [o.get_attribute("value") for o in css(d, "#method option")] == edit_method_names()
+    assert d.find_element("id", "method").get_attribute("value") == "rome"
+    d.find_element("id", "advanced").click()
+    method = Select(d.find_element("id", "method"))
+    method.select_by_value("ft")
+    assert d.find_element("id", "hp-num_steps").is_displayed() and not d.find_element("id", "hp-v_lr").is_displayed()
+    assert d.find_element("id", "hp-layers").get_attribute("placeholder") == "6"
+    method.select_by_value("rome")
+    assert d.find_element("id", "hp-v_lr").is_displayed() and not d.find_element("id", "hp-num_steps").is_displayed()
 
     # predictions of the unedited model
     d.find_element("id", "predict-btn").click()
@@ -144,6 +170,8 @@ def test_trace_edit_revert_in_chromium(server, browser, default_model):
     wait_for(d, lambda d: attr(d, prompt_row, "data-after-top1") is not None, 900, "edit results")
     assert attr(d, prompt_row, "data-before-top1") == " Paris"
     assert attr(d, prompt_row, "data-after-top1") == " Rome"
+    assert attr(d, "#edit-verdict", "data-landed") == "1"  # the report's verdict, in one line
+    assert "top prediction: yes" in d.find_element("id", "edit-verdict").text
     wait_for(d, lambda d: top1(d) == " Rome", 60, "prediction panel shows Rome")
     assert len(css(d, "#patch-list tr[data-patch-id]")) == 1
     assert d.find_element("id", "gen-after").text.startswith("The Eiffel Tower is located in the city of")

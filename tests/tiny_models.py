@@ -51,29 +51,64 @@ _TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
 def _configs(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, init: float) -> dict:
     head_dim = hidden // heads
     llama_like = dict(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=MAX_POSITIONS,
-        initializer_range=init, tie_word_embeddings=False, **_TOKENS,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        initializer_range=init,
+        tie_word_embeddings=False,
+        **_TOKENS,
     )
     gpt_like = dict(
-        vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
-        n_positions=MAX_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=init, **_TOKENS,
+        vocab_size=VOCAB,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_inner=intermediate,
+        n_positions=MAX_POSITIONS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        initializer_range=init,
+        **_TOKENS,
     )
     gemma_layers = ["sliding_attention", "sliding_attention", "full_attention"] * layers
     return {
         "gpt2": (GPT2LMHeadModel, GPT2Config(**gpt_like)),
         "gptj": (GPTJForCausalLM, GPTJConfig(rotary_dim=head_dim // 2, tie_word_embeddings=False, **gpt_like)),
-        "gpt_neox": (GPTNeoXForCausalLM, GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=intermediate, rotary_pct=0.25, max_position_embeddings=MAX_POSITIONS,
-            use_parallel_residual=True, initializer_range=init, tie_word_embeddings=False, **_TOKENS)),
+        "gpt_neox": (
+            GPTNeoXForCausalLM,
+            GPTNeoXConfig(
+                vocab_size=VOCAB,
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                intermediate_size=intermediate,
+                rotary_pct=0.25,
+                max_position_embeddings=MAX_POSITIONS,
+                use_parallel_residual=True,
+                initializer_range=init,
+                tie_word_embeddings=False,
+                **_TOKENS,
+            ),
+        ),
         "llama": (LlamaForCausalLM, LlamaConfig(**llama_like)),
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(**llama_like)),
         "qwen3": (Qwen3ForCausalLM, Qwen3Config(head_dim=head_dim, **llama_like)),
         "mistral": (MistralForCausalLM, MistralConfig(sliding_window=None, **llama_like)),
-        "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(
-            head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=GEMMA_SLIDING_WINDOW,
-            layer_types=gemma_layers[:layers], **{**llama_like, "tie_word_embeddings": True})),
+        "gemma3": (
+            Gemma3ForCausalLM,
+            Gemma3TextConfig(
+                head_dim=head_dim,
+                query_pre_attn_scalar=head_dim,
+                sliding_window=GEMMA_SLIDING_WINDOW,
+                layer_types=gemma_layers[:layers],
+                **{**llama_like, "tie_word_embeddings": True},
+            ),
+        ),
         "phi3": (Phi3ForCausalLM, Phi3Config(**llama_like)),
     }
 

@@ -3,8 +3,9 @@
 ``Trace`` reads (and optionally edits) one module's input/output; ``TraceDict``
 does the same for several; ``stop=True`` raises :class:`StopForward` after the
 module so a caller pays only for the partial forward it needs (statistics,
-keys). ``swap_modules`` temporarily replaces sub-modules (used to skip blocks
-whose outputs are already known).
+keys). ``swap_modules`` temporarily replaces sub-modules; ``known_blocks`` uses it
+to skip the lowest blocks when the state they would produce is already known
+(:class:`KnownOutput` stubs return it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from factedit.models.architectures import get_module
+from factedit.models.architectures import ArchSpec, get_module
 
 
 class StopForward(Exception):
@@ -171,6 +172,40 @@ def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterat
                 parent[int(child)] = old
             else:
                 setattr(parent, child, old)
+
+
+class KnownOutput(nn.Module):
+    """Stands in for a block whose output is already known; other attributes come from the block.
+
+    Attribute look-ups fall through to the replaced block so that model code reading
+    per-layer settings (attention type, layer index) from it keeps working.
+    """
+
+    def __init__(self, block: nn.Module, value: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        self.value = value
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+@contextlib.contextmanager
+def known_blocks(model: nn.Module, arch: ArchSpec, count: int, output: torch.Tensor | None) -> Iterator[None]:
+    """Skip blocks ``0 .. count-1``: each returns ``output``, the known input of block ``count``.
+
+    Why: a forward whose changes start at block ``count`` recomputes nothing below it
+    (the fast value optimisation and causal tracing). ``count == 0`` changes nothing.
+    """
+    blocks = get_module(model, arch.blocks)
+    with swap_modules(model, {arch.block(i): KnownOutput(blocks[i], output) for i in range(count)}):
+        yield
 
 
 def run_until(model: nn.Module, stop_after: str, **inputs: Any) -> None:

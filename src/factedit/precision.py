@@ -15,8 +15,7 @@ from torch import nn
 
 from factedit.errors import FactEditError
 
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                   "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def autocast_dtype(name: str | None) -> torch.dtype | None:

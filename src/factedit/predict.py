@@ -1,13 +1,23 @@
-"""What the model says: top next tokens, teacher-forced target probabilities, generations."""
+"""What the model says: top next tokens, teacher-forced target probabilities, generations.
+
+Teacher-forced scoring runs one batched forward per chunk of (prompt, continuation) pairs and
+applies the LM head only at the positions that predict continuation tokens. Target tokens are
+those the model sees when the continuation follows the prompt (:func:`factedit.text.target_ids`),
+like ROME's ``tok(f"{prefix} {target}")``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from factedit.hooks import Trace
+from factedit.models.architectures import arch_for
+from factedit.models.runtime import lm_logits
 from factedit.text import pad_id, pad_right, target_ids
 
 
@@ -29,7 +39,59 @@ def top_next_tokens(
     ]
 
 
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Per continuation token: log p(token | prompt, previous tokens) and whether it was the argmax."""
+
+    logprobs: tuple[float, ...]
+    argmax: tuple[bool, ...]
+
+    @property
+    def nll(self) -> float:
+        """ROME's length-normalised NLL: -mean log p over the continuation's tokens."""
+        return -sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def all_correct(self) -> bool:
+        return all(self.argmax)
+
+
 @torch.no_grad()
+def score_continuations(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 64,
+) -> list[ContinuationScore]:
+    """Score each ``(prompt, continuation)``; the continuation should carry its leading space."""
+    device = next(model.parameters()).device
+    arch = arch_for(model)
+    seqs, spans = [], []
+    for prompt, cont in pairs:
+        p = tok(prompt)["input_ids"]
+        t = target_ids(tok, prompt, cont)
+        seqs.append(p + t)
+        spans.append((len(p), len(t)))
+    out: list[ContinuationScore] = []
+    for lo in range(0, len(seqs), batch_size):
+        chunk, chunk_spans = seqs[lo : lo + batch_size], spans[lo : lo + batch_size]
+        ids, mask = pad_right(chunk, pad_id(tok), device)
+        with Trace(model, arch.final_norm, stop=True) as fin:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, (_, n) in enumerate(chunk_spans)]).to(device)
+        pos = torch.cat([torch.arange(s - 1, s - 1 + n) for s, n in chunk_spans]).to(device)
+        logp = torch.log_softmax(lm_logits(model, arch, fin.output[rows, pos]).float(), dim=-1)
+        wanted = ids[rows, pos + 1]
+        token_logp = logp.gather(1, wanted[:, None]).squeeze(1).tolist()
+        hits = (logp.argmax(-1) == wanted).tolist()
+        k = 0
+        for _, n in chunk_spans:
+            out.append(ContinuationScore(tuple(token_logp[k : k + n]), tuple(bool(h) for h in hits[k : k + n])))
+            k += n
+    return out
+
+
 def target_log_probs(
     model: nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str], targets: Sequence[str]
 ) -> list[tuple[float, int]]:
@@ -37,20 +99,8 @@ def target_log_probs(
 
     ``exp(sum)`` is the joint probability; ``-sum / n`` ROME's length-normalised NLL.
     """
-    device = next(model.parameters()).device
-    seqs, spans = [], []
-    for text, target in zip(texts, targets):
-        prompt = tok(text)["input_ids"]
-        tgt = target_ids(tok, text, target)
-        seqs.append(prompt + tgt)
-        spans.append((len(prompt), len(tgt)))
-    ids, mask = pad_right(seqs, pad_id(tok), device)
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), dim=-1)
-    out = []
-    for row, (start, n) in enumerate(spans):
-        pos = torch.arange(start - 1, start - 1 + n, device=device)
-        out.append((float(logp[row, pos, ids[row, pos + 1]].sum()), n))
-    return out
+    scores = score_continuations(model, tok, list(zip(texts, targets)))
+    return [(sum(s.logprobs), len(s.logprobs)) for s in scores]
 
 
 def new_beats_true(
@@ -87,10 +137,13 @@ def generate(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=sample, top_k=top_k if sample else None,
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            top_k=top_k if sample else None,
             pad_token_id=pad_id(tok),
         )
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def probe(

@@ -21,9 +21,7 @@ def check_prompt(prompt: str) -> str:
         raise FactEditError("prompt is empty")
     count = prompt.count("{}")
     if count != 1:
-        raise FactEditError(
-            f"prompt must contain exactly one '{{}}' where the subject goes, found {count}: {prompt!r}"
-        )
+        raise FactEditError(f"prompt must contain exactly one '{{}}' where the subject goes, found {count}: {prompt!r}")
     return prompt
 
 
@@ -51,6 +49,19 @@ def fill(template: str, subject: str) -> tuple[str, int, int]:
     start = template.index("{}")
     text = template[:start] + subject + template[start + 2 :]
     return text, start, start + len(subject)
+
+
+def as_template(prompt: str, subject: str) -> str:
+    """A prompt template with ``{}`` where the subject goes: ``prompt`` itself when it has one, else
+    ``prompt`` with the subject's first occurrence replaced (users and data sets often spell it out)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise FactEditError("prompt is empty")
+    check_subject(subject)
+    if "{}" in prompt:
+        return prompt
+    if subject not in prompt:
+        raise FactEditError(f"subject {subject!r} does not occur in the prompt {prompt!r} (matching is case-sensitive)")
+    return prompt.replace(subject, "{}", 1)
 
 
 def encode_with_subject(tok: PreTrainedTokenizerBase, template: str, subject: str) -> SubjectPrompt:
@@ -99,7 +110,9 @@ def with_leading_space(target: str) -> str:
     return target if target.startswith(" ") else " " + target
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into ``input_ids`` and ``attention_mask`` tensors."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

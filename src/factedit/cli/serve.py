@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from factedit.cli.options import DataDirOpt, ModelChoice, fail, warn, with_model_options
 from factedit.errors import FactEditError
 
-err = Console(stderr=True)
 log = logging.getLogger(__name__)
 
 
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="registry name (default smollm2-135m), .gguf file, folder or hub id")]
-HostOpt = Annotated[str, typer.Option(help="address to bind; anything but loopback exposes the model to the network")]
-AllowedHostOpt = Annotated[Optional[List[str]], typer.Option(
-    "--allowed-host", metavar="NAME",
-    help="another name clients may use in the Host header (repeatable; loopback names and --host are always "
-         "allowed; '*' accepts any Host, cross-origin requests stay refused)")]
-StatsOpt = Annotated[Optional[int], typer.Option(
-    help="tokens for the edit statistics (default: the family file's)", min=1)]
+HostOpt = Annotated[
+    str, typer.Option(help="address to bind; anything but loopback exposes the model to the network", metavar="ADDRESS")
+]
+AllowedHostOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--allowed-host",
+        metavar="NAME",
+        help="another name clients may use in the Host header (repeatable; loopback names and --host are always "
+        "allowed; '*' accepts any Host, cross-origin requests stay refused)",
+    ),
+]
+StatsOpt = Annotated[
+    Optional[int], typer.Option(help="tokens for the edit statistics (default: the family file's)", min=1, metavar="N")
+]
 
 
 def _is_loopback(host: str) -> bool:
@@ -62,42 +67,39 @@ def _is_ip(name: str) -> bool:
         return False
 
 
+@with_model_options
 def serve_command(
-    model: ModelOpt = None,
-    port: Annotated[int, typer.Option(help="TCP port (0: pick a free one)", min=0, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (0: pick a free one)", min=0, max=65535, metavar="PORT")] = 8000,
     host: HostOpt = "127.0.0.1",
     allowed_host: AllowedHostOpt = None,
     stats_tokens: StatsOpt = None,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    data_dir: DataDirOpt = None,
+    choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Start the web app (predictions, causal-trace heatmaps, edits, patches) and print its address."""
     try:
         import uvicorn
     except ImportError:  # pragma: no cover - a dependency, but say what to do if it is missing
-        err.print("[bold red]error:[/] the web app needs fastapi and uvicorn: "
-                  "pip install fastapi uvicorn python-multipart")
-        raise typer.Exit(2) from None
-    from factedit.models import load_model
-    from factedit.models.registry import DEFAULT_MODEL
+        fail("the web app needs fastapi and uvicorn: pip install fastapi uvicorn python-multipart")
     from factedit.web.app import create_app
 
-    name = model or DEFAULT_MODEL  # the operator may name any model load_model accepts; clients only registry names
+    name = choice.label  # the operator may name any model load_model accepts; clients only registry names
     try:
         hosts = allowed_hosts_for(host, allowed_host)
-        mdl, tok = load_model(name, device=device, dtype=dtype)
+        mdl, tok = ModelChoice(name, choice.device, choice.dtype, choice.threads).load()
     except FactEditError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(exc)
     loopback = _is_loopback(host)
     if not loopback:
-        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach it can edit the model; "
-                  f"it answers to Host {', '.join(hosts)} (--allowed-host NAME adds the names clients use)",
-                  highlight=False)
+        warn(
+            f"binding {host}: anyone who can reach it can edit the model; it answers to Host "
+            f"{', '.join(hosts)} (--allowed-host NAME adds the names clients use)"
+        )
     overrides = {"mom2_n_tokens": stats_tokens} if stats_tokens else None
     app = create_app(mdl, tok, model_name=name, hparams_overrides=overrides, allowed_hosts=hosts)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=5,
-                            h11_max_incomplete_event_size=64 * 1024)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024
+    )
     server = uvicorn.Server(config)
 
     # Print the address once the socket is bound (port 0 picks a free port, known only then).

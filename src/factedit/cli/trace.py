@@ -11,36 +11,54 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from factedit.cli.options import (
+    DataDirOpt,
+    ModelChoice,
+    console,
+    fail,
+    progress,
+    warn,
+    with_model_options,
+)
 from factedit.errors import FactEditError
 
-console = Console()
-err = Console(stderr=True)
+SamplesOpt = Annotated[int, typer.Option(help="noise samples per corrupted run", min=1, metavar="N")]
+NoiseOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        help="fixed noise scale (std); default: --noise-factor × std of subject-token embeddings over known facts",
+        metavar="STD",
+    ),
+]
+NoiseFactorOpt = Annotated[
+    float, typer.Option(help="multiple of the embedding std used when --noise is not given", metavar="X")
+]
+WindowOpt = Annotated[
+    int, typer.Option(help="layers restored together for MLP/attention (official: l-5..l+4 for 10)", min=1, metavar="N")
+]
+SeedOpt = Annotated[int, typer.Option(help="seed of the noise generator", metavar="N")]
+BatchOpt = Annotated[
+    int, typer.Option(help="restorations × noise samples per forward pass (fast method)", min=1, metavar="N")
+]
+SeverOpt = Annotated[
+    bool, typer.Option("--sever", help="also trace hidden states with MLP / attention severed (paper Fig. 3)")
+]
+FormatsOpt = Annotated[
+    str, typer.Option(help="comma-separated figure formats, e.g. png,pdf or png,svg", metavar="LIST")
+]
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="registry name, .gguf file, folder or hub id")]
-DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
-SamplesOpt = Annotated[int, typer.Option(help="noise samples per corrupted run")]
-NoiseOpt = Annotated[Optional[float], typer.Option(
-    help="fixed noise scale (std); default: --noise-factor × std of subject-token embeddings over known facts")]
-NoiseFactorOpt = Annotated[float, typer.Option(help="multiple of the embedding std used when --noise is not given")]
-WindowOpt = Annotated[int, typer.Option(help="layers restored together for MLP/attention (official: l-5..l+4 for 10)")]
-SeedOpt = Annotated[int, typer.Option(help="seed of the noise generator")]
-BatchOpt = Annotated[int, typer.Option(help="restorations × noise samples per forward (fast method)")]
-SeverOpt = Annotated[bool, typer.Option(help="also trace hidden states with MLP / attention severed (paper Fig. 3)")]
-FormatsOpt = Annotated[str, typer.Option(help="comma-separated figure formats, e.g. png,pdf or png,svg")]
 
-
-def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(2)
-
-
-AutocastOpt = Annotated[Optional[str], typer.Option(
-    help="bfloat16: matrix products in bfloat16 under torch.autocast (several times faster on CPUs with AMX; "
-         "scores differ from float32 by bfloat16 rounding)")]
+AutocastOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="bfloat16: matrix products in bfloat16 under torch.autocast (several times faster on CPUs with AMX; "
+        "scores differ from float32 by bfloat16 rounding)",
+        metavar="DTYPE",
+    ),
+]
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -63,75 +81,112 @@ def _kinds(kind: str, sever: bool) -> list[str]:
     return kinds + (list(SEVERED_KINDS) if sever else [])
 
 
+@with_model_options
 def trace_command(
-    prompt: Annotated[str, typer.Option(help="the prompt with the subject in it (or {} where the subject goes)")],
-    subject: Annotated[str, typer.Option(help="the subject, e.g. 'Space Needle'")],
-    answer: Annotated[Optional[str], typer.Option(help="answer to trace (default: the model's top next token)")] = None,
-    kind: Annotated[str, typer.Option(help="hidden, mlp, attn or all")] = "all",
+    prompt: Annotated[
+        str, typer.Option(help="the prompt with the subject in it (or {} where the subject goes)", metavar="TEXT")
+    ],
+    subject: Annotated[str, typer.Option(help="the subject, e.g. 'Space Needle'", metavar="TEXT")],
+    answer: Annotated[
+        Optional[str], typer.Option(help="answer to trace (default: the model's top next token)", metavar="TEXT")
+    ] = None,
+    kind: Annotated[str, typer.Option(help="hidden, mlp, attn or all", metavar="KIND")] = "all",
     sever: SeverOpt = False,
     samples: SamplesOpt = 10,
     noise: NoiseOpt = None,
     noise_factor: NoiseFactorOpt = 3.0,
     window: WindowOpt = 10,
     seed: SeedOpt = 1,
-    method: Annotated[str, typer.Option(help="fast or straightforward (the official computation)")] = "fast",
+    method: Annotated[
+        str, typer.Option(help="fast or straightforward (the official computation)", metavar="NAME")
+    ] = "fast",
     batch_size: BatchOpt = 512,
-    out: Annotated[Path, typer.Option(help="folder for trace.json, trace.npz and the heatmaps")] = Path("trace"),
+    out: Annotated[Path, typer.Option(help="folder for trace.json, trace.npz and the heatmaps", metavar="DIR")] = Path(
+        "trace"
+    ),
     formats: FormatsOpt = "png,pdf",
-    model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
     autocast: AutocastOpt = None,
+    data_dir: DataDirOpt = None,
+    choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Causal trace of one fact: heatmaps of restored hidden states, MLP and attention outputs."""
-    from factedit.models import load_model
     from factedit.tracing import causal_trace
     from factedit.tracing.plots import plot_trace_all
 
     try:
         kinds = _kinds(kind, sever)
         fmts = _formats(formats)
-        mdl, tok = load_model(model, device=device, dtype=dtype)
-        result = causal_trace(mdl, tok, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise,
-                              noise_factor=noise_factor, window=window, seed=seed, method=method,
-                              batch_size=batch_size, autocast=autocast, progress=True)
-        result.meta["model"] = model or "default"
+        mdl, tok = choice.load()
+        result = causal_trace(
+            mdl,
+            tok,
+            prompt,
+            subject,
+            answer,
+            kinds=kinds,
+            samples=samples,
+            noise=noise,
+            noise_factor=noise_factor,
+            window=window,
+            seed=seed,
+            method=method,
+            batch_size=batch_size,
+            autocast=autocast,
+            progress=progress(),
+        )
+        result.meta["model"] = choice.label
         files = result.save(out) + plot_trace_all(result, out, formats=fmts)
     except FactEditError as exc:
-        _fail(exc)
+        fail(exc)
     if not result.answer_is_prediction:
-        err.print(f"[yellow]warning:[/] the model predicts {result.predicted!r}, not {result.answer!r}",
-                  highlight=False)
-    table = Table(title=f"{result.prompt!r} → {result.answer!r}: clean p={result.clean_prob:.4f}, "
-                        f"corrupted p={result.low_prob:.4f} (noise {result.noise:.4g}, {result.samples} samples)")
+        warn(f"the model predicts {result.predicted!r}, not {result.answer!r}")
+    title = (
+        f"{result.prompt!r} → {result.answer!r}: clean p={result.clean_prob:.4f}, corrupted "
+        f"p={result.low_prob:.4f} (noise {result.noise:.4g}, {result.samples} samples)"
+    )
+    table = Table(title=escape(title))
     for col in ("kind", "peak token", "peak layer", "p restored", "indirect effect"):
         table.add_column(col)
     for k in result.kinds:
         t, layer, score = result.peak(k)
-        table.add_row(k, f"{t} {result.tokens[t]!r}", str(layer), f"{score:.4f}", f"{score - result.low_prob:+.4f}")
+        table.add_row(
+            k, escape(f"{t} {result.tokens[t]!r}"), str(layer), f"{score:.4f}", f"{score - result.low_prob:+.4f}"
+        )
     console.print(table)
-    console.print(f"{result.meta['restorations']} restorations in {result.meta['seconds']:.1f}s; wrote "
-                  f"{len(files)} files to {out}")
+    console.print(
+        f"{result.meta['restorations']} restorations in {result.meta['seconds']:.1f}s; wrote "
+        f"{len(files)} files to {out}"
+    )
 
 
+@with_model_options
 def trace_dataset_command(
-    n: Annotated[Optional[int], typer.Option(help="number of facts the model predicts to trace (default: all)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder (results.jsonl, effects.csv/json, plots); resumable")] = Path(
-        "trace-known"),
-    data: Annotated[Optional[Path], typer.Option(
-        help="known_1000.json (default: data folder, cache or download)")] = None,
-    sever: Annotated[bool, typer.Option(help="also trace severed paths at the last subject token (Fig. 3)")] = True,
+    n: Annotated[
+        Optional[int],
+        typer.Option(help="number of facts the model predicts to trace (default: all)", min=1, metavar="N"),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="output folder (results.jsonl, effects.csv/json, plots); resumable", metavar="DIR")
+    ] = Path("trace-known"),
+    data: Annotated[
+        Optional[Path],
+        typer.Option(help="known_1000.json (default: the data folder's, the cache's, or downloaded)", metavar="FILE"),
+    ] = None,
+    sever: Annotated[
+        bool, typer.Option("--sever/--no-sever", help="also trace severed paths at the last subject token (Fig. 3)")
+    ] = True,
     samples: SamplesOpt = 10,
     noise: NoiseOpt = None,
     noise_factor: NoiseFactorOpt = 3.0,
     window: WindowOpt = 10,
     seed: SeedOpt = 1,
     batch_size: BatchOpt = 512,
-    summarize_only: Annotated[bool, typer.Option(help="only summarise the facts already traced in --out")] = False,
-    model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    summarize_only: Annotated[
+        bool, typer.Option("--summarize-only", help="only summarise the facts already traced in --out (no model)")
+    ] = False,
     autocast: AutocastOpt = None,
+    data_dir: DataDirOpt = None,
+    choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Average indirect effects over the known facts the model predicts (paper Fig. 2), with 95% CIs."""
     from factedit.tracing.dataset import trace_dataset, write_summary
@@ -140,23 +195,36 @@ def trace_dataset_command(
         if summarize_only:
             table = write_summary(out)
         else:
-            from factedit.models import load_model
-
-            mdl, tok = load_model(model, device=device, dtype=dtype)
-            table = trace_dataset(mdl, tok, out, n=n, data=data, severed=sever, samples=samples, noise=noise,
-                                  noise_factor=noise_factor, window=window, seed=seed, batch_size=batch_size,
-                                  autocast=autocast)
+            mdl, tok = choice.load()
+            table = trace_dataset(
+                mdl,
+                tok,
+                out,
+                n=n,
+                data=data,
+                severed=sever,
+                samples=samples,
+                noise=noise,
+                noise_factor=noise_factor,
+                window=window,
+                seed=seed,
+                batch_size=batch_size,
+                autocast=autocast,
+                progress=progress(),
+            )
     except FactEditError as exc:
-        _fail(exc)
-    summary = Table(title=f"average indirect effects over {table.n_facts} facts (clean p={table.mean_clean_prob:.3f},"
-                          f" corrupted p={table.mean_low_prob:.3f})")
+        fail(exc)
+    summary = Table(
+        title=f"average indirect effects over {table.n_facts} facts (clean p={table.mean_clean_prob:.3f},"
+        f" corrupted p={table.mean_low_prob:.3f})"
+    )
     for col in ("kind", "peak bucket", "peak layer", "AIE", "95% CI"):
         summary.add_column(col)
     for k, p in table.peaks().items():
         ci = f"[{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]"
         summary.add_row(k, p["bucket"], str(p["layer"]), f"{p['mean']:.4f}", ci)
     console.print(summary)
-    console.print(f"table: {out / 'effects.csv'}, plots: {out}")
+    console.print(escape(f"table: {out / 'effects.csv'}, plots: {out}"))
 
 
 def register(app: typer.Typer) -> None:
@@ -167,8 +235,12 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """Stand-alone entry point (the same commands without the rest of the CLI)."""
+    from factedit.cli.group import FactEditGroup
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app = typer.Typer(add_completion=False, no_args_is_help=True, help="Causal tracing.")
+    app = typer.Typer(
+        cls=FactEditGroup, add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Causal tracing."
+    )
     register(app)
     app()
 

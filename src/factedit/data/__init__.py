@@ -24,7 +24,19 @@ def load_dataset(name: str, path: str | Path | None = None, **kwargs: Any) -> Ev
 
 
 __all__ = [
-    "DATASETS", "URLS", "CounterFactCase", "DatasetError", "EvalDataset", "KnownFact", "ZsRECase",
-    "download_file", "file_sha256", "load_counterfact", "load_dataset", "load_known_facts", "load_zsre",
-    "parse_counterfact", "parse_zsre",
+    "DATASETS",
+    "URLS",
+    "CounterFactCase",
+    "DatasetError",
+    "EvalDataset",
+    "KnownFact",
+    "ZsRECase",
+    "download_file",
+    "file_sha256",
+    "load_counterfact",
+    "load_dataset",
+    "load_known_facts",
+    "load_zsre",
+    "parse_counterfact",
+    "parse_zsre",
 ]

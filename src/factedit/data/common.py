@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -127,9 +127,39 @@ class EvalDataset(Generic[CaseT]):
         return len(self.cases)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "format": self.source_format,
-                "n_records": self.n_records, "n_cases": len(self.cases),
-                "skipped": [{"id": i, "reason": r} for i, r in self.skipped]}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "format": self.source_format,
+            "n_records": self.n_records,
+            "n_cases": len(self.cases),
+            "skipped": [{"id": i, "reason": r} for i, r in self.skipped],
+        }
+
+
+def parse_records(
+    records: list[Any], parse: Callable[[dict, int], CaseT], record_id: Callable[[int], str]
+) -> tuple[list[CaseT], list[tuple[str, str]]]:
+    """Parse every record with ``parse(record, index)``; a record that is not an object, that ``parse``
+    refuses, or whose ``case_id`` repeats an earlier one is skipped with its reason, never fatal."""
+    cases: list[CaseT] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, record in enumerate(records):
+        rid = str(record.get("case_id", record_id(i))) if isinstance(record, dict) else record_id(i)
+        try:
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            case = parse(record, i)
+            if str(case.case_id) in seen:
+                raise ValueError("duplicate case_id")
+        except (ValueError, TypeError, KeyError, FactEditError) as exc:
+            skipped.append((rid, str(exc)))
+            continue
+        seen.add(str(case.case_id))
+        cases.append(case)
+    return cases, skipped
 
 
 def report_malformed(path: Path, skipped: list[tuple[str, str]], on_error: OnError) -> None:

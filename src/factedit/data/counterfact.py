@@ -25,12 +25,14 @@ from factedit.data.common import (
     find_data_file,
     need_str,
     need_str_list,
+    parse_records,
     read_json_records,
     report_malformed,
     select,
 )
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
+from factedit.text import as_template
 
 # Looked for in the data folder and the cache, in this order: the full official file first.
 COUNTERFACT_FILES = ("counterfact/counterfact.json", "counterfact.json", "counterfact/counterfact_dev.json")
@@ -72,8 +74,13 @@ def _from_rome(record: dict, index: int) -> CounterFactCase:
         raise ValueError("'requested_rewrite' missing")
     new, new_id = _target(rw.get("target_new"), "target_new")
     true, true_id = _target(rw.get("target_true"), "target_true")
-    request = EditRequest(prompt=need_str(rw, "prompt"), subject=need_str(rw, "subject"), target_new=new,
-                          target_true=true, case_id=record.get("case_id", index))
+    request = EditRequest(
+        prompt=need_str(rw, "prompt"),
+        subject=need_str(rw, "subject"),
+        target_new=new,
+        target_true=true,
+        case_id=record.get("case_id", index),
+    )
     return CounterFactCase(
         case_id=request.case_id,
         request=request,
@@ -90,14 +97,12 @@ def _from_rome(record: dict, index: int) -> CounterFactCase:
 
 def _from_easyedit(record: dict, index: int) -> CounterFactCase:
     prompt, subject = need_str(record, "prompt"), need_str(record, "subject")
-    if "{}" not in prompt:
-        if subject not in prompt:
-            raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-        prompt = prompt.replace(subject, "{}", 1)
+    prompt = as_template(prompt, subject)  # EasyEdit spells the subject out
     new, _ = _target(record.get("target_new"), "target_new")
     true, _ = _target(record.get("ground_truth"), "ground_truth")
-    request = EditRequest(prompt=prompt, subject=subject, target_new=new, target_true=true,
-                          case_id=record.get("case_id", index))
+    request = EditRequest(
+        prompt=prompt, subject=subject, target_new=new, target_true=true, case_id=record.get("case_id", index)
+    )
     rephrase = record.get("rephrase_prompt")
     paraphrases = [rephrase] if isinstance(rephrase, str) else rephrase
     locality = record.get("locality_prompt")
@@ -117,35 +122,27 @@ def detect_format(record: Any) -> str:
         return "rome"
     if isinstance(record, dict) and "ground_truth" in record and "prompt" in record:
         return "easyedit"
-    raise FactEditError("unrecognised CounterFact record: expected 'requested_rewrite' (ROME) "
-                        "or 'prompt'/'ground_truth' (EasyEdit)")
+    raise FactEditError(
+        "unrecognised CounterFact record: expected 'requested_rewrite' (ROME) or 'prompt'/'ground_truth' (EasyEdit)"
+    )
 
 
-def parse_counterfact(records: list[Any], source_format: str | None = None
-                      ) -> tuple[list[CounterFactCase], list[tuple[str, str]], str]:
+def parse_counterfact(
+    records: list[Any], source_format: str | None = None
+) -> tuple[list[CounterFactCase], list[tuple[str, str]], str]:
     """Validate records; returns (cases, skipped (id, reason), format). Duplicate case ids are skipped."""
     if not records:
         return [], [], source_format or "rome"
     fmt = source_format or detect_format(next((r for r in records if isinstance(r, dict)), records[0]))
-    parse = _from_rome if fmt == "rome" else _from_easyedit
-    cases: list[CounterFactCase] = []
-    skipped: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for i, record in enumerate(records):
-        rid = str(record.get("case_id", f"#{i}")) if isinstance(record, dict) else f"#{i}"
-        try:
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            case = parse(record, i)
-            if case.request.target_new.strip() == (case.request.target_true or "").strip():
-                raise ValueError("target_new equals target_true")
-            if str(case.case_id) in seen:
-                raise ValueError("duplicate case_id")
-        except (ValueError, TypeError, KeyError, FactEditError) as exc:
-            skipped.append((rid, str(exc)))
-            continue
-        seen.add(str(case.case_id))
-        cases.append(case)
+    convert = _from_rome if fmt == "rome" else _from_easyedit
+
+    def parse(record: dict, index: int) -> CounterFactCase:
+        case = convert(record, index)
+        if case.request.target_new.strip() == (case.request.target_true or "").strip():
+            raise ValueError("target_new equals target_true")
+        return case
+
+    cases, skipped = parse_records(records, parse, lambda i: f"#{i}")
     return cases, skipped, fmt
 
 
@@ -162,10 +159,18 @@ def load_counterfact(
     ``path``: a file or folder; default: the data folder (full ``counterfact.json`` if present,
     else ``counterfact/counterfact_dev.json``), else the cache, else (``download``) the official URL.
     """
-    p = find_data_file(path, COUNTERFACT_FILES, download="counterfact.json", allow_download=download,
-                       what="CounterFact")
+    p = find_data_file(
+        path, COUNTERFACT_FILES, download="counterfact.json", allow_download=download, what="CounterFact"
+    )
     records = read_json_records(p)
     cases, skipped, fmt = parse_counterfact(records)
     report_malformed(p, skipped, on_error)
-    return EvalDataset(name="counterfact", path=p, sha256=file_sha256(p), source_format=fmt,
-                       cases=select(cases, n, start), skipped=skipped, n_records=len(records))
+    return EvalDataset(
+        name="counterfact",
+        path=p,
+        sha256=file_sha256(p),
+        source_format=fmt,
+        cases=select(cases, n, start),
+        skipped=skipped,
+        n_records=len(records),
+    )

@@ -18,15 +18,22 @@ from factedit.data.common import (
     file_sha256,
     find_data_file,
     need_str,
+    parse_records,
     read_json_records,
     report_malformed,
     select,
 )
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
+from factedit.text import as_template
 
-ZSRE_FILES = ("zsre/zsre_mem_eval.json", "zsre_mem_eval.json", "zsre/zsre_mend_eval.json",
-              "zsre_mend_eval.json", "zsre/zsre_mend_train_1k.json")
+ZSRE_FILES = (
+    "zsre/zsre_mem_eval.json",
+    "zsre_mem_eval.json",
+    "zsre/zsre_mend_eval.json",
+    "zsre_mend_eval.json",
+    "zsre/zsre_mend_train_1k.json",
+)
 ZsreTarget = Literal["answers", "alt"]
 
 
@@ -58,37 +65,31 @@ def _parse(record: dict, index: int, target: ZsreTarget) -> ZsRECase:
     new = answers[0] if target == "answers" else alt
     rephrase = record.get("rephrase")
     paraphrases = [rephrase] if isinstance(rephrase, str) else rephrase
-    if not isinstance(paraphrases, list) or not paraphrases or not all(isinstance(p, str) and p.strip()
-                                                                        for p in paraphrases):
+    if (
+        not isinstance(paraphrases, list)
+        or not paraphrases
+        or not all(isinstance(p, str) and p.strip() for p in paraphrases)
+    ):
         raise ValueError("'rephrase' missing or empty")
     loc, loc_ans = need_str(record, "loc"), need_str(record, "loc_ans")
-    request = EditRequest(prompt=src.replace(subject, "{}", 1), subject=subject, target_new=new,
-                          case_id=record.get("case_id", index))
-    return ZsRECase(case_id=request.case_id, request=request, paraphrase_prompts=tuple(paraphrases),
-                    neighborhood=((loc + "?", " " + loc_ans.strip()),), answers=tuple(answers),
-                    alt=alt if isinstance(alt, str) else None)
+    request = EditRequest(
+        prompt=as_template(src, subject), subject=subject, target_new=new, case_id=record.get("case_id", index)
+    )
+    return ZsRECase(
+        case_id=request.case_id,
+        request=request,
+        paraphrase_prompts=tuple(paraphrases),
+        neighborhood=((loc + "?", " " + loc_ans.strip()),),
+        answers=tuple(answers),
+        alt=alt if isinstance(alt, str) else None,
+    )
 
 
 def parse_zsre(records: list[Any], target: ZsreTarget = "answers") -> tuple[list[ZsRECase], list[tuple[str, str]]]:
     """Validate records (case id = ``case_id`` if present, else the record's index)."""
     if target not in ("answers", "alt"):
         raise FactEditError(f"zsRE target must be 'answers' or 'alt', not {target!r}")
-    cases: list[ZsRECase] = []
-    skipped: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for i, record in enumerate(records):
-        rid = str(record.get("case_id", i)) if isinstance(record, dict) else str(i)
-        try:
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            case = _parse(record, i, target)
-            if str(case.case_id) in seen:
-                raise ValueError("duplicate case_id")
-        except (ValueError, TypeError, KeyError, FactEditError) as exc:
-            skipped.append((rid, str(exc)))
-            continue
-        seen.add(str(case.case_id))
-        cases.append(case)
+    cases, skipped = parse_records(records, lambda record, index: _parse(record, index, target), str)
     return cases, skipped
 
 
@@ -106,5 +107,12 @@ def load_zsre(
     records = read_json_records(p)
     cases, skipped = parse_zsre(records, target)
     report_malformed(p, skipped, on_error)
-    return EvalDataset(name="zsre", path=p, sha256=file_sha256(p), source_format=f"mend/{target}",
-                       cases=select(cases, n, start), skipped=skipped, n_records=len(records))
+    return EvalDataset(
+        name="zsre",
+        path=p,
+        sha256=file_sha256(p),
+        source_format=f"mend/{target}",
+        cases=select(cases, n, start),
+        skipped=skipped,
+        n_records=len(records),
+    )

@@ -19,10 +19,11 @@ from transformers import PreTrainedTokenizerBase
 
 from factedit.editing.hparams import AlphaEditHyperParams
 from factedit.editing.memit import compute_memit
-from factedit.editing.patch import Patch
 from factedit.editing.requests import EditRequest
+from factedit.editing.resources import EditResources
+from factedit.editing.result import EditResult
 from factedit.errors import FactEditError
-from factedit.stats.second_moment import second_moments
+from factedit.progress import Progress
 
 
 class AlphaEditState:
@@ -38,7 +39,8 @@ class AlphaEditState:
                 raise FactEditError(
                     f"layer {layer}: no eigenvalue of C is below nullspace_threshold={hparams.nullspace_threshold:g} "
                     f"(smallest {float(eigvals[0]):.3g}), so every update would be projected to zero; "
-                    "raise the threshold")
+                    "raise the threshold"
+                )
             self.projection[layer] = basis @ basis.T
         self.previous: dict[int, torch.Tensor] = {}
         self._pending: dict[int, torch.Tensor] = {}
@@ -60,6 +62,18 @@ class AlphaEditState:
             self.previous[layer] = self.previous.get(layer, 0) + kk
         self._pending.clear()
 
+    def discard(self) -> None:
+        """Forget the keys of a batch that was computed but not kept."""
+        self._pending.clear()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resumed sequence needs (the projections are recomputed from C)."""
+        return {f"previous.{layer}": kk.contiguous() for layer, kk in self.previous.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.previous = {int(k.split(".", 1)[1]): v.double() for k, v in tensors.items() if k.startswith("previous.")}
+        self._pending.clear()
+
 
 def compute_alphaedit(
     model: nn.Module,
@@ -71,17 +85,25 @@ def compute_alphaedit(
     second_moment: dict[int, torch.Tensor] | None = None,
     templates: list[str] | None = None,
     corpus: str | None = None,
-    progress: bool = False,
-) -> tuple[Patch, AlphaEditState]:
-    """One AlphaEdit batch; pass the returned ``state`` to the next batch of a sequence
-    (and call ``state.commit()`` once this batch's patch is applied)."""
+    resources: EditResources | None = None,
+    progress: Progress | bool | None = None,
+) -> EditResult:
+    """One AlphaEdit batch. ``state`` carries the projections and the keys of earlier batches of a
+    sequence: pass the same object to every batch and call ``state.commit()`` once a batch's patch is
+    applied (without ``state``, a fresh one is made: a single batch)."""
     hp = hparams or AlphaEditHyperParams.for_model(model)
-    if second_moment is None or any(layer not in second_moment for layer in hp.layers):
-        second_moment = {**(second_moment or {}), **second_moments(
-            model, tok, [lyr for lyr in hp.layers if not second_moment or lyr not in second_moment],
-            corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens, max_length=hp.mom2_max_length,
-            dtype=hp.mom2_dtype, progress=progress)}
+    resources = resources or EditResources(model, tok, corpus=corpus)
+    second_moment = resources.moments_with(hp, second_moment, progress)
     state = state or AlphaEditState({layer: second_moment[layer] for layer in hp.layers}, hp)
-    patch = compute_memit(model, tok, requests, hp, second_moment=second_moment, templates=templates,
-                          progress=progress, solver=state, method="alphaedit")
-    return patch, state
+    return compute_memit(
+        model,
+        tok,
+        requests,
+        hp,
+        second_moment=second_moment,
+        templates=templates,
+        resources=resources,
+        progress=progress,
+        solver=state,
+        method="alphaedit",
+    )

@@ -16,28 +16,30 @@ teacher-forced NLL of the target tokens (EasyEdit's alternative).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from factedit import __version__
-from factedit.editing.hparams import HyperParams
+from factedit.editing.hparams import HyperParams, Layers
 from factedit.editing.patch import Patch, PatchEntry
 from factedit.editing.requests import EditRequest
-from factedit.editing.values import lm_logits
+from factedit.editing.result import EditResult, converged_from_history
 from factedit.errors import FactEditError
 from factedit.hooks import Trace, frozen
-from factedit.models.architectures import arch_for, get_parameter
-from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
+from factedit.models.architectures import arch_for, get_parameter, math_shape, weight_to_math
+from factedit.models.fingerprint import model_fingerprint, tensor_sha256
+from factedit.models.runtime import lm_logits
+from factedit.progress import Progress, as_progress
 from factedit.text import pad_id, pad_right, target_ids
+from factedit.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 class FTHyperParams(HyperParams):
     """ROME's FT settings (``hparams/FT``): lr 5e-4, 25 steps, no weight decay, no norm constraint."""
 
-    layers: list[int] = Field(min_length=1)
+    layers: Layers
     num_steps: int = Field(25, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -57,13 +59,6 @@ class FTHyperParams(HyperParams):
     @classmethod
     def method(cls) -> str:
         return "ft"
-
-    @field_validator("layers")
-    @classmethod
-    def _sorted_unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("layers must be distinct")
-        return sorted(v)
 
 
 class FTLHyperParams(FTHyperParams):
@@ -124,9 +119,17 @@ def _request_losses(model, arch, final_hidden, rows, pos, toks, owner, n) -> tor
     return -per_req / counts
 
 
-def _ft_patch(model, arch, hp: FTHyperParams, base_fp: str, reqs: Sequence[EditRequest],
-              deltas: dict[str, torch.Tensor], result: FTResult, info: dict | None = None,
-              shas: dict[str, str] | None = None) -> Patch:
+def _ft_patch(
+    model,
+    arch,
+    hp: FTHyperParams,
+    base_fp: str,
+    reqs: Sequence[EditRequest],
+    deltas: dict[str, torch.Tensor],
+    result: FTResult,
+    info: dict | None = None,
+    shas: dict[str, str] | None = None,
+) -> Patch:
     """The dense patch of one FT edit: ``deltas`` by weight name, in the (out, in) view
     (``shas``: the weights' hashes, when already known)."""
     entries = []
@@ -134,17 +137,29 @@ def _ft_patch(model, arch, hp: FTHyperParams, base_fp: str, reqs: Sequence[EditR
         param = get_parameter(model, name)
         result.max_abs_delta[name] = float(dense.abs().max())
         sha = shas[name] if shas else tensor_sha256(param)
-        entries.append(PatchEntry(name=name, shape=tuple(param.shape), transposed=arch.conv1d,
-                                  dense=dense.contiguous().cpu(), base_sha256=sha))
-    return Patch(
+        entries.append(
+            PatchEntry(
+                name=name,
+                shape=tuple(param.shape),
+                transposed=arch.conv1d,
+                dense=dense.contiguous().cpu(),
+                base_sha256=sha,
+            )
+        )
+    return Patch.for_model(
+        model,
         method="ft-l" if hp.norm_constraint is not None else "ft",
         entries=entries,
         base_fingerprint=base_fp,
-        model_identity=model_identity(model),
         requests=[r.to_dict() for r in reqs],
         hparams=hp.model_dump(mode="json"),
-        info={"losses": result.losses, "steps": result.steps, "seconds": result.seconds,
-              "max_abs_delta": result.max_abs_delta, **(info or {})},
+        info={
+            "losses": result.losses,
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "max_abs_delta": result.max_abs_delta,
+            **(info or {}),
+        },
         version=__version__,
     )
 
@@ -155,12 +170,10 @@ def compute_ft(
     requests: EditRequest | Sequence[EditRequest],
     hparams: FTHyperParams | None = None,
     *,
-    progress: bool = False,
-) -> tuple[Patch, FTResult]:
-    """Fine-tune the rewrite weight(s) on the request(s); returns the change as a dense :class:`Patch`.
-
-    The model is left unchanged (its weights are never written).
-    """
+    progress: Progress | bool | None = None,
+) -> EditResult:
+    """Fine-tune the rewrite weight(s) on the request(s); ``result.patch`` is the change as a dense
+    :class:`Patch`, ``result.details[0]`` the :class:`FTResult`. The model is left unchanged."""
     reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not reqs:
         raise FactEditError("no edit requests")
@@ -179,13 +192,18 @@ def compute_ft(
     def loss_of(ids, mask, rows, pos, toks, owner, n) -> torch.Tensor:
         params = {name: w.to(originals[name].dtype) for name, w in trained.items()}
         with Trace(model, arch.final_norm, retain_output=True, detach=False, stop=True) as fin:
-            functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask,
-                                                          "use_cache": False}, strict=False)
+            functional_call(
+                model,
+                params,
+                args=(),
+                kwargs={"input_ids": ids, "attention_mask": mask, "use_cache": False},
+                strict=False,
+            )
         return _request_losses(model, arch, fin.output, rows, pos, toks, owner, n).mean()
 
-    bar = tqdm(range(hp.num_steps), desc="ft", disable=not progress, leave=False)
-    with frozen(model):
-        for _ in bar:
+    bar = as_progress(progress).stage(hp.method(), total=hp.num_steps, unit="step")
+    with frozen(model), bar:
+        for _ in range(hp.num_steps):
             total, count = 0.0, 0
             for batch in batches:
                 opt.zero_grad()
@@ -203,20 +221,33 @@ def compute_ft(
                             base = originals[name].detach().float()
                             w.copy_(torch.clamp(w, min=base - eps, max=base + eps))
             result.losses.append(total / count)
-            bar.set_postfix(loss=f"{result.losses[-1]:.3g}")
+            bar.advance(1, loss=result.losses[-1])
             if result.losses[-1] < hp.early_stop_loss:
                 break
     result.seconds = time.perf_counter() - started
 
     deltas = {}
     for name, w in trained.items():
-        delta = (w.detach() - originals[name].detach().float())
+        delta = w.detach() - originals[name].detach().float()
         if hp.norm_constraint is not None:  # exact bound despite float rounding of the clamp limits
             delta = delta.clamp(-hp.norm_constraint, hp.norm_constraint)
-        deltas[name] = delta.T if arch.conv1d else delta  # stored in the (out, in) view
+        deltas[name] = weight_to_math(delta, arch)  # stored in the (out, in) view
     patch = _ft_patch(model, arch, hp, base_fp, reqs, deltas, result)
     log.debug("%s: %d steps, final loss %.4g", patch.method, result.steps, result.losses[-1])
-    return patch, result
+    return _ft_result(patch, reqs, hp, result)
+
+
+def _ft_result(patch: Patch, reqs: list[EditRequest], hp: FTHyperParams, result: FTResult) -> EditResult:
+    history = [{"total": loss, "avg_prob": math.exp(-loss)} for loss in result.losses]
+    converged = converged_from_history(history, hp.early_stop_loss)
+    return EditResult(
+        patch=patch,
+        requests=list(reqs),
+        converged=[converged] * len(reqs),
+        losses=[history] * len(reqs),
+        timings={"ft": result.seconds},
+        details=[result],
+    )
 
 
 def compute_ft_each(
@@ -224,7 +255,7 @@ def compute_ft_each(
     tok: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     hparams: FTHyperParams | None = None,
-) -> list[tuple[Patch, FTResult]]:
+) -> list[EditResult]:
     """Independent FT edits of several requests, each as :func:`compute_ft` would make it alone.
 
     Why: one short prompt leaves the CPU waiting on memory (every weight is read for ten tokens), so
@@ -249,8 +280,10 @@ def compute_ft_each(
     ids, mask, rows, pos, toks, owner, n = _batches(model, tok, reqs, hp.replace(batch_size=len(reqs)))[0]
     params = {layer: get_parameter(model, arch.rewrite_weight_at(layer)) for layer in hp.layers}
     # changes in the (out, in) view, one per request
-    deltas = {layer: torch.zeros((n, *(p.shape[::-1] if arch.conv1d else p.shape)), dtype=torch.float32,
-                                 device=p.device, requires_grad=True) for layer, p in params.items()}
+    deltas = {
+        layer: torch.zeros((n, *math_shape(p, arch)), dtype=torch.float32, device=p.device, requires_grad=True)
+        for layer, p in params.items()
+    }
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.lr)
     active = torch.ones(n, dtype=torch.bool, device=ids.device)
     results = [FTResult() for _ in reqs]
@@ -259,10 +292,20 @@ def compute_ft_each(
     def add_change(layer: int):
         def edit(out: torch.Tensor, name: str) -> torch.Tensor:
             return out + torch.einsum("bti,boi->bto", traces[layer].input.float(), deltas[layer]).to(out.dtype)
+
         return edit
 
-    traces = {layer: Trace(model, arch.rewrite_at(layer), retain_input=True, retain_output=False, detach=False,
-                           edit_output=add_change(layer)) for layer in hp.layers}
+    traces = {
+        layer: Trace(
+            model,
+            arch.rewrite_at(layer),
+            retain_input=True,
+            retain_output=False,
+            detach=False,
+            edit_output=add_change(layer),
+        )
+        for layer in hp.layers
+    }
     try:
         with frozen(model):
             for _ in range(hp.num_steps):
@@ -298,12 +341,11 @@ def compute_ft_each(
         result = results[b]
         result.seconds = seconds / n
         changes = {arch.rewrite_weight_at(layer): d[b].detach().clone() for layer, d in deltas.items()}
-        out.append((_ft_patch(model, arch, hp, base_fp, [req], changes, result, {"computed_with": n}, shas), result))
+        patch = _ft_patch(model, arch, hp, base_fp, [req], changes, result, {"computed_with": n}, shas)
+        out.append(_ft_result(patch, [req], hp, result))
     return out
 
 
-def apply_ft(model: nn.Module, tok: PreTrainedTokenizerBase, requests, hparams: FTHyperParams | None = None,
-             **kwargs) -> Patch:
-    """Compute an FT/FT-L edit and apply it; ``patch.revert(model)`` undoes it bit-exact."""
-    patch, _ = compute_ft(model, tok, requests, hparams, **kwargs)
-    return patch.apply(model)
+def apply_ft(model: nn.Module, tok: PreTrainedTokenizerBase, requests, hparams: FTHyperParams | None = None, **kwargs):
+    """Compute an FT/FT-L edit and apply it; returns the handle (``.revert()`` undoes it bit-exact)."""
+    return compute_ft(model, tok, requests, hparams, **kwargs).patch.apply(model)

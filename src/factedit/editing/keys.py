@@ -77,7 +77,7 @@ def subject_keys(
     layers = sorted(layers)
     names = [arch.rewrite_at(layer) for layer in layers]
     inputs = module_inputs_at(model, names, [p.ids for p in encoded], positions, pad=pad_id(tok))
-    return {layer: inputs[name] for layer, name in zip(layers, names)}
+    return {layer: inputs[name] for layer, name in zip(layers, names, strict=True)}
 
 
 def mean_keys(

@@ -23,21 +23,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from factedit import __version__
 from factedit.editing.hparams import MEMITHyperParams
 from factedit.editing.keys import lookup_position, mean_keys, module_inputs_at
 from factedit.editing.patch import Patch, PatchEntry
 from factedit.editing.requests import EditRequest
-from factedit.editing.templates import check_templates, context_templates, template_group_sizes
+from factedit.editing.resources import EditResources
+from factedit.editing.result import EditResult, converged_from_history
+from factedit.editing.templates import check_templates, template_group_sizes
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for, get_parameter
-from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
+from factedit.models.fingerprint import model_fingerprint, tensor_sha256
 from factedit.paths import atomic_write_bytes
-from factedit.stats.second_moment import second_moments
+from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject, pad_id
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def check_batch(requests: Sequence[EditRequest], fact_token: str = "subject_last
     if conflicts:
         raise FactEditError(
             "conflicting requests (same subject in the same leading text, different targets; their keys are "
-            "equal, so one batch cannot hold both): " + "; ".join(conflicts))
+            "equal, so one batch cannot hold both): " + "; ".join(conflicts)
+        )
     return unique
 
 
@@ -118,11 +119,12 @@ def compute_memit(
     second_moment: dict[int, torch.Tensor] | None = None,
     templates: list[str] | None = None,
     corpus: str | None = None,
-    progress: bool = False,
+    resources: EditResources | None = None,
+    progress: Progress | bool | None = None,
     solver: KeySolver | None = None,
     method: str = "memit",
     z_cache: str | Path | None = None,
-) -> Patch:
+) -> EditResult:
     """Compute one MEMIT patch for a whole batch of requests; the model is left unchanged.
 
     ``solver`` replaces MEMIT's least-squares step (AlphaEdit passes its null-space projected one).
@@ -134,10 +136,13 @@ def compute_memit(
     hp.check_model(model)
     arch = arch_for(model)
     requests = check_batch(list(requests), hp.fact_token)
+    progress = as_progress(progress)
+    for r in requests:  # bad subjects/targets refused before statistics or templates are made
+        build_value_problem(tok, r, ["{}"], hp.fact_token)
     base_fp = model_fingerprint(model)
+    resources = resources or EditResources(model, tok, corpus=corpus)
     if templates is None:
-        templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
-                                      starts=hp.template_starts, fingerprint=base_fp)
+        templates = resources.templates(hp.template_spec, progress)
     check_templates(templates)
     groups = template_group_sizes(hp.context_template_length_params, hp.template_starts)
     groups = groups if templates[0] == "{}" else None  # given templates not laid out like generated ones
@@ -148,38 +153,51 @@ def compute_memit(
         except FactEditError as exc:
             failures.append(f"{r.text!r}: {exc}")
     if failures:
-        raise FactEditError(f"{len(failures)} of {len(requests)} requests cannot be edited; nothing was "
-                            "changed: " + "; ".join(failures))
-    missing = [layer for layer in hp.layers if second_moment is None or layer not in second_moment]
-    if missing:
-        second_moment = {**(second_moment or {}), **second_moments(
-            model, tok, missing, corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
-            max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=progress)}
+        raise FactEditError(
+            f"{len(failures)} of {len(requests)} requests cannot be edited; nothing was changed: " + "; ".join(failures)
+        )
+    second_moment = resources.moments_with(hp, second_moment, progress)
     solver = solver or memit_solver(second_moment, hp.mom2_update_weight)
     timings: dict[str, float] = {}
     z_layer = hp.layers[-1]
 
     started = time.perf_counter()
     zs = []
-    for start in tqdm(range(0, len(problems), hp.batch_size), desc="MEMIT z", disable=not progress):
+    histories: list[list[dict[str, float]]] = []
+    z_stage = progress.stage(f"{method} z vectors", total=len(problems), unit="req")
+    for start in range(0, len(problems), hp.batch_size):
         chunk = problems[start : start + hp.batch_size]
         path = None
         if z_cache is not None:
-            key = json.dumps([base_fp, hp.model_dump(mode="json"), templates,
-                              [r.to_dict() for r in requests[start : start + hp.batch_size]]], sort_keys=True)
+            key = json.dumps(
+                [
+                    base_fp,
+                    hp.model_dump(mode="json"),
+                    templates,
+                    [r.to_dict() for r in requests[start : start + hp.batch_size]],
+                ],
+                sort_keys=True,
+            )
             path = Path(z_cache) / f"z_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
             if path.is_file():
                 try:
                     zs.append(load_file(str(path))["z"].to(next(model.parameters()).device))
+                    histories.extend([{"total": 0.0, "cached": 1.0}] for _ in chunk)
+                    z_stage.advance(len(chunk))
                     continue
                 except (SafetensorError, KeyError, OSError) as exc:
                     log.warning("%s is unreadable (%s); recomputing it", path, exc)
-        z = optimize_values(model, arch, chunk, site=arch.block(z_layer), layer=z_layer, hparams=hp,
-                            pad=pad_id(tok)).targets
+        values = optimize_values(
+            model, arch, chunk, site=arch.block(z_layer), layer=z_layer, hparams=hp, pad=pad_id(tok), progress=progress
+        )
+        z = values.targets
+        histories.extend(values.losses)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, save_bytes({"z": z.detach().cpu().contiguous()}))
         zs.append(z)
+        z_stage.advance(len(chunk))
+    z_stage.close()
     zs = torch.cat(zs)  # (n, d)
     timings["z"] = time.perf_counter() - started
 
@@ -194,7 +212,9 @@ def compute_memit(
             t0 = time.perf_counter()
             keys = mean_keys(model, tok, arch, layer, requests, templates, weights_tw, hp.fact_token)  # (n, d_in)
             name_z = arch.block(z_layer)
-            cur = module_inputs_at(model, [name_z], [b.ids for b in bare], bare_pos, pad=pad_id(tok), output=True)[name_z]
+            cur = module_inputs_at(model, [name_z], [b.ids for b in bare], bare_pos, pad=pad_id(tok), output=True)[
+                name_z
+            ]
             t1 = time.perf_counter()
             resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out)
             adj = solver(layer, keys.double().T)  # (d_in, n)
@@ -203,30 +223,39 @@ def compute_memit(
             weight = get_parameter(model, name)
             out_dim, in_dim = left.shape[0], right.shape[1]
             dense = left.shape[1] > min(out_dim, in_dim) // 2  # low rank only while it is smaller
-            entry = PatchEntry(name=name, shape=tuple(weight.shape), transposed=arch.conv1d,
-                               base_sha256=tensor_sha256(weight),
-                               dense=(left @ right).float().cpu() if dense else None,
-                               left=None if dense else left.float().cpu(), right=None if dense else right.float().cpu())
+            entry = PatchEntry(
+                name=name,
+                shape=tuple(weight.shape),
+                transposed=arch.conv1d,
+                base_sha256=tensor_sha256(weight),
+                dense=(left @ right).float().cpu() if dense else None,
+                left=None if dense else left.float().cpu(),
+                right=None if dense else right.float().cpu(),
+            )
             entries.append(entry)
             with torch.no_grad():
                 originals.setdefault(name, weight.detach().clone())
                 weight.copy_((weight.float() + entry.delta().to(weight.device)).to(weight.dtype))
             timings["keys"] += t1 - t0
             timings["solve"] += time.perf_counter() - t1
-            log.info("layer %d: |resid| %.3f, |ΔW| %.3f", layer, float(resid.norm(dim=1).mean()),
-                     float(entry.delta().norm()))
+            log.info(
+                "layer %d: |resid| %.3f, |ΔW| %.3f", layer, float(resid.norm(dim=1).mean()), float(entry.delta().norm())
+            )
     finally:
         with torch.no_grad():
             for name, original in originals.items():
                 get_parameter(model, name).copy_(original)
 
-    return Patch(
+    patch = Patch.for_model(
+        model,
         method=method,
         entries=entries,
         base_fingerprint=base_fp,
-        model_identity=model_identity(model),
         requests=[r.to_dict() for r in requests],
         hparams=hp.model_dump(mode="json"),
         info={"timings": timings, "templates": templates},
-        version=__version__,
     )
+    converged = [
+        h == [{"total": 0.0, "cached": 1.0}] or converged_from_history(h, hp.early_stop_loss) for h in histories
+    ]
+    return EditResult(patch=patch, requests=list(requests), converged=converged, losses=histories, timings=timings)

@@ -11,15 +11,48 @@ from factedit.errors import FactEditError
 from factedit.text import check_prompt, check_subject, with_leading_space
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class EditRequest:
-    """``prompt`` holds ``{}`` where ``subject`` goes, e.g. ``"The {} is located in the city of"``."""
+    """``prompt`` holds ``{}`` where ``subject`` goes, e.g. ``"The {} is located in the city of"``.
+
+    The new target is ``target_new`` (CounterFact's and ROME's name, kept in patch and run files);
+    ``target=`` is accepted as the same thing, as the CLI's ``--target`` and request files' ``"target"``.
+    """
 
     prompt: str
     subject: str
     target_new: str
     target_true: str | None = None
     case_id: int | str | None = None
+
+    def __init__(
+        self,
+        prompt: str,
+        subject: str,
+        target_new: str | None = None,
+        target_true: str | None = None,
+        case_id: int | str | None = None,
+        *,
+        target: str | None = None,
+    ) -> None:
+        if target is not None and target_new is not None and target != target_new:
+            raise FactEditError("give the new target once (target or target_new), not two different ones")
+        new = target_new if target_new is not None else target
+        if new is None:
+            raise FactEditError("an edit request needs a new target (target=...)")
+        for name, value in (
+            ("prompt", prompt),
+            ("subject", subject),
+            ("target_new", new),
+            ("target_true", target_true),
+            ("case_id", case_id),
+        ):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    @property
+    def target(self) -> str:
+        return self.target_new
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt)
@@ -72,8 +105,13 @@ class EditRequest:
                 true = true.get("str")
             if new is None:
                 raise FactEditError("request has no 'target' / 'target_new'")
-            return cls(prompt=data["prompt"], subject=data["subject"], target_new=new, target_true=true,
-                       case_id=data.get("case_id"))
+            return cls(
+                prompt=data["prompt"],
+                subject=data["subject"],
+                target_new=new,
+                target_true=true,
+                case_id=data.get("case_id"),
+            )
         raise FactEditError("a request needs 'prompt', 'subject' and 'target' (or a CounterFact 'requested_rewrite')")
 
 

@@ -16,17 +16,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from factedit import __version__
 from factedit.editing.hparams import ROMEHyperParams
 from factedit.editing.keys import subject_keys
 from factedit.editing.patch import Patch, PatchEntry
 from factedit.editing.requests import EditRequest
-from factedit.editing.templates import check_templates, context_templates
+from factedit.editing.resources import EditResources
+from factedit.editing.result import EditResult, converged_from_history
+from factedit.editing.templates import check_templates
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for, get_module, get_parameter
-from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
-from factedit.stats.second_moment import second_moments
+from factedit.models.fingerprint import model_fingerprint, tensor_sha256
+from factedit.progress import Progress, as_progress
 from factedit.text import pad_id
 
 log = logging.getLogger(__name__)
@@ -63,41 +64,63 @@ def compute_rome(
     second_moment: dict[int, torch.Tensor] | None = None,
     templates: list[str] | None = None,
     corpus: str | None = None,
-    progress: bool = False,
-) -> tuple[Patch, list[RomeLayerResult]]:
-    """Compute a ROME edit as a :class:`Patch`; the model is left unchanged.
+    resources: EditResources | None = None,
+    progress: Progress | bool | None = None,
+) -> EditResult:
+    """Compute a ROME edit; the model is left unchanged. ``result.patch`` is the change to apply,
+    ``result.details`` the per-layer :class:`RomeLayerResult` (keys, u, v, losses).
 
-    ``second_moment``: ``{layer: C}`` to use instead of the cached statistics;
-    ``templates``: context templates to use instead of generating them.
+    ``second_moment``: ``{layer: C}`` to use instead of the cached statistics; ``templates``: context
+    templates to use instead of generating them; ``resources``: the shared cache of both (one per model,
+    see :class:`~factedit.editing.resources.EditResources`); ``corpus``: the statistics text when no
+    resources are given.
     """
     hp = hparams or ROMEHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
+    progress = as_progress(progress)
+    build_value_problem(tok, request, ["{}"], hp.fact_token)  # bad subject/target refused before any work
     base_fp = model_fingerprint(model)
+    resources = resources or EditResources(model, tok, corpus=corpus)
     if templates is None:
-        templates = context_templates(model, tok, hp.context_template_length_params, seed=hp.template_seed,
-                                      fingerprint=base_fp)
+        templates = resources.templates(hp.template_spec, progress)
     check_templates(templates)
     if hp.mom2_adjustment:
-        missing = [layer for layer in hp.layers if second_moment is None or layer not in second_moment]
-        stats = second_moments(model, tok, missing, corpus=corpus or hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
-                               max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=progress) if missing else {}
-        second_moment = {**(second_moment or {}), **stats}
-    problem = build_value_problem(tok, request, templates, hp.fact_token)  # validates subject and target first
+        second_moment = resources.moments_with(hp, second_moment, progress)
+    problem = build_value_problem(tok, request, templates, hp.fact_token)
 
     results: list[RomeLayerResult] = []
     entries: list[PatchEntry] = []
     originals: dict[str, torch.Tensor] = {}
     try:
         for layer in hp.layers:
-            results.append(_edit_layer(model, tok, arch, request, hp, layer, templates, problem,
-                                       second_moment.get(layer) if hp.mom2_adjustment else None))
+            results.append(
+                _edit_layer(
+                    model,
+                    tok,
+                    arch,
+                    request,
+                    hp,
+                    layer,
+                    templates,
+                    problem,
+                    second_moment.get(layer) if hp.mom2_adjustment else None,
+                    progress,
+                )
+            )
             res = results[-1]
             name = arch.rewrite_weight_at(layer)
             weight = get_parameter(model, name)
-            entries.append(PatchEntry(name=name, shape=tuple(weight.shape), transposed=arch.conv1d,
-                                      left=res.v[:, None].cpu(), right=res.u[None, :].cpu(),
-                                      base_sha256=tensor_sha256(weight)))
+            entries.append(
+                PatchEntry(
+                    name=name,
+                    shape=tuple(weight.shape),
+                    transposed=arch.conv1d,
+                    left=res.v[:, None].cpu(),
+                    right=res.u[None, :].cpu(),
+                    base_sha256=tensor_sha256(weight),
+                )
+            )
             if layer != hp.layers[-1]:  # later layers are computed on the model with this layer edited
                 with torch.no_grad():
                     originals.setdefault(name, weight.detach().clone())
@@ -107,28 +130,38 @@ def compute_rome(
             for name, original in originals.items():
                 get_parameter(model, name).copy_(original)
 
-    patch = Patch(
+    patch = Patch.for_model(
+        model,
         method="rome" if hp.consistent_key else "rome-original",
         entries=entries,
         base_fingerprint=base_fp,
-        model_identity=model_identity(model),
         requests=[request.to_dict()],
         hparams=hp.model_dump(mode="json"),
-        info={"losses": [r.losses for r in results], "timings": [r.timings for r in results],
-              "templates": templates},
-        version=__version__,
+        info={"losses": [r.losses for r in results], "timings": [r.timings for r in results], "templates": templates},
     )
-    return patch, results
+    converged = all(converged_from_history(r.losses, hp.early_stop_loss) for r in results)
+    timings = {key: sum(r.timings.get(key, 0.0) for r in results) for key in ("k", "v", "update")}
+    return EditResult(
+        patch=patch,
+        requests=[request],
+        converged=[converged],
+        losses=[results[-1].losses],
+        timings=timings,
+        details=results,
+    )
 
 
-def _edit_layer(model, tok, arch, request, hp: ROMEHyperParams, layer, templates, problem, moment) -> RomeLayerResult:
+def _edit_layer(
+    model, tok, arch, request, hp: ROMEHyperParams, layer, templates, problem, moment, progress: Progress
+) -> RomeLayerResult:
     started = time.perf_counter()
     keys = subject_keys(model, tok, arch, [layer], request.prompt, request.subject, templates, hp.fact_token)[layer]
     k_mean = keys.mean(0)
     u = left_vector(k_mean, moment)
     t_k = time.perf_counter()
-    values = optimize_values(model, arch, [problem], site=arch.rewrite_at(layer), layer=layer, hparams=hp,
-                             pad=pad_id(tok))
+    values = optimize_values(
+        model, arch, [problem], site=arch.rewrite_at(layer), layer=layer, hparams=hp, pad=pad_id(tok), progress=progress
+    )
     t_v = time.perf_counter()
     v_star = values.targets[0]
     if hp.consistent_key:
@@ -136,7 +169,9 @@ def _edit_layer(model, tok, arch, request, hp: ROMEHyperParams, layer, templates
     elif templates[0] == "{}":
         k_update = keys[0]
     else:
-        k_update = subject_keys(model, tok, arch, [layer], request.prompt, request.subject, ["{}"], hp.fact_token)[layer][0]
+        k_update = subject_keys(model, tok, arch, [layer], request.prompt, request.subject, ["{}"], hp.fact_token)[
+            layer
+        ][0]
     with torch.no_grad():
         w_k = get_module(model, arch.rewrite_at(layer))(k_update[None].to(model.dtype))[0].float()
         denom = torch.dot(k_update.float(), u)
@@ -144,12 +179,17 @@ def _edit_layer(model, tok, arch, request, hp: ROMEHyperParams, layer, templates
             raise FactEditError(f"layer {layer}: key is orthogonal to u (kᵀu={float(denom):.3g}); cannot edit")
         v = (v_star - w_k) / denom
     timings = {"k": t_k - started, "v": t_v - t_k, "update": time.perf_counter() - t_v}
-    return RomeLayerResult(layer=layer, keys=keys, u=u, v=v, v_star=v_star, k_update=k_update,
-                           losses=values.losses[0], timings=timings)
+    return RomeLayerResult(
+        layer=layer, keys=keys, u=u, v=v, v_star=v_star, k_update=k_update, losses=values.losses[0], timings=timings
+    )
 
 
-def apply_rome(model: nn.Module, tok: PreTrainedTokenizerBase, request: EditRequest,
-               hparams: ROMEHyperParams | None = None, **kwargs) -> Patch:
-    """Compute a ROME edit and apply it; returns the applied :class:`Patch` (``patch.revert(model)`` undoes it)."""
-    patch, _ = compute_rome(model, tok, request, hparams, **kwargs)
-    return patch.apply(model)
+def apply_rome(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: ROMEHyperParams | None = None,
+    **kwargs,
+):
+    """Compute a ROME edit and apply it; returns the applied patch's handle (``.revert()`` undoes it)."""
+    return compute_rome(model, tok, request, hparams, **kwargs).patch.apply(model)

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from factedit.errors import FactEditError
 from factedit.models.fingerprint import model_fingerprint
 from factedit.paths import atomic_write_bytes, cache_dir
+from factedit.progress import Progress, as_progress
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,15 @@ def generate_context_templates(
                 out = model.generate(
                     start.repeat(per_prompt, 1),
                     attention_mask=torch.ones_like(start).repeat(per_prompt, 1),
-                    do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0,
-                    max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=True,
+                    top_k=top_k,
+                    top_p=1.0,
+                    temperature=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                 )
-                for row in out if keep_prompt else out[:, start.shape[1]:]:
+                for row in out if keep_prompt else out[:, start.shape[1] :]:
                     text = tok.decode(row, skip_special_tokens=True)
                     text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
                     templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
@@ -96,11 +101,13 @@ def context_templates(
     starts: list[str] | None = None,
     cache_folder: Path | None = None,
     fingerprint: str | None = None,
+    progress: Progress | bool | None = None,
 ) -> list[str]:
     """Seeded templates, read from the on-disk cache when this model already made them."""
     fingerprint = fingerprint or model_fingerprint(model)
-    key = json.dumps({"fp": fingerprint, "len": [list(p) for p in length_params], "seed": seed, "starts": starts},
-                     sort_keys=True)
+    key = json.dumps(
+        {"fp": fingerprint, "len": [list(p) for p in length_params], "seed": seed, "starts": starts}, sort_keys=True
+    )
     path = (cache_folder or cache_dir("templates")) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     if path.is_file():
         try:
@@ -110,6 +117,8 @@ def context_templates(
         except json.JSONDecodeError:
             pass
         log.warning("ignoring unreadable template cache %s", path)
-    templates = generate_context_templates(model, tok, length_params, seed=seed, starts=starts)
+    with as_progress(progress).stage("context templates (generated once, then cached)", total=None) as stage:
+        templates = generate_context_templates(model, tok, length_params, seed=seed, starts=starts)
+        stage.advance(len(templates))
     atomic_write_bytes(path, json.dumps(templates, indent=1).encode())
     return templates

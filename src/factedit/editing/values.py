@@ -24,15 +24,17 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from factedit.editing.hparams import ValueOptimizationParams
 from factedit.editing.keys import lookup_position
 from factedit.editing.requests import EditRequest
-from factedit.hooks import Trace, frozen, swap_modules
-from factedit.models.architectures import ArchSpec, get_module
+from factedit.hooks import Trace, frozen, known_blocks
+from factedit.models.architectures import ArchSpec
+from factedit.models.cache import Cache, cache_states, full_cache, gather_positions, select_rows
+from factedit.models.runtime import lm_logits
+from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject, pad_right, target_ids
 
 log = logging.getLogger(__name__)
@@ -89,24 +91,6 @@ class ValueResult:
         return self.target_init + self.delta
 
 
-class _KnownOutput(nn.Module):
-    """Stands in for a block whose output is already known; other attributes come from the block."""
-
-    def __init__(self, block: nn.Module, value: torch.Tensor) -> None:
-        super().__init__()
-        object.__setattr__(self, "_block", block)
-        self.value = value
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.value
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_block"), name)
-
-
 @dataclass
 class _Rows:
     """All prompts of all problems, flattened into one batch."""
@@ -131,7 +115,7 @@ def _flatten(problems: list[ValueProblem], device: torch.device) -> _Rows:
     kl_rows, kl_problem, first_rows = [], [], []
     for p_idx, prob in enumerate(problems):
         first_rows.append(len(ids))
-        for prompt, look, length in zip(prob.rewrite_prompts, prob.rewrite_lookup, prob.prompt_lengths):
+        for prompt, look, length in zip(prob.rewrite_prompts, prob.rewrite_lookup, prob.prompt_lengths, strict=True):
             row = len(ids)
             for j, token in enumerate(prob.target):
                 rw_rows.append(row)
@@ -143,7 +127,7 @@ def _flatten(problems: list[ValueProblem], device: torch.device) -> _Rows:
             ids.append(prompt)
             lookup.append(look)
             problem.append(p_idx)
-        for prompt, look in zip(prob.kl_prompts, prob.kl_lookup):
+        for prompt, look in zip(prob.kl_prompts, prob.kl_lookup, strict=True):
             kl_rows.append(len(ids))
             kl_problem.append(p_idx)
             ids.append(prompt)
@@ -153,17 +137,20 @@ def _flatten(problems: list[ValueProblem], device: torch.device) -> _Rows:
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    return _Rows(ids, t(lookup), t(problem), t(rw_rows), t(rw_pos), t(rw_ids), t(rw_tok_row), t(rw_problem),
-                 t(rw_len).float(), t(kl_rows), t(kl_problem), t(first_rows))
-
-
-def lm_logits(model: nn.Module, arch: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits from final-norm outputs (with the config's logit soft-capping, if any)."""
-    logits = get_module(model, arch.lm_head)(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return _Rows(
+        ids,
+        t(lookup),
+        t(problem),
+        t(rw_rows),
+        t(rw_pos),
+        t(rw_ids),
+        t(rw_tok_row),
+        t(rw_problem),
+        t(rw_len).float(),
+        t(kl_rows),
+        t(kl_problem),
+        t(first_rows),
+    )
 
 
 def _per_problem_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -187,7 +174,7 @@ class _PrefixCache:
     def __init__(self, model: nn.Module, arch: ArchSpec, site: str, layer: int, rows: _Rows, pad: int) -> None:
         device = rows.lookup.device
         ids, mask = pad_right(rows.ids, pad, device)
-        cache = DynamicCache()  # no config: full layers, which keep every position (a sliding layer would not)
+        cache = full_cache()  # full layers keep every position (a sliding layer would not)
         names = [site] + ([arch.block(layer - 1)] if layer > 0 else [])
         traces = {name: Trace(model, name, retain_output=True) for name in names}
         try:
@@ -207,23 +194,21 @@ class _PrefixCache:
         gather = (rows.lookup[:, None] + offsets[None, :]).clamp(max=ids.shape[1] - 1)
         self.suffix_ids = torch.where(offsets[None] < self.suffix_len[:, None], ids.gather(1, gather), pad)
         self.position_ids = rows.lookup[:, None] + offsets[None, :]
-        self.below = traces[arch.block(layer - 1)].output.gather(
-            1, gather[..., None].expand(-1, -1, traces[arch.block(layer - 1)].output.shape[-1])
-        ) if layer > 0 else None
+        self.below = (
+            traces[arch.block(layer - 1)].output.gather(
+                1, gather[..., None].expand(-1, -1, traces[arch.block(layer - 1)].output.shape[-1])
+            )
+            if layer > 0
+            else None
+        )
         # slot s of row i holds prefix token s - (past - lookup[i]) (slots before the prefix: masked filler)
         shift = self.past - rows.lookup
         slots = torch.arange(self.past, device=device)
         source = (slots[None, :] - shift[:, None]).clamp(min=0)
-        self.kv = [(self._left_align(lyr.keys, source), self._left_align(lyr.values, source)) for lyr in cache.layers]
+        self.kv = gather_positions(cache_states(cache), source)
         prefix_ok = slots[None, :] >= shift[:, None]
         suffix_ok = offsets[None, :] < self.suffix_len[:, None]
         self.mask = torch.cat([prefix_ok, suffix_ok], dim=1).long()  # (B, past + S)
-
-    @staticmethod
-    def _left_align(states: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """(B, H, L, D) states -> (B, H, past, D) with row i's slots read from positions ``source[i]``."""
-        index = source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-        return states.gather(2, index)
 
     def select(self, row_ids: torch.Tensor) -> _PrefixCache:
         """The same cache for a subset of rows (requests that stopped early drop out of the batch)."""
@@ -232,11 +217,12 @@ class _PrefixCache:
         for name in ("suffix_ids", "position_ids", "suffix_len", "mask", "site_at_lookup"):
             setattr(sub, name, getattr(self, name)[row_ids])
         sub.below = self.below[row_ids] if self.below is not None else None
-        sub.kv = [(k[row_ids], v[row_ids]) for k, v in self.kv]
+        sub.kv = select_rows(self.kv, row_ids)
         return sub
 
-    def new_cache(self, model: nn.Module) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=self.kv)
+    def new_cache(self) -> Cache:
+        """A fresh cache of the prefix states (a forward extends the cache it is given)."""
+        return full_cache(self.kv)
 
 
 def optimize_values(
@@ -248,8 +234,12 @@ def optimize_values(
     layer: int,
     hparams: ValueOptimizationParams,
     pad: int,
+    progress: Progress | bool | None = None,
 ) -> ValueResult:
-    """Optimise one delta per problem at the output of module ``site`` (inside block ``layer``)."""
+    """Optimise one delta per problem at the output of module ``site`` (inside block ``layer``).
+
+    ``progress`` gets one stage, "value optimisation", advanced once per step with the mean loss.
+    """
     device = next(model.parameters()).device
     rows = _flatten(problems, device)
     n = len(problems)
@@ -261,12 +251,14 @@ def optimize_values(
     done = torch.zeros(n, dtype=torch.bool, device=device)
     kl_init: torch.Tensor | None = None
     history: list[list[dict[str, float]]] = [[] for _ in range(n)]
-    blocks = get_module(model, arch.blocks)
     steps = 0
 
     active = torch.arange(n, device=device)
     sub_rows, sub_prefix = rows, prefix
-    with frozen(model):
+    with (
+        frozen(model),
+        as_progress(progress).stage("value optimisation", total=hparams.v_num_grad_steps, unit="step") as stage,
+    ):
         for it in range(hparams.v_num_grad_steps):
             steps = it + 1
             opt.zero_grad()
@@ -277,12 +269,13 @@ def optimize_values(
                 sub_prefix = prefix.select(torch.isin(rows.problem, active).nonzero().squeeze(1))
             d = delta[active]
             if hparams.prefix_cache:
-                rw_logits, kl_logits = _fast_forward(model, arch, site, sub_rows, sub_prefix, d, blocks)
+                rw_logits, kl_logits = _fast_forward(model, arch, site, sub_rows, sub_prefix, d)
             else:
                 rw_logits, kl_logits = _plain_forward(model, arch, site, sub_rows, d, pad)
             rw_logp = torch.log_softmax(rw_logits.float(), dim=-1).gather(1, sub_rows.rw_ids[:, None]).squeeze(1)
             per_row = torch.zeros(len(sub_rows.rw_problem), device=device).index_add(
-                0, sub_rows.rw_row_of_token, rw_logp)
+                0, sub_rows.rw_row_of_token, rw_logp
+            )
             nll_each = -per_row / sub_rows.rw_target_len
             nll = _per_problem_mean(nll_each, sub_rows.rw_problem, m)
             kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
@@ -295,9 +288,16 @@ def optimize_values(
             total = nll + kl + wd
             avg_prob = _per_problem_mean(torch.exp(-nll_each).detach(), sub_rows.rw_problem, m)
             for j, i in enumerate(active.tolist()):
-                history[i].append({"total": float(total[j].detach()), "nll": float(nll[j].detach()),
-                                   "kl": float(kl[j].detach()), "wd": float(wd[j].detach()),
-                                   "avg_prob": float(avg_prob[j])})
+                history[i].append(
+                    {
+                        "total": float(total[j].detach()),
+                        "nll": float(nll[j].detach()),
+                        "kl": float(kl[j].detach()),
+                        "wd": float(wd[j].detach()),
+                        "avg_prob": float(avg_prob[j]),
+                    }
+                )
+            stage.advance(1, loss=float(total.detach().mean()))
             finished = total.detach() < hparams.early_stop_loss
             done[active[finished]] = True
             if bool(done.all()) or it == hparams.v_num_grad_steps - 1:
@@ -329,20 +329,27 @@ def _plain_forward(model, arch, site, rows: _Rows, delta, pad):
     return logits[rows.rw_rows, rows.rw_pos], logits[rows.kl_rows, rows.lookup[rows.kl_rows]]
 
 
-def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, delta, blocks):
+def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, delta):
     """Only the edited block and above, only from the lookup token on, logits only where read."""
 
     def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
         first = out[:, :1] + delta[rows.problem].to(out.dtype)[:, None]
         return torch.cat([first, out[:, 1:]], dim=1)
 
-    stubs = {f"{arch.blocks}.{i}": _KnownOutput(blocks[i], prefix.below) for i in range(prefix.layer)}
-    with swap_modules(model, stubs), Trace(model, site, retain_output=False, edit_output=add_delta), \
-            Trace(model, arch.final_norm, retain_output=True, detach=False, stop=True) as final:
-        model(input_ids=prefix.suffix_ids, attention_mask=prefix.mask, position_ids=prefix.position_ids,
-              cache=prefix.new_cache(model), use_cache=True)
+    with (
+        known_blocks(model, arch, prefix.layer, prefix.below),
+        Trace(model, site, retain_output=False, edit_output=add_delta),
+        Trace(model, arch.final_norm, retain_output=True, detach=False, stop=True) as final,
+    ):
+        model(
+            input_ids=prefix.suffix_ids,
+            attention_mask=prefix.mask,
+            position_ids=prefix.position_ids,
+            cache=prefix.new_cache(),
+            use_cache=True,
+        )
     hidden = final.output
     rw_hidden = hidden[rows.rw_rows, rows.rw_pos - rows.lookup[rows.rw_rows]]
     kl_hidden = hidden[rows.kl_rows, 0]
     logits = lm_logits(model, arch, torch.cat([rw_hidden, kl_hidden]))
-    return logits[: len(rows.rw_rows)], logits[len(rows.rw_rows):]
+    return logits[: len(rows.rw_rows)], logits[len(rows.rw_rows) :]

@@ -22,29 +22,36 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from factedit.data.counterfact import CounterFactCase
-from factedit.editing.memit import key_text
-from factedit.editing.patch import Patch
+from factedit.editing.memit import check_batch, key_text
+from factedit.editing.methods import MethodState
+from factedit.editing.patch import Patch, PatchStack
+from factedit.editing.requests import EditRequest
+from factedit.editing.result import EditResult
+from factedit.editing.sequential import SequentialEditor, edits_holding
 from factedit.errors import FactEditError
-from factedit.evaluation.runner import GENERATION_KEYS, CaseLog, RunConfig, case_header, edit_info
-from factedit.models.architectures import get_parameter
+from factedit.evaluation.config import RunConfig
+from factedit.evaluation.edits import RunMethod
+from factedit.evaluation.records import GENERATION_KEYS, CaseLog, case_header, edit_info
 from factedit.models.fingerprint import model_fingerprint
 from factedit.paths import cache_dir
+from factedit.progress import SILENT, Progress
 from factedit.text import encode_with_subject, target_ids
 
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[Any, bool], dict[str, Any]]
 Finished = Callable[[Any, dict[str, Any]], None]
+Compute = Callable[[list[EditRequest]], EditResult | None]
 
 
 def _chunks(cases: Sequence[Any], size: int) -> list[list[Any]]:
@@ -55,16 +62,17 @@ def _ids(chunk: Sequence[Any]) -> list[str]:
     return [str(c.case_id) for c in chunk]
 
 
-def split_valid(tok: PreTrainedTokenizerBase, chunk: Sequence[Any],
-                fact_token: str = "subject_last") -> tuple[list[Any], dict[str, str]]:
+def split_valid(
+    tok: PreTrainedTokenizerBase, chunk: Sequence[Any], fact_token: str = "subject_last"
+) -> tuple[list[Any], dict[str, str]]:
     """Cases whose request can be edited in one batch, and an error message for each other case.
 
-    MEMIT's rule (``check_batch``): requests whose keys are read from the same text must share
-    their target; a later case that asks for another target is refused (the first one is
-    edited), so a batch is never half-applied.
+    The core's rule (:func:`~factedit.editing.memit.check_batch`) decides per case: a case that
+    conflicts with an earlier one of the chunk (same key text, other target) is refused and the
+    earlier one edited, so a chunk is never refused as a whole, nor half-applied.
     """
     valid, errors = [], {}
-    first: dict[str, Any] = {}
+    first: dict[str, Any] = {}  # the first valid case per key text: the only one a later case can conflict with
     for case in chunk:
         req = case.request
         try:
@@ -74,19 +82,20 @@ def split_valid(tok: PreTrainedTokenizerBase, chunk: Sequence[Any],
             errors[str(case.case_id)] = str(exc)
             continue
         key = key_text(req, fact_token)
-        if key in first and first[key].request.target_new.strip() != req.target_new.strip():
+        if key in first:
             other = first[key].request
-            errors[str(case.case_id)] = (f"conflicts with case {first[key].case_id} in the same batch: same key text "
-                                         f"{key!r} ({req.text!r} -> {req.target_new!r} vs {other.text!r} -> "
-                                         f"{other.target_new!r})")
-            continue
+            try:
+                check_batch([other, req], fact_token)
+            except FactEditError:
+                errors[str(case.case_id)] = (
+                    f"conflicts with case {first[key].case_id} in the same batch: same key "
+                    f"text {key!r} ({req.text!r} -> {req.target_new!r} vs {other.text!r} -> "
+                    f"{other.target_new!r})"
+                )
+                continue
         first.setdefault(key, case)
         valid.append(case)
     return valid, errors
-
-
-def _fact_token(method: Any) -> str:
-    return getattr(getattr(method, "hp", None), "fact_token", "subject_last")
 
 
 def _load_saved(path: Path, ids: list[str], model: nn.Module) -> Patch | None:
@@ -103,16 +112,13 @@ def _load_saved(path: Path, ids: list[str], model: nn.Module) -> Patch | None:
     return patch
 
 
-def _compute(method, model, tok, chunk: list[Any], path: Path, progress: bool,
-             z_cache: Path | None = None) -> tuple[Patch, float]:
-    requests = [c.request for c in chunk]
+def _compute(compute: Compute, chunk: list[Any], path: Path) -> tuple[Patch, float]:
+    """``compute`` the edit of ``chunk``'s requests and save its patch (with the case ids) at ``path``."""
     t = time.perf_counter()
-    if hasattr(method, "compute_batch"):
-        patch = method.compute_batch(model, tok, requests, progress=progress and len(requests) > 1, z_cache=z_cache)
-    elif len(requests) == 1:
-        patch = method.compute(model, tok, requests[0])
-    else:
-        raise FactEditError(f"{method.name} edits one request at a time")
+    result = compute([c.request for c in chunk])
+    if result is None:
+        raise FactEditError("the method made no edit")
+    patch = result.patch
     seconds = time.perf_counter() - t
     patch.info["case_ids"] = _ids(chunk)
     patch.info["edit_s"] = seconds
@@ -129,13 +135,17 @@ class _PreScores:
         self.known = {**known, **{k: v["pre"] for k, v in self.log.load().items()}}
         self.evaluate = evaluate
 
-    def ensure(self, cases: Sequence[Any], progress: bool) -> None:
+    def ensure(self, cases: Sequence[Any], progress: Progress) -> None:
         """Measure (on the model as it is now, which must be unedited) the cases not known yet."""
         todo = [c for c in cases if str(c.case_id) not in self.known]
-        for case in tqdm(todo, desc="unedited scores", unit="case", disable=not progress or len(todo) < 2):
-            pre = {k: v for k, v in self.evaluate(case, False).items() if k not in GENERATION_KEYS}
-            self.log.append({"case_id": case.case_id, "pre": pre})
-            self.known[str(case.case_id)] = pre
+        if not todo:
+            return
+        with (progress if len(todo) > 1 else SILENT).stage("unedited scores", total=len(todo), unit="case") as stage:
+            for case in todo:
+                pre = {k: v for k, v in self.evaluate(case, False).items() if k not in GENERATION_KEYS}
+                self.log.append({"case_id": case.case_id, "pre": pre})
+                self.known[str(case.case_id)] = pre
+                stage.advance(1)
 
     def __getitem__(self, case_id: str) -> dict[str, Any]:
         return self.known[case_id]
@@ -144,7 +154,7 @@ class _PreScores:
 def run_chunks(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
-    method,
+    method: RunMethod,
     cases: Sequence[Any],
     done: dict[str, Any],
     config: RunConfig,
@@ -155,25 +165,62 @@ def run_chunks(
     pre_known: dict[str, dict[str, Any]],
     finished: Finished,
     base_fp: str,
-    progress: bool = True,
+    progress: Progress = SILENT,
 ) -> None:
     """Edit and evaluate ``cases`` in chunks of ``mode['batch']``; skip the ones in ``done``."""
-    pre = _PreScores(out, pre_known, evaluate)
+    run = _Run(
+        model, tok, method, done, out, evaluate, _PreScores(out, pre_known, evaluate), finished, base_fp, progress
+    )
     chunks = _chunks(cases, mode["batch"])
     if mode["kind"] == "batch":
-        _run_batches(model, tok, method, chunks, done, out, evaluate, pre, finished, base_fp, progress)
+        _run_batches(run, chunks)
     else:
-        _run_sequence(model, tok, method, chunks, done, config, out, evaluate, pre, finished, base_fp, progress)
+        _run_sequence(run, chunks, config)
 
 
-def _run_batches(model, tok, method, chunks, done, out: Path, evaluate: Evaluate, pre: _PreScores,
-                 finished: Finished, base_fp: str, progress: bool) -> None:
+@dataclass
+class _Run:
+    """What both drivers share: the model and method, the run folder, and where results go."""
+
+    model: nn.Module
+    tok: PreTrainedTokenizerBase
+    method: RunMethod
+    done: dict[str, Any]
+    out: Path
+    evaluate: Evaluate
+    pre: _PreScores
+    finished: Finished
+    base_fp: str
+    progress: Progress
+
+    def parts(self) -> tuple:
+        return (
+            self.model,
+            self.tok,
+            self.method,
+            self.done,
+            self.out,
+            self.evaluate,
+            self.pre,
+            self.finished,
+            self.base_fp,
+            self.progress,
+        )
+
+
+def _run_batches(run: _Run, chunks: list[list[Any]]) -> None:
+    model, tok, method, done, out, evaluate, pre, finished, base_fp, progress = run.parts()
+    options = {"z_cache": cache_dir("memit-z")} if method.capabilities.batch else {}
+
+    def compute(requests: list[EditRequest]) -> EditResult | None:
+        return method.compute(model, tok, requests, progress=progress if len(requests) > 1 else None, **options)
+
     for index, chunk in enumerate(chunks):
         todo = [c for c in chunk if str(c.case_id) not in done]
         if not todo:
             continue
         pre.ensure(todo, progress)
-        valid, errors = split_valid(tok, chunk, _fact_token(method))
+        valid, errors = split_valid(tok, chunk, method.fact_token)
         for case in todo:
             if str(case.case_id) in errors:
                 finished(case, {**case_header(case), "error": errors[str(case.case_id)]})
@@ -182,7 +229,7 @@ def _run_batches(model, tok, method, chunks, done, out: Path, evaluate: Evaluate
         edit_s = patch.info.get("edit_s", 0.0) if patch is not None else 0.0
         if patch is None and valid:
             try:
-                patch, edit_s = _compute(method, model, tok, valid, path, progress, z_cache=cache_dir("memit-z"))
+                patch, edit_s = _compute(compute, valid, path)
             except FactEditError as exc:  # a check the per-case validation did not foresee: the chunk fails
                 log.warning("chunk %d: %s failed: %s", index, method.name, exc)
                 for case in todo:
@@ -194,27 +241,39 @@ def _run_batches(model, tok, method, chunks, done, out: Path, evaluate: Evaluate
         info = {**edit_info(patch), "chunk": index, "chunk_size": len(valid)}
         breakdown = patch.info.get("timings")
         breakdown = {f"chunk_{k}_s": v for k, v in breakdown.items()} if isinstance(breakdown, dict) else {}
+        handle = None
         try:
-            patch.apply(model)
+            handle = patch.apply(model)
             for case in todo:
                 if str(case.case_id) in errors:
                     continue
                 t = time.perf_counter()
                 post = evaluate(case, True)
-                finished(case, {**case_header(case), "edit": info, "pre": pre[str(case.case_id)], "post": post,
-                                "timing": {"edit_s": edit_s / len(valid), "chunk_edit_s": edit_s,
-                                           "eval_s": time.perf_counter() - t, **breakdown}})
+                finished(
+                    case,
+                    {
+                        **case_header(case),
+                        "edit": info,
+                        "pre": pre[str(case.case_id)],
+                        "post": post,
+                        "timing": {
+                            "edit_s": edit_s / len(valid),
+                            "chunk_edit_s": edit_s,
+                            "eval_s": time.perf_counter() - t,
+                            **breakdown,
+                        },
+                    },
+                )
         finally:
-            if patch.is_applied(model):
-                patch.revert(model)
-            if hasattr(method, "discard"):
-                method.discard()
+            if handle is not None and handle.is_applied:
+                handle.revert()
+            method.discard()
         if model_fingerprint(model) != base_fp:
             raise FactEditError(f"chunk {index}: the model was not restored after the edit; stopping")
 
 
-def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path, evaluate: Evaluate,
-                  pre: _PreScores, finished: Finished, base_fp: str, progress: bool) -> None:
+def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None:
+    model, tok, method, done, out, evaluate, pre, finished, base_fp, progress = run.parts()
     all_cases = [c for chunk in chunks for c in chunk]
     todo = [c for c in all_cases if str(c.case_id) not in done]
     drift_log = CaseLog(out / "drift.jsonl")
@@ -229,11 +288,14 @@ def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path
         return
     # (a finished run with drift points missing replays its saved steps to measure them)
     pre.ensure(todo, progress)  # before any edit: the model is unedited here
+    # The core's sequence driver: statistics and templates of the unedited model (the run's shared
+    # resources), the method's state (AlphaEdit's kept keys) and a patch stack that keeps one snapshot
+    # of each touched weight (undo_depth 0: memory does not grow with the number of steps).
+    editor = SequentialEditor(model, tok, method.method, method.hp, resources=method.resources)
+    editor.stack = PatchStack(model, undo_depth=0)
+    state = editor.state
     state_path = out / "patches" / "state.safetensors"
-    saved_state_step = _state_step(state_path) if _has_state(method) else None
-    # One snapshot of every weight a step changes, taken before its first change: the sequence is
-    # undone from it, so the patches need not each keep a copy of the weights (1,000 steps would).
-    snapshot: dict[str, torch.Tensor] = {}
+    saved_state_step = _state_step(state_path) if state is not None else None
     errors: dict[str, str] = {}
     step_of: dict[str, int] = {}
     patch_of: dict[int, Patch] = {}
@@ -241,67 +303,64 @@ def _run_sequence(model, tok, method, chunks, done, config: RunConfig, out: Path
     last_step = -1  # the last step applied
     recomputing = False
     try:
-        for index, chunk in enumerate(tqdm(chunks, desc=f"{method.name} sequence", unit="step",
-                                           disable=not progress or len(chunks) < 2)):
-            valid, chunk_errors = split_valid(tok, chunk, _fact_token(method))
-            errors.update(chunk_errors)
-            if not valid:
-                continue
-            path = out / "patches" / f"step_{index:05d}.safetensors"
-            patch = None
-            if not recomputing and (saved_state_step is None or index <= saved_state_step):
-                patch = _load_saved(path, _ids(valid), model)  # AlphaEdit: only steps its saved state includes
-            if patch is None:
-                if not recomputing and last_step >= 0 and _has_state(method):
-                    _restore_state(method, state_path, last_step, next(model.parameters()).device)
-                recomputing = True
-                try:
-                    patch, _ = _compute(method, model, tok, valid, path, progress=False)
-                except FactEditError as exc:
-                    log.warning("step %d: %s failed: %s", index, method.name, exc)
-                    errors.update({str(c.case_id): f"edit failed: {exc}" for c in valid})
+        with progress.stage(f"{method.name} sequence", total=len(chunks), unit="step") as steps:
+            for index, chunk in enumerate(chunks):
+                steps.advance(1)
+                valid, chunk_errors = split_valid(tok, chunk, method.fact_token)
+                errors.update(chunk_errors)
+                if not valid:
                     continue
-                _apply_kept(patch, model, snapshot)
-                if hasattr(method, "commit"):
-                    method.commit()
-                _save_state(method, state_path, index)
-            else:
-                _apply_kept(patch, model, snapshot)
-            last_step = index
-            edited.extend(valid)
-            for case in valid:
-                step_of[str(case.case_id)] = index
-            patch_of[index] = patch
-            if config.drift_every and (index + 1) % config.drift_every == 0 and index + 1 not in drift_done:
-                drift_log.append({"case_id": index + 1, **drift_point(model, tok, edited, index + 1)})
+                path = out / "patches" / f"step_{index:05d}.safetensors"
+                patch = None
+                if not recomputing and (saved_state_step is None or index <= saved_state_step):
+                    patch = _load_saved(path, _ids(valid), model)  # AlphaEdit: only steps its saved state includes
+                if patch is None:
+                    if not recomputing and last_step >= 0 and state is not None:
+                        _restore_state(state, state_path, last_step, next(model.parameters()).device)
+                    recomputing = True
+                    try:
+                        patch, _ = _compute(editor.step, valid, path)  # computed on the edited model, applied, kept
+                    except FactEditError as exc:
+                        log.warning("step %d: %s failed: %s", index, method.name, exc)
+                        if state is not None:
+                            state.discard()
+                        errors.update({str(c.case_id): f"edit failed: {exc}" for c in valid})
+                        continue
+                    _save_state(state, state_path, index)
+                else:
+                    editor.stack.push(patch)
+                last_step = index
+                edited.extend(valid)
+                for case in valid:
+                    step_of[str(case.case_id)] = index
+                patch_of[index] = patch
+                if config.drift_every and (index + 1) % config.drift_every == 0 and index + 1 not in drift_done:
+                    drift_log.append({"case_id": index + 1, **drift_point(model, tok, edited, index + 1)})
         infos = {step: edit_info(p) for step, p in patch_of.items()}
-        for case in tqdm(todo, desc="evaluating edited model", unit="case", disable=not progress):
+        for case in todo:
             key = str(case.case_id)
             if key in errors:
                 finished(case, {**case_header(case), "error": errors[key]})
                 continue
             t = time.perf_counter()
             patch = patch_of[step_of[key]]
-            finished(case, {**case_header(case),
-                            "edit": {**infos[step_of[key]], "step": step_of[key], "edits_in_model": len(edited)},
-                            "pre": pre[key], "post": evaluate(case, True),
-                            "timing": {"edit_s": patch.info.get("edit_s", 0.0) / len(patch.info["case_ids"]),
-                                       "eval_s": time.perf_counter() - t}})
+            finished(
+                case,
+                {
+                    **case_header(case),
+                    "edit": {**infos[step_of[key]], "step": step_of[key], "edits_in_model": len(edited)},
+                    "pre": pre[key],
+                    "post": evaluate(case, True),
+                    "timing": {
+                        "edit_s": patch.info.get("edit_s", 0.0) / len(patch.info["case_ids"]),
+                        "eval_s": time.perf_counter() - t,
+                    },
+                },
+            )
     finally:
-        with torch.no_grad():
-            for name, original in snapshot.items():
-                get_parameter(model, name).copy_(original)
+        editor.stack.revert_all()
     if model_fingerprint(model) != base_fp:
         raise FactEditError("the model was not restored after the sequence; stopping")
-
-
-def _apply_kept(patch: Patch, model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    """Apply a step for good: first snapshot the weights it is the first to touch."""
-    for entry in patch.entries:
-        if entry.name not in snapshot:
-            snapshot[entry.name] = get_parameter(model, entry.name).detach().clone()
-    patch.apply(model)
-    patch.release(model)
 
 
 def _state_step(path: Path) -> int:
@@ -318,28 +377,32 @@ def _state_step(path: Path) -> int:
         return -1
 
 
-def _has_state(method) -> bool:
-    return getattr(method, "state", None) is not None
-
-
-def _save_state(method, path: Path, step: int) -> None:
-    tensors = method.state_tensors() if hasattr(method, "state_tensors") else {}
+def _save_state(state: MethodState | None, path: Path, step: int) -> None:
+    """The method's state after ``step`` (AlphaEdit's kept keys), beside the step patches."""
+    tensors = state.state_dict() if state is not None else {}
     if tensors:
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
         tmp.replace(path)
 
 
-def _restore_state(method, path: Path, step: int, device: torch.device) -> None:
-    """AlphaEdit's kept keys after ``step``; without them a resumed sequence would forget earlier edits."""
+def _restore_state(state: MethodState, path: Path, step: int, device: torch.device) -> None:
+    """The state after ``step``; without it a resumed sequence would forget the edits already kept."""
     saved = _state_step(path)
     if saved != step:
         raise FactEditError(f"{path} holds the state after step {saved}, not {step}: use a new --out folder")
-    method.load_state_tensors(load_file(str(path), device=str(device)))
+    state.load_state_dict(load_file(str(path), device=str(device)))
 
 
-def drift_point(model: nn.Module, tok: PreTrainedTokenizerBase, edited: Sequence[Any], step: int,
-                max_cases: int = 200, fluency_cases: int = 5, seed: int = 0) -> dict[str, Any]:
+def drift_point(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    edited: Sequence[Any],
+    step: int,
+    max_cases: int = 200,
+    fluency_cases: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The model after ``step`` steps, on the first ``max_cases`` edited CounterFact cases: how many
     edits still hold (new beats true on the rewrite prompt), how many neighbour prompts keep the
     true answer, and fluency: GE (n-gram entropy) of seeded samples from the first generation
@@ -351,15 +414,26 @@ def drift_point(model: nn.Module, tok: PreTrainedTokenizerBase, edited: Sequence
     cases = [c for c in edited if isinstance(c, CounterFactCase)][:max_cases]
     if not cases:
         return {"step": step, "edits": len(edited)}
-    held = sum(new_beats_true(model, tok, [c.request.text], c.request.new_text, c.request.true_text)[0]
-               for c in cases)
-    kept = [not x for c in cases for x in new_beats_true(model, tok, list(c.neighborhood_prompts[:2]),
-                                                         c.request.new_text, c.request.true_text)]
-    texts = [sample_texts(model, tok, [c.generation_prompts[0]], seed=case_seed(seed, c.case_id))[0]
-             for c in cases[:fluency_cases] if c.generation_prompts]
-    return {"step": step, "edits": len(edited), "measured_cases": len(cases),
-            "edits_holding": held / len(cases), "neighbourhood_kept": sum(kept) / max(1, len(kept)),
-            "ngram_entropy": generation_entropy(texts), "fluency_cases": len(texts)}
+    holding = edits_holding(model, tok, [c.request for c in cases], max_requests=max_cases)
+    kept = [
+        not x
+        for c in cases
+        for x in new_beats_true(model, tok, list(c.neighborhood_prompts[:2]), c.request.new_text, c.request.true_text)
+    ]
+    texts = [
+        sample_texts(model, tok, [c.generation_prompts[0]], seed=case_seed(seed, c.case_id))[0]
+        for c in cases[:fluency_cases]
+        if c.generation_prompts
+    ]
+    return {
+        "step": step,
+        "edits": len(edited),
+        "measured_cases": len(cases),
+        "edits_holding": holding["edits_holding"],
+        "neighbourhood_kept": sum(kept) / max(1, len(kept)),
+        "ngram_entropy": generation_entropy(texts),
+        "fluency_cases": len(texts),
+    }
 
 
 def read_drift(folder: str | Path) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from factedit.data.zsre import ZsRECase
 from factedit.evaluation.generation import case_seed, sample_texts
 from factedit.evaluation.metrics import generation_entropy
 from factedit.evaluation.reference import ReferenceTexts
-from factedit.evaluation.scoring import score_continuations
+from factedit.predict import score_continuations
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,11 @@ def evaluate_counterfact(
     """NLLs of new/true target and argmax hits on rewrite, paraphrase and neighbourhood prompts;
     with ``generation``, also the generated texts, their n-gram entropy and the reference score."""
     req = case.request
-    groups = {"rewrite": case.rewrite_prompts(), "paraphrase": list(case.paraphrase_prompts),
-              "neighborhood": list(case.neighborhood_prompts)}
+    groups = {
+        "rewrite": case.rewrite_prompts(),
+        "paraphrase": list(case.paraphrase_prompts),
+        "neighborhood": list(case.neighborhood_prompts),
+    }
     pairs = [(p, t) for prompts in groups.values() for p in prompts for t in (req.new_text, req.true_text)]
     scores = iter(score_continuations(model, tok, pairs, batch_size=batch_size))
     out: dict[str, Any] = {}
@@ -63,8 +66,14 @@ def evaluate_counterfact(
         prompts = list(case.generation_prompts)
         if generation.n_gen is not None:
             prompts = prompts[: generation.n_gen]
-        texts = sample_texts(model, tok, prompts, max_out_len=generation.max_out_len, top_k=generation.top_k,
-                             seed=case_seed(generation.seed, case.case_id))
+        texts = sample_texts(
+            model,
+            tok,
+            prompts,
+            max_out_len=generation.max_out_len,
+            top_k=generation.top_k,
+            seed=case_seed(generation.seed, case.case_id),
+        )
         out["ngram_entropy"] = generation_entropy(texts) if texts else None
         out["reference_score"] = reference.score(texts, req.target_new) if (reference and texts) else None
         out["text"] = texts

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from factedit.models.cache import full_cache
 from factedit.text import pad_id
 
 
@@ -45,16 +46,15 @@ def sample_texts(
     ids = torch.full((len(seqs), width), pad_id(tok), dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(seqs):  # left padding: every row's next token is at the same column
-        ids[i, width - len(s):] = torch.tensor(s, device=device)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, device=device)
+        mask[i, width - len(s) :] = 1
     steps = max(0, max_out_len - int(lengths.min()))
     gen = torch.Generator(device=device).manual_seed(seed)
     new_tokens: list[torch.Tensor] = []
-    cache = DynamicCache()
+    cache = full_cache()
     step_ids, positions = ids, (mask.cumsum(1) - 1).clamp(min=0)
     for _ in range(steps):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True)
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
         top = probs.topk(top_k, dim=-1)
         pick = torch.multinomial(top.values / top.values.sum(1, keepdim=True), 1, generator=gen)

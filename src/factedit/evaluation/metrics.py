@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from factedit.tracing.dataset import t_quantile_975  # the one Student-t quantile (95% intervals)
+
 PROB_KEYS = ("rewrite", "paraphrase", "neighborhood")
 
 
@@ -172,20 +174,6 @@ class TfidfModel:
 
 
 # -- intervals -------------------------------------------------------------------------------------------------
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def t_quantile_975(df: int) -> float:
-    """Two-sided 95% Student-t quantile (table up to 10 degrees of freedom, Cornish-Fisher beyond)."""
-    if df < 1:
-        return math.nan
-    if df in _T975:
-        return _T975[df]
-    z = 1.959963984540054
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
-
-
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval (NaN half-width for fewer than 2 values)."""
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
@@ -196,8 +184,9 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(t_quantile_975(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
-def bootstrap_ci(columns: Sequence[Sequence[float]], statistic, *, n_boot: int = 2000, seed: int = 0
-                 ) -> tuple[float, float, float]:
+def bootstrap_ci(
+    columns: Sequence[Sequence[float]], statistic, *, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Statistic of the column means, with a 95% percentile bootstrap interval over cases (rows resampled
     jointly, seeded). Used for S, which is a harmonic mean of means and has no closed-form interval."""
     data = np.asarray(columns, dtype=np.float64)  # (k, n)

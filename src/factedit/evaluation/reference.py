@@ -44,8 +44,13 @@ class ReferenceTexts:
         self._cache: dict[str, list[str]] = {}
 
     def describe(self) -> dict:
-        return {"corpus": self.corpus_name, "corpus_id": self.corpus_id, "max_texts": self.max_texts,
-                "n_documents": len(self.documents), "note": self.note()}
+        return {
+            "corpus": self.corpus_name,
+            "corpus_id": self.corpus_id,
+            "max_texts": self.max_texts,
+            "n_documents": len(self.documents),
+            "note": self.note(),
+        }
 
     def note(self) -> str:
         return REFERENCE_NOTE.format(max_texts=self.max_texts, corpus=self.corpus_name)

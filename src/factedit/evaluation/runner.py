@@ -28,122 +28,43 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from factedit import __version__
 from factedit.data import load_dataset
 from factedit.data.counterfact import CounterFactCase
 from factedit.errors import FactEditError
+from factedit.evaluation.batched import run_chunks
 from factedit.evaluation.cases import GenerationSettings, evaluate_counterfact, evaluate_zsre
-from factedit.evaluation.methods import get_method
+from factedit.evaluation.config import RunConfig, RunReport
+from factedit.evaluation.edits import RunMethod
+from factedit.evaluation.records import (
+    CASES,
+    GENERATION_KEYS,
+    MANIFEST,
+    CaseLog,
+    case_header,
+    edit_info,
+    read_manifest,
+)
 from factedit.evaluation.reference import reference_texts
 from factedit.models.fingerprint import model_fingerprint, model_identity
 from factedit.paths import atomic_write_bytes
+from factedit.progress import Progress, as_progress
+from factedit.version import __version__
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-CASES = "cases.jsonl"
 FORMAT = "factedit-eval-run-v1"
-GENERATION_KEYS = ("ngram_entropy", "reference_score", "text")
-
-
-@dataclass
-class RunConfig:
-    """Everything that decides a run's results (and must match when it is resumed), plus ``n``."""
-
-    method: str
-    dataset: str
-    n: int | None = None
-    start: int = 0
-    data_path: str | None = None
-    download: bool = False  # fetch the official file when it is not found locally
-    zsre_target: str = "answers"
-    hparams: str | None = None  # JSON file; None = the family defaults
-    overrides: dict[str, Any] = field(default_factory=dict)
-    generation: bool = False
-    n_gen: int | None = None
-    max_out_len: int = 100
-    top_k: int = 5
-    seed: int = 0
-    reference_corpus: str | None = None
-    reference_max_texts: int = 50
-    batch_size: int = 64
-    batch: int | None = None  # edit this many cases at once (MEMIT / AlphaEdit); None = each alone
-    sequential: bool = False  # keep every edit: chunks applied one after another
-    pre_from: str | None = None  # a run folder of the same model and data whose ``pre`` scores are reused
-    drift_every: int | None = None  # sequential: measure earlier edits and neighbours every k steps
-    gen_cases: int | None = None  # generation metrics (slow) on the first this many cases only; None = all
-    group: int = 1  # single mode: independent edits of this many cases computed together (``compute_each``)
-
-
-@dataclass
-class RunReport:
-    out_dir: Path
-    total: int
-    already_done: int
-    evaluated: int
-    errors: int
-    seconds: float
-
-
-# -- the case log -------------------------------------------------------------------------------------------
-class CaseLog:
-    """``cases.jsonl``: append-only, one line per case, fsynced; reading repairs a torn last line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self, *, repair: bool = True) -> dict[str, dict[str, Any]]:
-        """Finished cases by ``str(case_id)`` (first occurrence wins)."""
-        if not self.path.is_file():
-            return {}
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            log.warning("%s: discarding a torn last line (%d bytes, the run was interrupted mid-write); "
-                        "that case will be evaluated again", self.path, len(data) - keep)
-            if repair:
-                with open(self.path, "r+b") as fh:
-                    fh.truncate(keep)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            data = data[:keep]
-        done: dict[str, dict[str, Any]] = {}
-        for lineno, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                key = str(record["case_id"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: line %d is unreadable and is ignored (its case will be evaluated again)",
-                            self.path, lineno)
-                continue
-            if key in done:
-                log.warning("%s: case %s appears twice; keeping the first", self.path, key)
-                continue
-            done[key] = record
-        return done
-
-    def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        with open(self.path, "ab") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager
@@ -170,13 +91,30 @@ def _versions() -> dict[str, str]:
     import numpy
     import transformers
 
-    return {"factedit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "factedit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 # fields of the manifest that must be equal for a resumed run
-_MUST_MATCH = ("method", "hparams", "model.fingerprint", "dataset.name", "dataset.sha256", "dataset.format",
-               "selection.start", "generation", "seeds", "reference", "mode")
+_MUST_MATCH = (
+    "method",
+    "hparams",
+    "model.fingerprint",
+    "dataset.name",
+    "dataset.sha256",
+    "dataset.format",
+    "selection.start",
+    "generation",
+    "seeds",
+    "reference",
+    "mode",
+)
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -185,27 +123,21 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FactEditError(f"{folder} is not an evaluation run (cannot read {MANIFEST}: {exc})") from exc
-
-
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
     if old.get("format") != FORMAT:
         raise FactEditError(f"{folder}/{MANIFEST} has format {old.get('format')!r}, expected {FORMAT}")
     old = {"mode": {"kind": "single"}, **old}  # runs made before batch/sequential modes existed
-    diffs = [k for k in _MUST_MATCH
-             if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)]
+    diffs = [
+        k for k in _MUST_MATCH if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)
+    ]
     if _get(new, "mode.kind") in ("batch", "sequential") and _get(old, "selection.n") != _get(new, "selection.n"):
         # the chunks (and, in a sequence, the edits in the model when a case is scored) depend on n
         diffs.append("selection.n")
     if diffs:
         detail = "; ".join(f"{k}: run has {_get(old, k)!r}, now {_get(new, k)!r}" for k in diffs)
-        raise FactEditError(f"cannot resume {folder}: the run was made with other settings ({detail}); "
-                            "use a new --out folder")
+        raise FactEditError(
+            f"cannot resume {folder}: the run was made with other settings ({detail}); use a new --out folder"
+        )
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -217,13 +149,16 @@ def run_evaluation(
     *,
     model_name: str | None = None,
     on_case: Callable[[str, dict[str, Any]], None] | None = None,
-    progress: bool = True,
+    progress: Progress | bool | None = True,
 ) -> RunReport:
     """Evaluate ``config.method`` on ``config.n`` cases, resuming whatever ``out_dir`` already holds.
 
-    ``on_case(case_id, record)`` is called after each case's line is safely on disk.
+    ``on_case(case_id, record)`` is called after each case's line is safely on disk. ``progress`` (an
+    adapter, or ``True`` for bars on stderr) gets a stage "evaluating" counting the cases, plus the
+    stages of statistics, templates and batch edits.
     """
     started = time.perf_counter()
+    progress = as_progress(progress)
     if config.batch is not None and config.batch < 1:  # checked before anything is written
         raise FactEditError(f"batch must be at least 1, not {config.batch}")
     if config.group < 1:
@@ -232,31 +167,49 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     with _run_lock(out):
-        dataset = load_dataset(config.dataset, config.data_path, n=config.n, start=config.start,
-                               target=config.zsre_target, download=config.download)
+        dataset = load_dataset(
+            config.dataset,
+            config.data_path,
+            n=config.n,
+            start=config.start,
+            target=config.zsre_target,
+            download=config.download,
+        )
         if config.dataset == "zsre" and config.generation:
             raise FactEditError("generation metrics are defined for CounterFact only")
-        method = get_method(config.method)
+        method = RunMethod(model, tok, config.method, config.hparams, config.overrides or None, progress=progress)
         mode = _mode(config, method)
         # generation metrics (slow) only for the first gen_cases cases, when limited
-        gen_ids = (None if config.gen_cases is None
-                   else frozenset(str(c.case_id) for c in dataset.cases[: config.gen_cases]))
-        hparams = method.setup(model, tok, config.hparams, config.overrides or None)
+        gen_ids = (
+            None if config.gen_cases is None else frozenset(str(c.case_id) for c in dataset.cases[: config.gen_cases])
+        )
+        method.prepare()
+        hparams = method.manifest_hparams()
         base_fp = model_fingerprint(model)
         reference = None
         gen = None
         if config.generation:
-            gen = GenerationSettings(n_gen=config.n_gen, max_out_len=config.max_out_len, top_k=config.top_k,
-                                     seed=config.seed, n_cases=config.gen_cases)
+            gen = GenerationSettings(
+                n_gen=config.n_gen,
+                max_out_len=config.max_out_len,
+                top_k=config.top_k,
+                seed=config.seed,
+                n_cases=config.gen_cases,
+            )
             reference = reference_texts(config.reference_corpus, config.reference_max_texts)
         param = next(model.parameters())
         manifest = {
             "format": FORMAT,
             "method": method.name,
             "hparams": hparams,
-            "model": {"name": model_name, "fingerprint": base_fp, "identity": model_identity(model),
-                      "dtype": str(param.dtype), "device": str(param.device),
-                      "family": getattr(model.config, "model_type", None)},
+            "model": {
+                "name": model_name,
+                "fingerprint": base_fp,
+                "identity": model_identity(model),
+                "dtype": str(param.dtype),
+                "device": str(param.device),
+                "family": getattr(model.config, "model_type", None),
+            },
             "dataset": {k: v for k, v in dataset.describe().items() if k not in ("n_cases",)},
             "selection": {"start": config.start, "n": config.n, "n_cases": len(dataset)},
             # n_cases appears only when set, so runs made before it existed still resume
@@ -275,8 +228,8 @@ def run_evaluation(
             _check_resumable(old, manifest, out)
             manifest["created"] = old.get("created")
         else:
-            manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_bytes(path, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
 
         caselog = CaseLog(out / CASES)
@@ -286,42 +239,74 @@ def run_evaluation(
         if already:
             log.info("resuming %s: %d of %d cases already done", out, already, len(dataset))
         errors = 0
-        bar = tqdm(total=len(dataset), initial=already, desc=f"{method.name} {config.dataset}", unit="case",
-                   disable=not progress, dynamic_ncols=True)
+        stage = progress.stage("evaluating", total=len(dataset), unit="case")
+        if already:
+            stage.advance(already)
 
         def finished(case, record: dict[str, Any]) -> None:
             nonlocal errors
             errors += "error" in record
             caselog.append(record)
-            bar.update(1)
+            stage.advance(1, errors=errors)
             if on_case is not None:
                 on_case(str(case.case_id), record)
 
         try:
             pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
             if mode["kind"] == "single":
-                if config.group > 1 and method.name != "none" and not hasattr(method, "compute_each"):
+                each = method.capabilities.each
+                if config.group > 1 and method.name != "none" and not each:
                     log.warning("%s computes one edit at a time; group=%d is ignored", method.name, config.group)
-                for group in _groups(dataset.cases, todo, config.group if hasattr(method, "compute_each") else 1):
+                for group in _groups(dataset.cases, todo, config.group if each else 1):
                     edits = _compute_each(model, tok, method, group) if len(group) > 1 else {}
                     for case in group:
-                        finished(case, _evaluate_case(model, tok, method, case, config, gen, reference, base_fp,
-                                                      pre_known.get(str(case.case_id)), gen_ids,
-                                                      edits.get(str(case.case_id))))
+                        finished(
+                            case,
+                            _evaluate_case(
+                                model,
+                                tok,
+                                method,
+                                case,
+                                config,
+                                gen,
+                                reference,
+                                base_fp,
+                                pre_known.get(str(case.case_id)),
+                                gen_ids,
+                                edits.get(str(case.case_id)),
+                            ),
+                        )
             else:
-                from factedit.evaluation.batched import run_chunks
-
-                run_chunks(model, tok, method, dataset.cases, done, config, mode, out,
-                           evaluate=lambda case, with_generation: _evaluate(model, tok, case, config, gen, reference,
-                                                                            with_generation, gen_ids),
-                           pre_known=pre_known, finished=finished, base_fp=base_fp, progress=progress)
+                run_chunks(
+                    model,
+                    tok,
+                    method,
+                    dataset.cases,
+                    done,
+                    config,
+                    mode,
+                    out,
+                    evaluate=lambda case, with_generation: _evaluate(
+                        model, tok, case, config, gen, reference, with_generation, gen_ids
+                    ),
+                    pre_known=pre_known,
+                    finished=finished,
+                    base_fp=base_fp,
+                    progress=progress,
+                )
         finally:
-            bar.close()
-    return RunReport(out_dir=out, total=len(dataset), already_done=already, evaluated=len(todo), errors=errors,
-                     seconds=time.perf_counter() - started)
+            stage.close()
+    return RunReport(
+        out_dir=out,
+        total=len(dataset),
+        already_done=already,
+        evaluated=len(todo),
+        errors=errors,
+        seconds=time.perf_counter() - started,
+    )
 
 
-def _mode(config: RunConfig, method) -> dict[str, Any]:
+def _mode(config: RunConfig, method: RunMethod) -> dict[str, Any]:
     """How cases are edited; part of the manifest, so a resumed run cannot switch protocol."""
     if config.drift_every is not None and (not config.sequential or config.drift_every < 1):
         raise FactEditError("drift_every needs a sequential run and a positive step count")
@@ -330,9 +315,13 @@ def _mode(config: RunConfig, method) -> dict[str, Any]:
     if method.name == "none":
         raise FactEditError("method 'none' makes no edits: --batch and --sequential do not apply")
     size = config.batch or 1
-    if size > 1 and not hasattr(method, "compute_batch"):
-        raise FactEditError(f"{method.name} edits one request at a time: use --batch 1 (with --sequential) "
-                            "or a batch method (memit, alphaedit)")
+    if config.sequential and not method.capabilities.sequential:
+        raise FactEditError(f"{method.name} cannot edit in sequence")
+    if size > 1 and not method.capabilities.batch:
+        raise FactEditError(
+            f"{method.name} edits one request at a time: use --batch 1 (with --sequential) "
+            "or a batch method (memit, alphaedit)"
+        )
     return {"kind": "sequential" if config.sequential else "batch", "batch": size}
 
 
@@ -350,7 +339,7 @@ def _groups(cases: list, todo: list, size: int) -> Iterator[list]:
         yield group
 
 
-def _compute_each(model, tok, method, cases: list) -> dict[str, tuple[Any, float, int]]:
+def _compute_each(model, tok, method: RunMethod, cases: list) -> dict[str, tuple[Any, float, int]]:
     """Independent edits of ``cases`` computed together: ``{case_id: (patch, seconds per case, group size)}``.
 
     A group with a request that cannot be edited is left to the one-at-a-time path, which reports
@@ -370,41 +359,64 @@ def _read_pre(folder: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]
     other = read_manifest(folder)
     for key in ("model.fingerprint", "dataset.name", "dataset.sha256", "dataset.format"):
         if _get(other, key) != _get(manifest, key):
-            raise FactEditError(f"--pre-from {folder}: its {key} ({_get(other, key)!r}) differs from this run's "
-                                f"({_get(manifest, key)!r}); its unedited scores cannot be reused")
+            raise FactEditError(
+                f"--pre-from {folder}: its {key} ({_get(other, key)!r}) differs from this run's "
+                f"({_get(manifest, key)!r}); its unedited scores cannot be reused"
+            )
     cases = CaseLog(Path(folder) / CASES).load(repair=False)
     return {k: v["pre"] for k, v in cases.items() if "pre" in v}
 
 
-def _evaluate(model, tok, case, config: RunConfig, gen, reference, with_generation: bool,
-              gen_ids: frozenset[str] | None = None) -> dict[str, Any]:
+def _evaluate(
+    model, tok, case, config: RunConfig, gen, reference, with_generation: bool, gen_ids: frozenset[str] | None = None
+) -> dict[str, Any]:
     if gen_ids is not None and str(case.case_id) not in gen_ids:
         with_generation = False
     if isinstance(case, CounterFactCase):
-        return evaluate_counterfact(model, tok, case, generation=gen if with_generation else None,
-                                    reference=reference, batch_size=config.batch_size)
+        return evaluate_counterfact(
+            model,
+            tok,
+            case,
+            generation=gen if with_generation else None,
+            reference=reference,
+            batch_size=config.batch_size,
+        )
     return evaluate_zsre(model, tok, case, batch_size=config.batch_size)
 
 
 def _notes(config: RunConfig, reference) -> list[str]:
     notes = []
     if config.generation:
-        notes.append("generation metrics are computed on the edited model only ('post'); the unedited model's "
-                     "come from a run with method 'none' (same seeds, so the same samples)")
+        notes.append(
+            "generation metrics are computed on the edited model only ('post'); the unedited model's "
+            "come from a run with method 'none' (same seeds, so the same samples)"
+        )
         notes.append(reference.note())
         notes.append("n-gram entropy uses a regex word tokenizer approximating NLTK's word_tokenize")
         if config.gen_cases is not None:
-            notes.append(f"GE and RS are measured on the run's first {config.gen_cases} cases only (to save time); "
-                         "the other metrics on all")
+            notes.append(
+                f"GE and RS are measured on the run's first {config.gen_cases} cases only (to save time); "
+                "the other metrics on all"
+            )
     if config.dataset == "zsre":
         origin = " (as ROME/MEMIT)" if config.zsre_target == "answers" else ""
         notes.append(f"zsRE new target = {config.zsre_target}{origin}")
     return notes
 
 
-def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, base_fp: str,
-                   pre: dict[str, Any] | None = None, gen_ids: frozenset[str] | None = None,
-                   computed: tuple[Any, float, int] | None = None) -> dict[str, Any]:
+def _evaluate_case(
+    model,
+    tok,
+    method: RunMethod,
+    case,
+    config: RunConfig,
+    gen,
+    reference,
+    base_fp: str,
+    pre: dict[str, Any] | None = None,
+    gen_ids: frozenset[str] | None = None,
+    computed: tuple[Any, float, int] | None = None,
+) -> dict[str, Any]:
     """One case: edit (or take the patch ``computed`` with its group), evaluate, revert."""
     req = case.request
     record = case_header(case)
@@ -427,7 +439,7 @@ def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, 
         else:
             group = 1
             try:
-                patch = method.compute(model, tok, req)
+                patch = method.compute_patch(model, tok, req)
             except FactEditError as exc:
                 log.warning("case %s: %s failed: %s", case.case_id, method.name, exc)
                 return {**record, "error": str(exc)}
@@ -447,25 +459,3 @@ def _evaluate_case(model, tok, method, case, config: RunConfig, gen, reference, 
     if method.name != "none" and group > 1:
         timing["group"] = group
     return {**record, "pre": pre, "post": post, "timing": timing}
-
-
-def case_header(case) -> dict[str, Any]:
-    req = case.request
-    return {"case_id": case.case_id,
-            "requested_rewrite": {"prompt": req.prompt, "subject": req.subject, "target_new": req.target_new,
-                                  "target_true": req.target_true}}
-
-
-def edit_info(patch) -> dict[str, Any]:
-    """A few numbers about the edit worth keeping: size of the change, steps, final loss."""
-    info: dict[str, Any] = {"method": patch.method,
-                            "delta_norm": float(sum(float(e.delta().norm()) for e in patch.entries))}
-    losses = patch.info.get("losses")
-    last = losses[-1] if losses else None
-    if isinstance(last, list):  # ROME: per layer, a list of per-step dicts
-        last = last[-1] if last else None
-    if last is not None:
-        info["final_loss"] = last
-    if "steps" in patch.info:
-        info["steps"] = patch.info["steps"]
-    return info

@@ -28,26 +28,41 @@ from factedit.evaluation.metrics import (
     mean_ci,
     zsre_case_scores,
 )
-from factedit.evaluation.runner import CASES, CaseLog, read_manifest
+from factedit.evaluation.records import CASES, CaseLog, read_manifest
 
 log = logging.getLogger(__name__)
 
 # (column, per-case key, scale)
 COUNTERFACT_METRICS = [
-    ("ES", "rewrite_success", 100), ("EM", "rewrite_diff", 100),
-    ("PS", "paraphrase_success", 100), ("PM", "paraphrase_diff", 100),
-    ("NS", "neighborhood_success", 100), ("NM", "neighborhood_diff", 100),
+    ("ES", "rewrite_success", 100),
+    ("EM", "rewrite_diff", 100),
+    ("PS", "paraphrase_success", 100),
+    ("PM", "paraphrase_diff", 100),
+    ("NS", "neighborhood_success", 100),
+    ("NM", "neighborhood_diff", 100),
     ("S", None, 1),
-    ("GE", "ngram_entropy", 100), ("RS", "reference_score", 100),
-    ("Acc rewrite", "rewrite_acc", 100), ("Acc para", "paraphrase_acc", 100), ("Acc neigh", "neighborhood_acc", 100),
+    ("GE", "ngram_entropy", 100),
+    ("RS", "reference_score", 100),
+    ("Acc rewrite", "rewrite_acc", 100),
+    ("Acc para", "paraphrase_acc", 100),
+    ("Acc neigh", "neighborhood_acc", 100),
 ]
-ZSRE_METRICS = [("Efficacy", "rewrite_acc", 100), ("Paraphrase", "paraphrase_acc", 100),
-                ("Specificity", "neighborhood_acc", 100)]
+ZSRE_METRICS = [
+    ("Efficacy", "rewrite_acc", 100),
+    ("Paraphrase", "paraphrase_acc", 100),
+    ("Specificity", "neighborhood_acc", 100),
+]
 TIME = ("edit s", "edit_s", 1)
 RATE = "cases/min"  # throughput: cases over the summed per-case wall time (edit + evaluation + revert)
 DELTA = {"counterfact": ("ΔNS", "neighborhood_success"), "zsre": ("ΔSpec", "neighborhood_acc")}
-BOUNDED = {"rewrite_success", "paraphrase_success", "neighborhood_success", "rewrite_acc", "paraphrase_acc",
-           "neighborhood_acc"}
+BOUNDED = {
+    "rewrite_success",
+    "paraphrase_success",
+    "neighborhood_success",
+    "rewrite_acc",
+    "paraphrase_acc",
+    "neighborhood_acc",
+}
 
 
 @dataclass
@@ -109,8 +124,9 @@ def _case_scores(dataset: str, block: dict[str, Any]) -> dict[str, float]:
     return counterfact_case_scores(block) if dataset == "counterfact" else zsre_case_scores(block)
 
 
-def summarize_block(dataset: str, blocks: list[dict[str, Any]], times: list[float] | None = None,
-                    *, n_boot: int = 2000, seed: int = 0) -> dict[str, Cell]:
+def summarize_block(
+    dataset: str, blocks: list[dict[str, Any]], times: list[float] | None = None, *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Cell]:
     """Mean and 95% interval of every metric over cases (``blocks``: the ``pre`` or ``post`` of each case)."""
     per_case = [_case_scores(dataset, b) for b in blocks]
     spec = COUNTERFACT_METRICS if dataset == "counterfact" else ZSRE_METRICS
@@ -127,8 +143,11 @@ def summarize_block(dataset: str, blocks: list[dict[str, Any]], times: list[floa
             lo, hi = max(lo, 0.0), min(hi, 1.0)
         cells[column] = Cell(scale * mean, scale * lo, scale * hi)
     if dataset == "counterfact" and all(k in cells for k in ("ES", "PS", "NS")):
-        cols = [[c["rewrite_success"] for c in per_case], [c["paraphrase_success"] for c in per_case],
-                [c["neighborhood_success"] for c in per_case]]
+        cols = [
+            [c["rewrite_success"] for c in per_case],
+            [c["paraphrase_success"] for c in per_case],
+            [c["neighborhood_success"] for c in per_case],
+        ]
         point, lo, hi = bootstrap_ci(cols, lambda m: harmonic_mean(100 * m), n_boot=n_boot, seed=seed)
         cells["S"] = Cell(point, lo, hi)
     if times:
@@ -137,8 +156,9 @@ def summarize_block(dataset: str, blocks: list[dict[str, Any]], times: list[floa
     return cells
 
 
-def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = True, n_boot: int = 2000,
-                   seed: int = 0) -> Summary:
+def summarize_runs(
+    paths: list[str | Path], *, common: bool = True, pre: bool = True, n_boot: int = 2000, seed: int = 0
+) -> Summary:
     """One row per run (its ``post`` metrics), preceded by the unedited model's row (the first run's ``pre``)
     unless a run of method ``none`` is among them."""
     runs = [load_run(p) for p in paths]
@@ -164,22 +184,31 @@ def summarize_runs(paths: list[str | Path], *, common: bool = True, pre: bool = 
     for i, run in enumerate(runs):
         chosen = [run.cases[k] for k in _ordered(run, keep)]
         if pre and i == 0:
-            rows.append(Row(label="pre (unedited)", method="-", n=len(chosen),
-                            cells=summarize_block(dataset, [c["pre"] for c in chosen], n_boot=n_boot, seed=seed)))
+            rows.append(
+                Row(
+                    label="pre (unedited)",
+                    method="-",
+                    n=len(chosen),
+                    cells=summarize_block(dataset, [c["pre"] for c in chosen], n_boot=n_boot, seed=seed),
+                )
+            )
         times = [c["timing"]["edit_s"] for c in chosen if "timing" in c] if run.manifest["method"] != "none" else None
         cells = summarize_block(dataset, [c["post"] for c in chosen], times, n_boot=n_boot, seed=seed)
         cells.update(_specificity_drop(dataset, chosen))
         totals = [c["timing"]["total_s"] for c in chosen if "total_s" in c.get("timing", {})]
         if totals and sum(totals) > 0:
             cells[RATE] = Cell(60 * len(totals) / sum(totals), math.nan, math.nan)
-        rows.append(Row(label=run.label, method=run.manifest["method"], n=len(chosen), errors=len(run.errors),
-                        cells=cells))
+        rows.append(
+            Row(label=run.label, method=run.manifest["method"], n=len(chosen), errors=len(run.errors), cells=cells)
+        )
         for note in run.manifest.get("notes", []):
             if note not in notes:
                 notes.append(note)
         if run.errors:
-            notes.append(f"{run.label}: {len(run.errors)} case(s) failed to edit and are excluded "
-                         f"(ids {', '.join(sorted(run.errors)[:10])}{'…' if len(run.errors) > 10 else ''})")
+            notes.append(
+                f"{run.label}: {len(run.errors)} case(s) failed to edit and are excluded "
+                f"(ids {', '.join(sorted(run.errors)[:10])}{'…' if len(run.errors) > 10 else ''})"
+            )
     spec = COUNTERFACT_METRICS if dataset == "counterfact" else ZSRE_METRICS
     columns = [c for c, _, _ in spec if any(c in r.cells for r in rows)]
     delta = DELTA[dataset][0]
@@ -227,8 +256,10 @@ def to_markdown(summary: Summary) -> str:
     for row in summary.rows:
         cells = [_fmt(row.cells.get(c), 2 if c == "edit s" else 1) for c in summary.columns]
         lines.append("| " + " | ".join([row.label, row.method, str(row.n), *cells]) + " |")
-    text = (f"**{summary.dataset}** (mean ± 95% CI over cases; [low, high] where the interval is asymmetric: "
-            "bootstrap for S, clipped to 0–100 for rates)\n\n" + "\n".join(lines))
+    text = (
+        f"**{summary.dataset}** (mean ± 95% CI over cases; [low, high] where the interval is asymmetric: "
+        "bootstrap for S, clipped to 0–100 for rates)\n\n" + "\n".join(lines)
+    )
     if summary.notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in summary.notes)
     return text
@@ -242,8 +273,18 @@ def to_csv(summary: Summary) -> str:
         for c in summary.columns:
             cell = row.cells.get(c)
             if cell is not None:
-                w.writerow([summary.dataset, row.label, row.method, row.n, c, f"{cell.mean:.6g}",
-                            f"{cell.low:.6g}", f"{cell.high:.6g}"])
+                w.writerow(
+                    [
+                        summary.dataset,
+                        row.label,
+                        row.method,
+                        row.n,
+                        c,
+                        f"{cell.mean:.6g}",
+                        f"{cell.low:.6g}",
+                        f"{cell.high:.6g}",
+                    ]
+                )
     return buf.getvalue()
 
 
@@ -263,10 +304,22 @@ def plot(summary: Summary, path: str | Path, metrics: list[str] | None = None) -
     fig, ax = plt.subplots(figsize=(3.6 + 1.4 * len(metrics) + 0.3 * len(summary.rows), 3.6))
     for i, row in enumerate(summary.rows):
         means = [row.cells[m].mean if m in row.cells else np.nan for m in metrics]
-        errs = np.array([[row.cells[m].mean - row.cells[m].low, row.cells[m].high - row.cells[m].mean]
-                         if m in row.cells and not math.isnan(row.cells[m].half) else [0, 0] for m in metrics]).T
-        ax.bar(x + (i - (len(summary.rows) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
-               label=f"{row.label} (n={row.n})")
+        errs = np.array(
+            [
+                [row.cells[m].mean - row.cells[m].low, row.cells[m].high - row.cells[m].mean]
+                if m in row.cells and not math.isnan(row.cells[m].half)
+                else [0, 0]
+                for m in metrics
+            ]
+        ).T
+        ax.bar(
+            x + (i - (len(summary.rows) - 1) / 2) * width,
+            means,
+            width,
+            yerr=errs,
+            capsize=2,
+            label=f"{row.label} (n={row.n})",
+        )
     ax.set_xticks(x, metrics)
     ax.set_ylabel("%")
     ax.set_title(f"{summary.dataset}: mean ± 95% CI")

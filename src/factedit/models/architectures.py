@@ -157,3 +157,8 @@ def weight_to_math(weight: torch.Tensor, arch: ArchSpec) -> torch.Tensor:
 def math_to_weight(delta: torch.Tensor, arch: ArchSpec) -> torch.Tensor:
     """Turn an (out, in) update into the storage layout of the rewrite weight."""
     return delta.T if arch.conv1d else delta
+
+
+def math_shape(weight: torch.Tensor, arch: ArchSpec) -> torch.Size:
+    """Shape of a rewrite weight's (out, in) view, e.g. to allocate updates or gradients in that view."""
+    return weight_to_math(weight, arch).shape

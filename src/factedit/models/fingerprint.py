@@ -16,8 +16,16 @@ from torch import nn
 
 _SAMPLES_PER_TENSOR = 4096
 _CONFIG_KEYS = (
-    "model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_hidden_layers",
-    "n_layer", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "n_embd",
+    "intermediate_size",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
 )
 
 

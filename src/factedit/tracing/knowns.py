@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from factedit.editing.values import lm_logits
 from factedit.errors import FactEditError
 from factedit.hooks import Trace
-from factedit.models.architectures import arch_for
+from factedit.models.architectures import ArchSpec, arch_for
+from factedit.models.runtime import lm_logits
 from factedit.paths import atomic_write_bytes, cache_dir, data_dir
+from factedit.progress import Progress, as_progress
 from factedit.text import pad_id, pad_right
-from factedit.tracing.core import answer_token
+from factedit.tracing.inputs import answer_token
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,15 @@ def load_known_facts(path: str | Path | None = None) -> list[KnownFact]:
     facts = []
     for i, r in enumerate(records):
         try:
-            fact = KnownFact(known_id=int(r.get("known_id", i)), subject=r["subject"], attribute=r["attribute"],
-                             prompt=r["prompt"], template=r.get("template", ""), prediction=r.get("prediction", ""),
-                             relation_id=r.get("relation_id", ""))
+            fact = KnownFact(
+                known_id=int(r.get("known_id", i)),
+                subject=r["subject"],
+                attribute=r["attribute"],
+                prompt=r["prompt"],
+                template=r.get("template", ""),
+                prediction=r.get("prediction", ""),
+                relation_id=r.get("relation_id", ""),
+            )
         except (KeyError, TypeError, AttributeError) as exc:
             raise FactEditError(f"{p}: record {i} lacks subject/attribute/prompt ({exc})") from exc
         if fact.subject not in fact.prompt:
@@ -120,26 +126,45 @@ def known_by_model(
     facts: Sequence[KnownFact],
     *,
     batch_size: int = 64,
-    progress: bool = False,
+    progress: Progress | bool | None = None,
 ) -> list[KnownPrediction]:
-    """The model's first predicted token for every fact (batched; the LM head runs at the last token only)."""
+    """The model's first predicted token for every fact (batched; the LM head runs at the last token only).
+
+    ``progress`` gets one stage, "known facts", counted in facts.
+    """
     arch = arch_for(model)
     device = next(model.parameters()).device
     pad = pad_id(tok)
     out: list[KnownPrediction] = []
-    for start in tqdm(range(0, len(facts), batch_size), desc="known facts", disable=not progress, leave=False):
-        chunk = facts[start : start + batch_size]
-        seqs = [tok(f.prompt)["input_ids"] for f in chunk]
-        ids, mask = pad_right(seqs, pad, device)
-        with Trace(model, arch.final_norm, stop=True) as fin:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        last = mask.sum(1) - 1
-        probs = torch.softmax(lm_logits(model, arch, fin.output[torch.arange(len(chunk)), last]).float(), -1)
-        top_p, top = probs.max(-1)
-        for f, p, i in zip(chunk, top_p.tolist(), top.tolist()):
-            try:
-                expected = answer_token(tok, f.prompt, f.attribute)
-            except FactEditError:
-                expected = -1  # an attribute that tokenizes to nothing is never predicted
-            out.append(KnownPrediction(f.known_id, tok.decode([i]), int(i), float(p), int(i) == expected))
+    with as_progress(progress).stage("known facts", total=len(facts), unit="fact") as stage:
+        for start in range(0, len(facts), batch_size):
+            chunk = facts[start : start + batch_size]
+            out += _predict_chunk(model, tok, arch, chunk, device, pad)
+            stage.advance(len(chunk))
+    return out
+
+
+def _predict_chunk(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    arch: ArchSpec,
+    chunk: Sequence[KnownFact],
+    device: torch.device,
+    pad: int,
+) -> list[KnownPrediction]:
+    """Top next token of each fact of one batch, and whether it is the attribute's first token."""
+    seqs = [tok(f.prompt)["input_ids"] for f in chunk]
+    ids, mask = pad_right(seqs, pad, device)
+    with Trace(model, arch.final_norm, stop=True) as fin:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    last = mask.sum(1) - 1
+    probs = torch.softmax(lm_logits(model, arch, fin.output[torch.arange(len(chunk)), last]).float(), -1)
+    top_p, top = probs.max(-1)
+    out = []
+    for f, p, i in zip(chunk, top_p.tolist(), top.tolist(), strict=True):
+        try:
+            expected = answer_token(tok, f.prompt, f.attribute)
+        except FactEditError:
+            expected = -1  # an attribute that tokenizes to nothing is never predicted
+        out.append(KnownPrediction(f.known_id, tok.decode([i]), int(i), float(p), int(i) == expected))
     return out

@@ -1,4 +1,4 @@
-"""The default noise scale: the spread of subject-token embeddings.
+"""The corrupting noise: its default scale (the spread of subject-token embeddings) and the fixed samples.
 
 The paper corrupts the subject with noise of standard deviation 3σ, σ being the
 standard deviation of the embedding module's outputs over the subject tokens of
@@ -6,6 +6,9 @@ the known facts (official ``collect_embedding_std``). σ depends only on the mod
 so it is computed once and cached under ``cache_dir("tracing")`` keyed by the
 model fingerprint. Tokens are taken as they occur *in each prompt* (the tokens that
 get noised), where the official code tokenized each subject alone.
+
+The samples of one trace come from a seeded CPU generator, so a seed gives the same
+noise on every device and the fast and official runners corrupt identically.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ from factedit.models.architectures import arch_for
 from factedit.models.fingerprint import model_fingerprint
 from factedit.paths import atomic_write_bytes, cache_dir
 from factedit.text import encode_with_subject, pad_id, pad_right
-from factedit.tracing.core import split_prompt
+from factedit.tracing.inputs import split_prompt
+from factedit.tracing.knowns import known_facts_path, load_known_facts
 
 log = logging.getLogger(__name__)
+
+
+def make_noise(samples: int, n_tokens: int, hidden: int, scale: float, seed: int) -> torch.Tensor:
+    """The fixed noise of one trace: ``scale`` × standard normal, from a seeded generator (CPU, float32)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn((samples, n_tokens, hidden), generator=gen) * float(scale)
 
 
 @torch.no_grad()
@@ -57,8 +67,6 @@ def embedding_std(
 
 def noise_scale(model: nn.Module, tok: PreTrainedTokenizerBase, *, refresh: bool = False) -> float:
     """σ of subject-token embeddings over the known facts, from the on-disk cache when present."""
-    from factedit.tracing.knowns import known_facts_path, load_known_facts
-
     fingerprint = model_fingerprint(model)
     path = cache_dir("tracing") / f"embedding_std-{fingerprint}.json"
     if path.is_file() and not refresh:
@@ -69,8 +77,13 @@ def noise_scale(model: nn.Module, tok: PreTrainedTokenizerBase, *, refresh: bool
     source = known_facts_path()
     facts = load_known_facts(source)
     std, n_tokens = embedding_std(model, tok, [(f.prompt, f.subject) for f in facts])
-    record = {"std": std, "n_facts": len(facts), "n_tokens": n_tokens, "source": str(source),
-              "fingerprint": fingerprint}
+    record = {
+        "std": std,
+        "n_facts": len(facts),
+        "n_tokens": n_tokens,
+        "source": str(source),
+        "fingerprint": fingerprint,
+    }
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     log.info("subject-embedding std %.5f over %d tokens of %d facts (cached in %s)", std, n_tokens, len(facts), path)
     return std

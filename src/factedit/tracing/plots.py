@@ -16,26 +16,42 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from factedit.paths import atomic_write_bytes
-from factedit.tracing.core import TraceResult
+from factedit.tracing.effects import BUCKETS, EffectTable
+from factedit.tracing.result import TraceResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from factedit.tracing.dataset import EffectTable
-
 log = logging.getLogger(__name__)
 
-CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "hidden_sever_mlp": "Purples",
-         "hidden_sever_attn": "Purples"}
-COLOURS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red", "hidden_sever_mlp": "tab:green",
-           "hidden_sever_attn": "tab:red"}
-NAMES = {"hidden": "single restored layer", "mlp": "MLP", "attn": "Attn",
-         "hidden_sever_mlp": "state, MLP severed", "hidden_sever_attn": "state, attention severed"}
-TITLES = {"hidden": "Impact of restoring state after corrupted input",
-          "mlp": "Impact of restoring MLP after corrupted input",
-          "attn": "Impact of restoring Attn after corrupted input",
-          "hidden_sever_mlp": "Restoring state with MLP severed",
-          "hidden_sever_attn": "Restoring state with attention severed"}
+CMAPS = {
+    "hidden": "Purples",
+    "mlp": "Greens",
+    "attn": "Reds",
+    "hidden_sever_mlp": "Purples",
+    "hidden_sever_attn": "Purples",
+}
+COLOURS = {
+    "hidden": "tab:purple",
+    "mlp": "tab:green",
+    "attn": "tab:red",
+    "hidden_sever_mlp": "tab:green",
+    "hidden_sever_attn": "tab:red",
+}
+NAMES = {
+    "hidden": "single restored layer",
+    "mlp": "MLP",
+    "attn": "Attn",
+    "hidden_sever_mlp": "state, MLP severed",
+    "hidden_sever_attn": "state, attention severed",
+}
+TITLES = {
+    "hidden": "Impact of restoring state after corrupted input",
+    "mlp": "Impact of restoring MLP after corrupted input",
+    "attn": "Impact of restoring Attn after corrupted input",
+    "hidden_sever_mlp": "Restoring state with MLP severed",
+    "hidden_sever_attn": "Restoring state with attention severed",
+}
 FORMATS: tuple[str, ...] = ("png", "pdf")
 
 
@@ -102,14 +118,17 @@ def plot_trace_combined(result: TraceResult, stem: str | Path, formats: Sequence
     fig = _new_figure(3.8 * len(kinds), 0.3 * len(result.tokens) + 1.6)
     for i, kind in enumerate(kinds):
         _draw_heatmap(fig, fig.add_subplot(1, len(kinds), i + 1), result, kind)
-    fig.suptitle(f"{result.prompt!r} → {result.answer!r}  (clean p={result.clean_prob:.3f}, "
-                 f"corrupted p={result.low_prob:.3f})", fontsize=9)
+    fig.suptitle(
+        f"{result.prompt!r} → {result.answer!r}  (clean p={result.clean_prob:.3f}, corrupted p={result.low_prob:.3f})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return save_figure(fig, stem, formats)
 
 
-def plot_trace_all(result: TraceResult, out_dir: str | Path, stem: str = "trace",
-                   formats: Sequence[str] = FORMATS) -> list[Path]:
+def plot_trace_all(
+    result: TraceResult, out_dir: str | Path, stem: str = "trace", formats: Sequence[str] = FORMATS
+) -> list[Path]:
     """One heatmap per kind plus the combined figure."""
     out = Path(out_dir)
     paths = []
@@ -122,13 +141,11 @@ def plot_trace_all(result: TraceResult, out_dir: str | Path, stem: str = "trace"
 def plot_average_effects(table: EffectTable, out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Line plots (mean indirect effect per layer with 95% CI bands) per kind, a combined figure,
     averaged heatmaps (bucket × layer, paper Fig. 2 style) and the severed-path comparison (Fig. 3)."""
-    from factedit.tracing.dataset import BUCKETS
-
     out = Path(out_dir)
     paths: list[Path] = []
     main = [k for k in ("hidden", "mlp", "attn") if k in table.kinds()]
-    styles = dict(zip(BUCKETS, ["-", "-", "-", "--", "--", "-"]))
-    colours = dict(zip(BUCKETS, ["tab:blue", "tab:cyan", "tab:orange", "tab:olive", "tab:gray", "black"]))
+    styles = dict(zip(BUCKETS, ["-", "-", "-", "--", "--", "-"], strict=True))
+    colours = dict(zip(BUCKETS, ["tab:blue", "tab:cyan", "tab:orange", "tab:olive", "tab:gray", "black"], strict=True))
 
     def lines(ax, kind: str) -> None:
         for bucket in BUCKETS:
@@ -155,8 +172,11 @@ def plot_average_effects(table: EffectTable, out_dir: str | Path, formats: Seque
             lines(ax, kind)
             if i == 0:
                 ax.legend(fontsize=7)
-        fig.suptitle(f"Average indirect effects over {table.n_facts} facts "
-                     f"(clean p={table.mean_clean_prob:.3f}, corrupted p={table.mean_low_prob:.3f})", fontsize=9)
+        fig.suptitle(
+            f"Average indirect effects over {table.n_facts} facts "
+            f"(clean p={table.mean_clean_prob:.3f}, corrupted p={table.mean_low_prob:.3f})",
+            fontsize=9,
+        )
         fig.tight_layout()
         paths += save_figure(fig, out / "effects_all", formats)
 
@@ -176,8 +196,7 @@ def plot_average_effects(table: EffectTable, out_dir: str | Path, formats: Seque
             ax.set_xticks(np.arange(0, table.num_layers, step) + 0.5)
             ax.set_xticklabels(range(0, table.num_layers, step))
             ax.set_xlabel("layer" if kind == "hidden" else f"center of {NAMES[kind]} window", fontsize=8)
-            ax.set_title(f"Average indirect effect: {NAMES[kind] if kind != 'hidden' else 'hidden state'}",
-                         fontsize=9)
+            ax.set_title(f"Average indirect effect: {NAMES[kind] if kind != 'hidden' else 'hidden state'}", fontsize=9)
             fig.colorbar(mesh, ax=ax).set_label("AIE (probability)", fontsize=7)
         fig.tight_layout()
         paths += save_figure(fig, out / "effects_heatmaps", formats)
@@ -192,8 +211,13 @@ def plot_average_effects(table: EffectTable, out_dir: str | Path, formats: Seque
         ax.bar(base["layer"] - width, base["mean"], width, color="tab:purple", label="effect of a single state")
         for i, kind in enumerate(severed):
             s = table.series(kind, bucket)
-            ax.bar(s["layer"] + i * width, s["mean"], width, color=COLOURS[kind],
-                   label="with MLP severed" if kind == "hidden_sever_mlp" else "with attention severed")
+            ax.bar(
+                s["layer"] + i * width,
+                s["mean"],
+                width,
+                color=COLOURS[kind],
+                label="with MLP severed" if kind == "hidden_sever_mlp" else "with attention severed",
+            )
         ax.set_xlabel("layer at which the single hidden state is restored")
         ax.set_ylabel("average indirect effect on p(answer)")
         ax.set_title(f"Severed paths at the last subject token (n={table.n_facts})", fontsize=9)

@@ -35,13 +35,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from factedit import __version__
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
 from factedit.models.registry import DEFAULT_MODEL, REGISTRY
+from factedit.version import __version__
+from factedit.web.edits import edit_method
 from factedit.web.jobs import JobQueue, QueueFull
+from factedit.web.patches import Conflict, summarize_patch
 from factedit.web.schemas import EditIn, ModelIn, PredictIn, TraceIn
-from factedit.web.session import Busy, Conflict, ModelSession, fill_prompt, installed_models, summarize_patch
+from factedit.web.session import Busy, ModelSession, fill_prompt, installed_models
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     # the page is one HTML file, one script and one stylesheet, all from this origin, with no inline code
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-                               "frame-ancestors 'none'",
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'",
 }
 DEFAULT_PORTS = {"http": 80, "https": 443}
 UPLOAD_PATH = "/api/patches/upload"
@@ -118,8 +120,11 @@ def same_origin(origin: str, scheme: str, host_header: str | None) -> bool:
     if target is None:
         return False
     host, port = target
-    return (parts.scheme == scheme and parts.hostname.lower() == host
-            and (origin_port or DEFAULT_PORTS[parts.scheme]) == (port or DEFAULT_PORTS.get(scheme)))
+    return (
+        parts.scheme == scheme
+        and parts.hostname.lower() == host
+        and (origin_port or DEFAULT_PORTS[parts.scheme]) == (port or DEFAULT_PORTS.get(scheme))
+    )
 
 
 class RequestGuard:
@@ -147,8 +152,13 @@ class RequestGuard:
             parsed = split_host_header(host_header or "")
             if parsed is None or parsed[0] not in self.allowed_hosts:
                 shown = (host_header or "")[:100]
-                await _reject(scope, send, 400, f"invalid Host header {shown!r}: this server answers to "
-                                                f"{', '.join(sorted(self.allowed_hosts))} (serve --allowed-host adds names)")
+                names = ", ".join(sorted(self.allowed_hosts))
+                await _reject(
+                    scope,
+                    send,
+                    400,
+                    f"invalid Host header {shown!r}: this server answers to {names} (serve --allowed-host adds names)",
+                )
                 return
         origin = headers.get("origin")
         if origin is not None and not same_origin(origin, scope.get("scheme", "http"), host_header):
@@ -165,8 +175,9 @@ class RequestGuard:
                 await _reject(scope, send, 400, "invalid Content-Length header")
                 return
             if int(declared) > limit:
-                await _reject(scope, send, 413,
-                              f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+                await _reject(
+                    scope, send, 413, f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}"
+                )
                 return
         body = bytearray()
         while True:
@@ -250,12 +261,19 @@ def create_app(
 
     ``second_moment``/``hparams_overrides`` are server-side edit settings (precomputed
     statistics; e.g. ``{"mom2_n_tokens": 20000}``): clients can only change the numeric
-    hyper-parameters listed in :data:`factedit.web.session.EDITABLE_HPARAMS`.
+    hyper-parameters listed in :data:`factedit.web.edits.EDITABLE_HPARAMS` that the chosen
+    method's hyper-parameter class has.
     ``allowed_hosts``: ``Host`` names accepted (``"*"`` accepts any ``Host``; a browser
     ``Origin`` must still be the request's own).
     """
-    session = ModelSession(model, tokenizer, model_name, second_moment=second_moment,
-                           hparams_overrides=hparams_overrides, busy_timeout=busy_timeout)
+    session = ModelSession(
+        model,
+        tokenizer,
+        model_name,
+        second_moment=second_moment,
+        hparams_overrides=hparams_overrides,
+        busy_timeout=busy_timeout,
+    )
     jobs = JobQueue(max_waiting=max_waiting_jobs)
     hosts = tuple(allowed_hosts)
 
@@ -265,10 +283,14 @@ def create_app(
         jobs.shutdown()
 
     app = FastAPI(
-        title="factedit", version=__version__, lifespan=lifespan,
-        docs_url=None, redoc_url=None,  # Swagger UI / ReDoc load scripts from a CDN: offline and against the CSP
-        description="Locate (causal tracing) and edit (ROME/MEMIT) facts in the loaded language model. "
-                    "Long operations return a job to poll at /api/jobs/{id}.",
+        title="factedit",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,  # Swagger UI / ReDoc load scripts from a CDN: offline and against the CSP
+        description="Locate (causal tracing) and edit (every method of the library's registry: ROME, MEMIT, "
+        "AlphaEdit, FT...) facts in the loaded language model. "
+        "Long operations return a job to poll at /api/jobs/{id}.",
     )
     app.state.session, app.state.jobs = session, jobs
     app.add_middleware(RequestGuard, max_body=max_body_bytes, max_upload=max_upload_bytes, allowed_hosts=hosts)
@@ -277,8 +299,10 @@ def create_app(
     # -- errors: one JSON shape, {"detail": "..."} ---------------------------------------
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        errors = [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
         text = "; ".join(f"{'.'.join(e['loc'][1:] or e['loc'])}: {e['msg']}" for e in errors[:5])
         return JSONResponse({"detail": f"invalid request: {text}", "errors": errors}, status_code=422)
 
@@ -300,8 +324,9 @@ def create_app(
 
     def queued(kind: str, fn, params: dict[str, Any]) -> JSONResponse:
         job = jobs.submit(kind, fn, params)
-        return JSONResponse({"job": jobs.snapshot(job.id)}, status_code=202,
-                            headers={"Location": f"/api/jobs/{job.id}"})
+        return JSONResponse(
+            {"job": jobs.snapshot(job.id)}, status_code=202, headers={"Location": f"/api/jobs/{job.id}"}
+        )
 
     # -- page -------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -313,15 +338,23 @@ def create_app(
     # -- model ------------------------------------------------------------------------
     @app.get("/api/info", summary="The loaded model, its state and the edit defaults")
     def info() -> dict[str, Any]:
-        return {**session.info(), "version": __version__, "queue_busy": jobs.busy(),
-                "limits": {"max_body_bytes": max_body_bytes, "max_upload_bytes": max_upload_bytes}}
+        return {
+            **session.info(),
+            "version": __version__,
+            "queue_busy": jobs.busy(),
+            "limits": {"max_body_bytes": max_body_bytes, "max_upload_bytes": max_upload_bytes},
+        }
 
     @app.get("/api/models", summary="Registered models (the only names /api/model accepts)")
     def models() -> dict[str, Any]:
         installed = installed_models()
-        return {"loaded": session.name, "default": DEFAULT_MODEL,
-                "models": [{"name": n, "description": s.description, "installed": installed[n]}
-                           for n, s in REGISTRY.items()]}
+        return {
+            "loaded": session.name,
+            "default": DEFAULT_MODEL,
+            "models": [
+                {"name": n, "description": s.description, "installed": installed[n]} for n, s in REGISTRY.items()
+            ],
+        }
 
     @app.post("/api/model", summary="Load another registered model (job)", status_code=202)
     def choose_model(body: ModelIn) -> Any:
@@ -331,8 +364,9 @@ def create_app(
         if name == session.name:
             return JSONResponse({"model": name, "changed": False}, status_code=200)
         if not installed_models()[name]:
-            raise HTTPException(409, f"model {name!r} is not installed; install it with: "
-                                     f"{REGISTRY[name].install_hint()}")
+            raise HTTPException(
+                409, f"model {name!r} is not installed; install it with: {REGISTRY[name].install_hint()}"
+            )
         if session.patches:
             raise Conflict("revert the applied patches before switching models")
         return queued("load", lambda p: session.switch(name, p), {"name": name})
@@ -342,8 +376,12 @@ def create_app(
     def predict(body: PredictIn) -> dict[str, Any]:
         text, _ = fill_prompt(body.prompt, body.subject)
         top = session.predict([text], body.k)[0]
-        return {"text": text, "top": [[t, p] for t, p in top], "fingerprint": session.fingerprint,
-                "edited": bool(session.patches)}
+        return {
+            "text": text,
+            "top": [[t, p] for t, p in top],
+            "fingerprint": session.fingerprint,
+            "edited": bool(session.patches),
+        }
 
     # -- tracing ----------------------------------------------------------------------
     @app.post("/api/trace", summary="Causal trace: hidden / MLP / attention heatmaps (job)", status_code=202)
@@ -362,26 +400,49 @@ def create_app(
         if len(encoded.ids) > 64:
             raise FactEditError(f"the prompt is {len(encoded.ids)} tokens long; traces are limited to 64")
         params = {**body.model_dump(), "model": session.name}
-        return queued("trace", lambda p: session.trace(template, body.subject, body.answer, body.samples,
-                                                       body.window, p, generation=generation), params)
+        return queued(
+            "trace",
+            lambda p: session.trace(
+                template, body.subject, body.answer, body.samples, body.window, p, generation=generation
+            ),
+            params,
+        )
 
     # -- editing ----------------------------------------------------------------------
-    @app.post("/api/edit", summary="Edit a fact (ROME by default) and compare predictions (job)", status_code=202)
+    @app.post(
+        "/api/edit",
+        summary="Edit a fact (ROME by default; any registry method) and compare predictions (job)",
+        status_code=202,
+    )
     def edit(body: EditIn) -> JSONResponse:
         from factedit.editing.values import build_value_problem
 
         _, template = fill_prompt(body.prompt, body.subject)
-        request = EditRequest(prompt=template, subject=body.subject, target_new=body.target,
-                              target_true=body.target_true)
+        request = EditRequest(
+            prompt=template, subject=body.subject, target_new=body.target, target_true=body.target_true
+        )
         overrides = body.hparams.model_dump(exclude_none=True) if body.hparams else {}
         with session.check_lock:
             generation = session.generation  # hp belongs to this model: the job refuses to run on another
             hp = session.hparams_for(body.method, overrides)
-            build_value_problem(session.check_tok, request, ["{}"], hp.fact_token)  # subject span and target tokens
+            edit_method(body.method).check_requests([request], hp)
+            # the subject's span and the target's tokens: tokenization problems are 400s now, not failed jobs
+            build_value_problem(session.check_tok, request, ["{}"], getattr(hp, "fact_token", "subject_last"))
         params = {**body.model_dump(), "model": session.name}
-        return queued("edit", lambda p: session.edit(request, body.method, hp, list(body.paraphrases),
-                                                     list(body.neighbours), body.generate_tokens, p,
-                                                     generation=generation), params)
+        return queued(
+            "edit",
+            lambda p: session.edit(
+                request,
+                body.method,
+                hp,
+                list(body.paraphrases),
+                list(body.neighbours),
+                body.generate_tokens,
+                p,
+                generation=generation,
+            ),
+            params,
+        )
 
     # -- jobs ---------------------------------------------------------------------------
     @app.get("/api/jobs", summary="Recent jobs, oldest first (without results)")
@@ -398,8 +459,11 @@ def create_app(
     # -- patches ------------------------------------------------------------------------
     @app.get("/api/patches", summary="Applied patches, in application order (revert the last first)")
     def list_patches() -> dict[str, Any]:
-        return {"patches": [p.summary() for p in session.patches], "fingerprint": session.fingerprint,
-                "base_fingerprint": session.base_fingerprint}
+        return {
+            "patches": [p.summary() for p in session.patches],
+            "fingerprint": session.fingerprint,
+            "base_fingerprint": session.base_fingerprint,
+        }
 
     @app.post("/api/patches/{patch_id}/revert", summary="Revert the last applied patch (job)", status_code=202)
     def revert(patch_id: PatchId) -> JSONResponse:
@@ -409,15 +473,20 @@ def create_app(
             raise HTTPException(404, f"no applied patch {patch_id}") from None
         return queued("revert", lambda p: session.revert(patch_id, p), {"patch_id": patch_id})
 
-    @app.get("/api/patches/{patch_id}/download", summary="The patch file (factedit's .safetensors format)",
-             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
+    @app.get(
+        "/api/patches/{patch_id}/download",
+        summary="The patch file (factedit's .safetensors format)",
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
     def download(patch_id: PatchId) -> Response:
         entry = session.find_patch(patch_id)
         if entry is None:
             raise HTTPException(404, f"no applied patch {patch_id}")
         disposition = f'attachment; filename="factedit-patch-{patch_id}.safetensors"'
-        return Response(entry.patch.to_bytes(), media_type="application/octet-stream",
-                        headers={"Content-Disposition": disposition})
+        return Response(
+            entry.patch.to_bytes(), media_type="application/octet-stream", headers={"Content-Disposition": disposition}
+        )
 
     @app.post(UPLOAD_PATH, summary="Upload a patch file and apply it (validated first; job)", status_code=202)
     def upload(
@@ -431,7 +500,10 @@ def create_app(
         generation = session.generation
         patch = session.validate_upload(data)  # 400/409 here (metadata types too); the model is untouched
         summary = summarize_patch(patch)
-        return queued("apply", lambda p: session.apply_uploaded(patch, p, generation=generation),
-                      {"method": summary["method"], "entries": summary["weights"], "model": session.name})
+        return queued(
+            "apply",
+            lambda p: session.apply_uploaded(patch, p, generation=generation),
+            {"method": summary["method"], "entries": summary["weights"], "model": session.name},
+        )
 
     return app

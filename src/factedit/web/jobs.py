@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from factedit.errors import FactEditError
+from factedit.progress import Progress, Stage
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class QueueFull(Exception):
     """Too many jobs are waiting; the client should retry later."""
 
 
-class Progress:
+class Reporter:
     """What a running job reports: a fraction in [0, 1] and a short message.
 
     ``span(a, b)`` gives a reporter whose 0..1 maps onto ``a..b`` of this one, so a
@@ -50,9 +51,68 @@ class Progress:
             if message is not None:
                 self._job.message = message
 
-    def span(self, start: float, end: float) -> Progress:
+    def span(self, start: float, end: float) -> Reporter:
         width = self._end - self._start
-        return Progress(self._job, self._lock, self._start + width * start, self._start + width * end)
+        return Reporter(self._job, self._lock, self._start + width * start, self._start + width * end)
+
+
+class JobProgress(Progress):
+    """The core's progress protocol turned into a job's progress (the adapter core functions are given).
+
+    The core announces stages one after another without saying how many will come, so each top-level
+    stage takes ``share`` of what is left of the reporter's 0..1 (``share=1`` for a job with one stage)
+    and moves through it with its own fraction done. A stage opened while another with a total is
+    running (per-request optimisations inside MEMIT's "z vectors") maps onto the current step of that
+    one. The message is ``"stage name: done / total unit"`` of the innermost stage.
+    """
+
+    def __init__(self, report: Reporter, share: float = 0.5) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        self.report, self.share = report, share
+        self._cursor = 0.0  # where the next top-level stage starts
+        self._spans: dict[int, tuple[float, float]] = {}
+        self._open: list[Stage] = []
+
+    def _position(self, stage: Stage, done: float) -> float:
+        start, end = self._spans[id(stage)]
+        if not stage.total:
+            return start
+        return start + (end - start) * min(max(done / stage.total, 0.0), 1.0)
+
+    def on_start(self, stage: Stage) -> None:
+        parent = next((s for s in reversed(self._open) if s.total), None)
+        if parent is not None:
+            span = (self._position(parent, parent.done), self._position(parent, parent.done + 1))
+        else:
+            span = (self._cursor, self._cursor + (1.0 - self._cursor) * self.share)
+        self._spans[id(stage)] = span
+        self._open.append(stage)
+        self.report(span[0], stage_message(stage))
+
+    def on_advance(self, stage: Stage, info: dict[str, Any]) -> None:
+        if id(stage) in self._spans:
+            self.report(self._position(stage, stage.done), stage_message(stage, info))
+
+    def on_end(self, stage: Stage) -> None:
+        span = self._spans.pop(id(stage), None)
+        if stage in self._open:
+            self._open.remove(stage)
+        if span is None:
+            return
+        self.report(span[1], f"{stage.name}: done")
+        if not any(s for s in self._open if s.total):
+            self._cursor = max(self._cursor, span[1])
+
+
+def stage_message(stage: Stage, info: dict[str, Any] | None = None) -> str:
+    """``"value optimisation: 12 / 20 step (loss 1.23)"``: what the page's status line shows."""
+    if stage.total:
+        count = f"{stage.done:,.0f} / {stage.total:,.0f}" + (f" {stage.unit}" if stage.unit != "it" else "")
+    else:
+        count = f"{stage.done:,.0f}" if stage.done else "working"
+    extra = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (info or {}).items())
+    return f"{stage.name}: {count}" + (f" ({extra})" if extra else "")
 
 
 @dataclass
@@ -73,9 +133,19 @@ class Job:
     seq: int = 0
 
     def to_dict(self, *, with_result: bool = True, position: int | None = None) -> dict[str, Any]:
-        d = {"id": self.id, "kind": self.kind, "status": self.status, "progress": round(self.progress, 4),
-             "message": self.message, "error": self.error, "params": self.params, "created": self.created,
-             "started": self.started, "finished": self.finished, "queue_position": position}
+        d = {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "progress": round(self.progress, 4),
+            "message": self.message,
+            "error": self.error,
+            "params": self.params,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "queue_position": position,
+        }
         if with_result:
             d["result"] = self.result
         return d
@@ -89,7 +159,7 @@ class JobQueue:
         self.keep_finished = keep_finished
         self._lock = threading.Lock()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._fns: dict[str, Callable[[Progress], Any]] = {}
+        self._fns: dict[str, Callable[[Reporter], Any]] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._seq = itertools.count(1)
         self._stopped = False
@@ -97,8 +167,9 @@ class JobQueue:
         self._thread.start()
 
     # -- client side ------------------------------------------------------------------
-    def submit(self, kind: str, fn: Callable[[Progress], Any], params: dict[str, Any] | None = None) -> Job:
-        """Queue ``fn(progress)``; its return value (JSON-able) becomes the job's result."""
+    def submit(self, kind: str, fn: Callable[[Reporter], Any], params: dict[str, Any] | None = None) -> Job:
+        """Queue ``fn(report)`` (``report``: the job's :class:`Reporter`); its JSON-able return value
+        becomes the job's result."""
         with self._lock:
             if self._stopped:
                 raise QueueFull("the server is shutting down")
@@ -173,9 +244,9 @@ class JobQueue:
                 if job is None or fn is None:
                     continue
                 job.status, job.started, job.message = RUNNING, time.time(), "started"
-            progress = Progress(job, self._lock)
+            report = Reporter(job, self._lock)
             try:
-                result = fn(progress)
+                result = fn(report)
             except FactEditError as exc:
                 self._finish(job, error=str(exc))
                 log.info("%s job %s failed: %s", job.kind, job.id, exc)

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from factedit.web.edits import edit_method_names
+
 MAX_PROMPT_CHARS = 400
 MAX_WORD_CHARS = 100
 MAX_PARAPHRASES = 5
@@ -40,18 +42,38 @@ def _template(value: str) -> str:
     return value
 
 
+def _known_method(value: str) -> str:
+    """One of the registry's edit methods (the list is the registry's, never the app's own)."""
+    names = edit_method_names()
+    if value not in names:
+        raise ValueError(f"unknown method {value[:40]!r}: choose one of {', '.join(names)}")
+    return value
+
+
 def _nonblank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be blank")
     return value
 
 
-Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_nonblank),
-                   AfterValidator(_template)]
-PlainPrompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_nonblank),
-                        AfterValidator(_plain)]
-Word = Annotated[str, StringConstraints(min_length=1, max_length=MAX_WORD_CHARS), AfterValidator(_nonblank),
-                 AfterValidator(_plain)]
+Prompt = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS),
+    AfterValidator(_nonblank),
+    AfterValidator(_template),
+]
+PlainPrompt = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_nonblank), AfterValidator(_plain)
+]
+MethodName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=40),
+    AfterValidator(_known_method),
+    Field(json_schema_extra={"enum": edit_method_names()}),
+]
+Word = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_WORD_CHARS), AfterValidator(_nonblank), AfterValidator(_plain)
+]
 
 
 class Strict(BaseModel):
@@ -77,7 +99,9 @@ class TraceIn(Strict):
 
 
 class EditHyperParamsIn(Strict):
-    """Advanced settings; anything left out keeps the family default."""
+    """Advanced settings; anything left out keeps the method's default for the model. Each method takes
+    those its hyper-parameter class has (``v_*``, clamp, KL: ROME/MEMIT/AlphaEdit; ``num_steps``, ``lr``,
+    ``weight_decay``, ``norm_constraint``: FT/FT-L); the others are refused for it."""
 
     layers: list[Annotated[int, Field(ge=0, le=1000)]] | None = Field(None, min_length=1, max_length=8)
     v_num_grad_steps: int | None = Field(None, ge=1, le=100)
@@ -85,6 +109,10 @@ class EditHyperParamsIn(Strict):
     v_weight_decay: float | None = Field(None, ge=0, le=100)
     clamp_norm_factor: float | None = Field(None, gt=0, le=100)
     kl_factor: float | None = Field(None, ge=0, le=100)
+    num_steps: int | None = Field(None, ge=1, le=200)
+    lr: float | None = Field(None, gt=0, le=1)
+    weight_decay: float | None = Field(None, ge=0, le=100)
+    norm_constraint: float | None = Field(None, gt=0, le=10)
 
 
 class EditIn(Strict):
@@ -94,7 +122,7 @@ class EditIn(Strict):
     subject: Word
     target: Word
     target_true: Word | None = Field(None, description="the current answer; default: the model's top token")
-    method: Literal["rome", "rome-original", "memit"] = "rome"
+    method: MethodName = "rome"
     paraphrases: list[PlainPrompt] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
     neighbours: list[PlainPrompt] = Field(default_factory=list, max_length=MAX_NEIGHBOURS)
     generate_tokens: int = Field(20, ge=0, le=MAX_GENERATE_TOKENS)

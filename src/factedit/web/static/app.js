@@ -9,6 +9,7 @@ const KIND_INFO = {
   attn: { title: "restored attention (window of layers)", color: [160, 0, 0], cmap: "red" },
 };
 let defaults = {};
+let methods = [];  // [{name, description, hparams}] from /api/info: the library's registry
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -104,17 +105,36 @@ function tokenList(top, target) {
 async function refreshInfo() {
   const info = await api("GET", "/api/info");
   defaults = info.edit_defaults || {};
+  methods = Array.isArray(info.method_details) ? info.method_details : [];
+  fillMethods();
   $("#model-info").textContent = `${info.model_type}, ${info.num_layers} layers, ${(info.parameters / 1e6).toFixed(0)}M parameters` +
     (info.edited ? " — edited" : "") + ` · weights ${info.fingerprint.slice(0, 10)}`;
   showDefaults();
   return info;
 }
 
+// The method menu lists the server's methods (the library's registry); the selection survives a refresh.
+function fillMethods() {
+  const sel = $("#method");
+  const current = sel.value || "rome";
+  sel.replaceChildren();
+  for (const m of methods) {
+    if (typeof m.name !== "string") continue;
+    const opt = el("option", { value: m.name, text: `${m.name} — ${str(m.description)}` });
+    if (m.name === current) opt.selected = true;
+    sel.append(opt);
+  }
+}
+
+// Only the hyper-parameters the chosen method has are shown; their defaults are the placeholders.
 function showDefaults() {
+  const method = methods.find((m) => m.name === $("#method").value);
+  const settable = method && Array.isArray(method.hparams) ? method.hparams : [];
   const d = defaults[$("#method").value] || {};
   document.querySelectorAll("[data-hp]").forEach((input) => {
     const v = d[input.dataset.hp];
-    input.placeholder = v === undefined ? "" : Array.isArray(v) ? v.join(",") : String(v);
+    input.placeholder = v === undefined || v === null ? "" : Array.isArray(v) ? v.join(",") : String(v);
+    input.closest("label").hidden = !settable.includes(input.dataset.hp);
   });
 }
 
@@ -266,7 +286,7 @@ function hparams() {
   const out = {};
   document.querySelectorAll("[data-hp]").forEach((input) => {
     const raw = input.value.trim();
-    if (!raw) return;
+    if (!raw || input.closest("label").hidden) return;
     const name = input.dataset.hp;
     if (name === "layers") {
       const layers = raw.split(/[ ,]+/).filter(Boolean).map(Number);
@@ -295,8 +315,9 @@ async function edit() {
     const { job } = await api("POST", "/api/edit", body);
     const done = await waitJob(job, $("#edit-progress"), status);
     renderEdit(done.result);
-    setStatus(status, `patch ${done.result.patch.id} applied (${done.result.method}, layer ${[].concat(done.result.layers).join(",")}, ` +
-      `${done.result.edit_seconds.toFixed(1)} s)`, "ok");
+    const layers = Array.isArray(done.result.layers) ? done.result.layers.join(",") : str(done.result.layers);
+    const patch = done.result.patch ? `patch ${str(done.result.patch.id)} applied` : "no patch made";
+    setStatus(status, `${patch} (${str(done.result.method)}, layer ${layers}, ${done.result.edit_seconds.toFixed(1)} s)`, "ok");
     await Promise.all([refreshPatches(), refreshInfo(), predict()]);
   } catch (e) { setStatus(status, e.message, "error"); }
   finally { btn.disabled = false; }
@@ -306,7 +327,19 @@ function pfmt(a, b) {
   return a === null || a === undefined ? "–" : `${a.toPrecision(3)} → ${b.toPrecision(3)}`;
 }
 
+// One line: did the optimisation converge, and is the new target now the top prediction?
+function renderVerdict(r) {
+  const node = $("#edit-verdict");
+  const mark = (ok) => (ok ? "yes" : "no");
+  node.replaceChildren(
+    el("span", { class: r.converged ? "good" : "bad", text: `optimisation converged: ${mark(r.converged)}` }), " · ",
+    el("span", { class: r.landed ? "good" : "bad", text: `new target ${JSON.stringify(str(r.target_new))} is the top prediction: ${mark(r.landed)}` }));
+  node.dataset.landed = r.landed ? "1" : "0";
+  node.dataset.converged = r.converged ? "1" : "0";
+}
+
 function renderEdit(r) {
+  renderVerdict(r);
   const body = $("#edit-results tbody");
   body.replaceChildren();
   for (const row of r.checks) {

@@ -1,0 +1,113 @@
+"""What a run folder holds, shared by the one-at-a-time runner and the batch/sequential driver.
+
+``cases.jsonl`` is an append-only log, one JSON line per finished case; each line starts with the
+case's header (:func:`case_header`) and, for an edited case, a few numbers about the edit
+(:func:`edit_info`). Both drivers write it, so it lives here rather than in either of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from factedit.errors import FactEditError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CASES = "cases.jsonl"
+# scores only the edited model gets (generation is slow and the unedited model's comes from a 'none' run)
+GENERATION_KEYS = ("ngram_entropy", "reference_score", "text")
+
+
+class CaseLog:
+    """``cases.jsonl``: append-only, one line per case, fsynced; reading repairs a torn last line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, *, repair: bool = True) -> dict[str, dict[str, Any]]:
+        """Finished cases by ``str(case_id)`` (first occurrence wins)."""
+        if not self.path.is_file():
+            return {}
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning(
+                "%s: discarding a torn last line (%d bytes, the run was interrupted mid-write); "
+                "that case will be evaluated again",
+                self.path,
+                len(data) - keep,
+            )
+            if repair:
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(keep)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            data = data[:keep]
+        done: dict[str, dict[str, Any]] = {}
+        for lineno, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = str(record["case_id"])
+            except (ValueError, KeyError, TypeError):
+                log.warning(
+                    "%s: line %d is unreadable and is ignored (its case will be evaluated again)", self.path, lineno
+                )
+                continue
+            if key in done:
+                log.warning("%s: case %s appears twice; keeping the first", self.path, key)
+                continue
+            done[key] = record
+        return done
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        with open(self.path, "ab") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FactEditError(f"{folder} is not an evaluation run (cannot read {MANIFEST}: {exc})") from exc
+
+
+def case_header(case) -> dict[str, Any]:
+    """The first fields of a case's line: its id and the rewrite it asks for."""
+    req = case.request
+    return {
+        "case_id": case.case_id,
+        "requested_rewrite": {
+            "prompt": req.prompt,
+            "subject": req.subject,
+            "target_new": req.target_new,
+            "target_true": req.target_true,
+        },
+    }
+
+
+def edit_info(patch) -> dict[str, Any]:
+    """A few numbers about the edit worth keeping: size of the change, steps, final loss."""
+    info: dict[str, Any] = {
+        "method": patch.method,
+        "delta_norm": float(sum(float(e.delta().norm()) for e in patch.entries)),
+    }
+    losses = patch.info.get("losses")
+    last = losses[-1] if losses else None
+    if isinstance(last, list):  # ROME: per layer, a list of per-step dicts
+        last = last[-1] if last else None
+    if last is not None:
+        info["final_loss"] = last
+    if "steps" in patch.info:
+        info["steps"] = patch.info["steps"]
+    return info
