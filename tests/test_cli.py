@@ -129,11 +129,15 @@ def test_verbose_before_or_after_the_command(tmp_path):
 # -- output on a pipe ---------------------------------------------------------------------------------------------
 def test_piped_edit_table_has_every_column_and_the_verdict(tmp_path):
     """``factedit edit ... > out.txt`` under a narrow COLUMNS: the after columns are there, not cropped."""
+    hparams = tmp_path / "rome.json"  # ROME's defaults at layer 6, statistics from a smaller sample (CI time)
+    hparams.write_text(json.dumps({"layers": [6], "mom2_n_tokens": 20_000}))
     result = factedit(
         "edit",
         *EIFFEL,
         "--neighbour",
         "The Louvre is located in the city of",
+        "--hparams",
+        str(hparams),
         "--threads",
         "1",
         cwd=tmp_path,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from factedit.editing.hparams import ROMEHyperParams
 from factedit.editing.requests import EditRequest
@@ -122,16 +121,8 @@ def test_explicit_masks_follow_the_sliding_window_policy():
     plain = attention_masks(llama, allowed, pos, pos)
     assert torch.equal(plain, additive_mask(allowed, llama.dtype))
 
-    cfg = MistralConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        sliding_window=4,
-    )
-    mistral = MistralForCausalLM(cfg)
+    mistral = tiny_model("mistral", layers=1)
+    mistral.config.sliding_window = 4  # the policy is read from the config at call time
     windowed = attention_masks(mistral, allowed, pos, pos)[0, 0]
     visible = windowed == 0
     assert visible[9].nonzero().flatten().tolist() == [6, 7, 8, 9]  # the last 4 positions only
