@@ -47,8 +47,6 @@ app = typer.Typer(
     help="Locate and edit facts in language models.",
 )
 
-_fail = fail  # the older private names, kept for code that imported them from here
-
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False) -> None:
@@ -312,7 +310,7 @@ def _register_optional() -> None:
 
 _register_optional()
 
-__all__ = ["app", "console", "err", "DeviceOpt", "DtypeOpt", "ModelOpt", "_fail"]
+__all__ = ["app", "console", "err", "DeviceOpt", "DtypeOpt", "ModelOpt"]
 
 if __name__ == "__main__":
     app()

@@ -123,18 +123,14 @@ class EditReport:
 def fill_true_targets(
     model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
 ) -> list[EditRequest]:
-    """Requests without a true target get the model's current top next token as theirs."""
+    """Requests without a true target get the model's current top next token as theirs (one forward pass)."""
+    missing = [r for r in requests if r.target_true is None]
+    tops = iter(top_next_tokens(model, tok, [r.text for r in missing], 1) if missing else [])
     out = []
     for r in requests:
         if r.target_true is None:
-            top = top_next_tokens(model, tok, [r.text], 1)[0][0][0]
-            r = EditRequest(
-                prompt=r.prompt,
-                subject=r.subject,
-                target_new=r.target_new,
-                target_true=top.strip() or top,
-                case_id=r.case_id,
-            )
+            top = next(tops)[0][0]
+            r = EditRequest(r.prompt, r.subject, r.target_new, target_true=top.strip() or top, case_id=r.case_id)
         out.append(r)
     return out
 
