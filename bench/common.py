@@ -12,6 +12,7 @@ import platform
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 from factedit.data import CounterFactCase, load_counterfact
 from factedit.evaluation.cases import evaluate_counterfact
@@ -19,14 +20,7 @@ from factedit.evaluation.metrics import prompt_success
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (
         f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "

@@ -1,6 +1,8 @@
 """Patch files are untrusted input: malformed metadata and duplicate entries are refused on load,
-and applying is all or nothing (tiny random llama; no download). Files key tensors by weight name;
-files of the first, index-keyed layout still load. ``factedit patch apply/revert`` round-trips a
+and applying is all or nothing (tiny random llama; no download). Files key tensors by weight name
+and carry a content checksum (files altered here are re-signed, so that the check under test is
+reached; damage itself is probed in test_probes_integrity.py); files of the first, index-keyed
+layout still load. ``factedit patch apply/revert`` round-trips a
 model folder bit-exact in the dtype it was written in."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typer.testing import CliRunner
 from factedit.cli.main import app
 from factedit.editing.patch import FORMAT, FORMAT_V1, REPLACED_FILE, Patch, PatchEntry, read_patch_metadata
 from factedit.errors import FactEditError
+from factedit.integrity import CHECKSUM_KEY, sign
 from factedit.models import arch_for, model_fingerprint
 from factedit.models.fingerprint import model_identity, tensor_sha256
 from factedit.safetensors_meta import read_header, read_metadata
@@ -58,7 +61,8 @@ def _patch(model, layers=(0, 1), scale=1e-2) -> Patch:
 def _with_meta(data: bytes, **changes) -> bytes:
     meta = json.loads(read_metadata(data)["factedit_patch"])
     meta.update(changes)
-    return save_bytes(load_bytes(data), metadata={"factedit_patch": json.dumps(meta)})
+    tensors = load_bytes(data)
+    return save_bytes(tensors, metadata=sign(tensors, {"factedit_patch": json.dumps(meta)}))
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -84,6 +88,7 @@ def test_files_key_tensors_by_weight_name(model):
     header = read_header(patch.to_bytes())
     assert sorted(k for k in header if k != "__metadata__") == sorted(f"{e.name}.dense" for e in patch.entries)
     assert json.loads(header["__metadata__"]["factedit_patch"])["format"] == FORMAT
+    assert len(header["__metadata__"][CHECKSUM_KEY]) == 64
 
 
 def test_old_index_keyed_files_still_load(model):
@@ -143,10 +148,14 @@ def test_missing_or_extra_tensors_are_refused(model):
     tensors = load_bytes(data)
     meta = read_metadata(data)
     first = next(iter(tensors))
+    fewer = {k: v for k, v in tensors.items() if k != first}
+    with pytest.raises(FactEditError, match="does not match its checksum"):
+        Patch.from_bytes(save_bytes(fewer, metadata=meta))
     with pytest.raises(FactEditError, match="missing the tensor"):
-        Patch.from_bytes(save_bytes({k: v for k, v in tensors.items() if k != first}, metadata=meta))
+        Patch.from_bytes(save_bytes(fewer, metadata=sign(fewer, meta)))
+    more = {**tensors, "extra": torch.zeros(2)}
     with pytest.raises(FactEditError, match="no entry uses"):
-        Patch.from_bytes(save_bytes({**tensors, "extra": torch.zeros(2)}, metadata=meta))
+        Patch.from_bytes(save_bytes(more, metadata=sign(more, meta)))
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from factedit.models import load_model
-from factedit.models.registry import REGISTRY, ModelSource, gguf_parts, model_label, registry_name
+from factedit.models.registry import REGISTRY, ModelSource, gguf_parts
+from factedit.models.tokens import document_start_of
 from factedit.text import encode_with_subject, target_ids
 
 from .conftest import shared_reference
@@ -31,10 +31,11 @@ def test_subject_last_token_matches_official_lookup(tokenizer):
     templates = json.loads((root / "context_templates.json").read_text())
     cases = json.loads((root / "edits.json").read_text())["cases"]
     checked = 0
+    shift = 1 if document_start_of(tokenizer) else 0  # the official code's tokenizer prepends nothing
     for case in cases:
         req = case["request"]
         ours = [
-            encode_with_subject(tokenizer, t.replace("{}", req["prompt"]), req["subject"]).subject_last
+            encode_with_subject(tokenizer, t.replace("{}", req["prompt"]), req["subject"]).subject_last - shift
             for t in templates
         ]
         assert ours == case["lookup_idx"], case["case_id"]
@@ -158,42 +159,6 @@ def _stand_in_packages(source: ModelSource, site: Path, data: bytes) -> None:
 def _hidden_leftovers(home: Path) -> list[Path]:
     """Temporary files and folders (all cache writes go through hidden names first)."""
     return list(home.rglob(".*"))
-
-
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_first_use_of_every_registered_model_with_an_empty_home(name, tiny_gguf, tmp_path, monkeypatch):
-    """The real loading path (package lookup, chunk joining, dequantization, cache) from a home that does
-    not exist yet: the GGUF files are tiny stand-ins placed where the registry looks for them."""
-    data, matrices = tiny_gguf
-    source = REGISTRY[name]
-    site, home = tmp_path / "site", tmp_path / "home"
-    _stand_in_packages(source, site, data)
-    monkeypatch.syspath_prepend(str(site))  # the registry finds these packages first, as installed ones
-    monkeypatch.setenv("FACTEDIT_HOME", str(home))
-    assert all(site in part.parents for part in gguf_parts(source))  # the stand-ins, not installed packages
-
-    model, tok = load_model(name)
-    assert model.config.model_type == "llama" and model.config.num_hidden_layers == TINY_LAYERS
-    assert registry_name(model) == name == model_label(model)
-    embed = model.get_input_embeddings().weight
-    assert torch.equal(embed, torch.from_numpy(matrices["token_embd.weight"]))
-    assert torch.equal(model.get_output_embeddings().weight, torch.from_numpy(matrices["output.weight"]))
-    assert tok.decode(tok("the cat")["input_ids"]) == "the cat"
-    cache = home / "models" / name
-    assert json.loads((cache / "factedit-cache.json").read_text())["source"] == name
-    if len(gguf_parts(source)) > 1:
-        assert (home / "gguf" / name / source.gguf_name).read_bytes() == data  # chunks joined in order
-    assert not _hidden_leftovers(home)
-
-    # a model loaded by hand from the cache folder is still known as the registry model
-    by_hand = AutoModelForCausalLM.from_pretrained(cache)
-    assert registry_name(by_hand) == name
-    # later loads need only the cache
-    for module in source.modules:
-        for file in sorted((site / module).rglob("*"), reverse=True):
-            file.unlink() if file.is_file() else file.rmdir()
-    again, _ = load_model(name)
-    assert torch.equal(again.get_input_embeddings().weight, embed)
 
 
 def test_processes_converting_one_model_at_once(tiny_gguf, tmp_path):

@@ -286,14 +286,22 @@ def test_buckets_and_summary():
 def test_dataset_run_is_resumable(tiny, tokenizer, tmp_path):
     from factedit.tracing.knowns import KnownFact, known_by_model
 
-    # the tiny model predicts ' routes', ' cables', ' fonts' here: a data file with those as attributes
-    prompts = [
+    # a data file whose attributes are what the tiny model predicts: the first three candidates whose
+    # prediction is a word (leading space), so that the known-facts filter keeps them
+    candidates = [
         (PROMPT, SUBJECT),
         ("Beats Music is owned by", "Beats Music"),
         ("Toko Yasuda plays the instrument", "Toko Yasuda"),
+        ("The Eiffel Tower is located in", "Eiffel Tower"),
+        ("Danielle Darrieux's mother tongue is", "Danielle Darrieux"),
+        ("Apple A5 was created by", "Apple A5"),
+        ("Lionel Messi plays the sport of", "Lionel Messi"),
+        ("Michael Jordan is a professional", "Michael Jordan"),
     ]
-    preds = known_by_model(tiny, tokenizer, [KnownFact(i, s, "x", p) for i, (p, s) in enumerate(prompts)])
-    assert all(pr.predicted.startswith(" ") for pr in preds)
+    guesses = known_by_model(tiny, tokenizer, [KnownFact(i, s, "x", p) for i, (p, s) in enumerate(candidates)])
+    chosen = [(c, g) for c, g in zip(candidates, guesses, strict=True) if g.predicted.startswith(" ")][:3]
+    assert len(chosen) == 3, [g.predicted for g in guesses]
+    prompts, preds = [c for c, _ in chosen], [g for _, g in chosen]
     records = [
         {"known_id": i, "subject": s, "prompt": p, "attribute": pr.predicted.strip(), "relation_id": "P1"}
         for i, ((p, s), pr) in enumerate(zip(prompts, preds, strict=True))

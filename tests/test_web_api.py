@@ -110,15 +110,17 @@ def synthetic_patch(model, layer: int = 10, scale: float = 1e-3, base: str | Non
 
 
 def with_meta(data: bytes, change) -> bytes:
-    """Rewrite the JSON metadata of a patch file (to build hostile variants)."""
+    """Rewrite the JSON metadata of a patch file (to build hostile variants), with a fresh content
+    checksum: a checksum is not a signature, so a hostile client can always compute one."""
+    from safetensors.torch import load
+
+    from factedit.integrity import save_signed
+
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["factedit_patch"])
     change(meta)
-    header["__metadata__"]["factedit_patch"] = json.dumps(meta)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+    return save_signed(load(data), {"factedit_patch": json.dumps(meta)})
 
 
 def upload(client: TestClient, data: bytes, name: str = "patch.safetensors"):

@@ -192,3 +192,15 @@ def test_trace_edit_revert_in_chromium(server, browser, default_model):
     wait_for(d, lambda d: top1(d) == " Paris", 60, "Paris predicted again")
     assert model_fingerprint(model) == base
     assert not app.state.session.patches
+    assert "memory only" in d.find_element("id", "persist-status").text  # this app saves nothing: it says so
+
+    # a long trace is cancelled from the page: it stops at its next step and the status says so
+    samples.clear()
+    samples.send_keys("50")
+    d.find_element("id", "trace-btn").click()
+    cancel = d.find_element("id", "trace-cancel")
+    wait_for(d, lambda d: cancel.is_displayed(), 60, "cancel button shown")
+    cancel.click()
+    status = d.find_element("id", "trace-status")
+    wait_for(d, lambda d: "cancelled" in status.text, 120, "trace cancelled")
+    assert not cancel.is_displayed() and model_fingerprint(model) == base

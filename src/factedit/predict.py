@@ -4,6 +4,10 @@ Teacher-forced scoring runs one batched forward per chunk of (prompt, continuati
 applies the LM head only at the positions that predict continuation tokens. Target tokens are
 those the model sees when the continuation follows the prompt (:func:`factedit.text.target_ids`),
 like ROME's ``tok(f"{prefix} {target}")``.
+
+Inputs are checked before the first forward pass: texts non-blank and at most
+:data:`factedit.text.MAX_TEXT_CHARS` characters, ``k`` between 1 and the vocabulary size,
+``max_new_tokens`` between 1 and :data:`MAX_NEW_TOKENS` and, with the prompt, within the model's context.
 """
 
 from __future__ import annotations
@@ -15,10 +19,39 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from factedit.errors import FactEditError
 from factedit.hooks import Trace
 from factedit.models.architectures import arch_for
-from factedit.models.runtime import lm_logits
-from factedit.text import pad_id, pad_right, target_ids
+from factedit.models.runtime import lm_logits, text_config
+from factedit.text import check_text, pad_id, pad_right, target_ids
+
+MAX_NEW_TOKENS = 8192  # longest generation asked for at once (the model's context may allow fewer)
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """How many tokens the LM head scores (the largest sensible ``k``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(text_config(model).vocab_size)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions cover, when its config says."""
+    value = getattr(text_config(model), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _check_count(value: int, name: str, low: int, high: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FactEditError(f"{name} must be a whole number from {low} to {high:,}{why}, got {value!r}")
+    return value
+
+
+def _check_length(model: nn.Module, n_tokens: int, what: str) -> None:
+    limit = context_length(model)
+    if limit is not None and n_tokens > limit:
+        raise FactEditError(f"{what} is {n_tokens:,} tokens: more than the model's context of {limit:,}")
 
 
 @torch.no_grad()
@@ -26,8 +59,19 @@ def top_next_tokens(
     model: nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str], k: int = 5
 ) -> list[list[tuple[str, float]]]:
     """The ``k`` most likely next tokens after each text, with probabilities."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise FactEditError("no text to predict from")
+    for text in texts:
+        check_text(text, "text")
+    _check_count(k, "k", 1, vocabulary_size(model), " (the vocabulary size)")
     device = next(model.parameters()).device
     seqs = [tok(t)["input_ids"] for t in texts]
+    for text, seq in zip(texts, seqs):
+        if not seq:
+            raise FactEditError(f"text {text!r} tokenizes to nothing")
+        _check_length(model, len(seq), f"text {text[:40]!r}")
     ids, mask = pad_right(seqs, pad_id(tok), device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     last = logits[torch.arange(len(seqs), device=device), mask.sum(1) - 1].float()
@@ -132,8 +176,16 @@ def generate(
     top_k: int = 5,
 ) -> str:
     """Continue a prompt (greedy by default; top-k sampling with a seed when ``sample``)."""
+    check_text(prompt, "prompt")
+    _check_count(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+    _check_count(top_k, "top_k", 1, vocabulary_size(model), " (the vocabulary size)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise FactEditError(f"seed must be a whole number from 0 to 2**63-1, got {seed!r}")
     device = next(model.parameters()).device
     enc = tok(prompt, return_tensors="pt").to(device)
+    if enc["input_ids"].shape[1] == 0:
+        raise FactEditError(f"prompt {prompt!r} tokenizes to nothing")
+    _check_length(model, enc["input_ids"].shape[1] + max_new_tokens, "the prompt plus the new tokens")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(

@@ -12,6 +12,7 @@ from factedit.cli.options import (
     DataDirOpt,
     JsonOpt,
     ModelChoice,
+    check_corpus,
     console,
     fail,
     progress,
@@ -65,7 +66,7 @@ def eval_command(
     max_out_len: Annotated[
         int, typer.Option(help="generated text length in tokens, prompt included", min=1, metavar="N")
     ] = 100,
-    seed: Annotated[int, typer.Option(help="seed of the generation samples", metavar="N")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the generation samples", min=0, max=2**63 - 1, metavar="N")] = 0,
     reference_corpus: Annotated[
         Optional[str],
         typer.Option(help="corpus for the reference texts and IDF of the consistency score", metavar="SPEC"),
@@ -111,9 +112,14 @@ def eval_command(
     """Edit each case from the unedited model, evaluate, revert; one JSON line per case in OUT/cases.jsonl."""
     from factedit.editing.methods import get_method
     from factedit.evaluation.runner import RunConfig, run_evaluation
+    from factedit.paths import check_output_path
 
-    try:
-        get_method(method)  # an unknown name fails before the model is loaded
+    try:  # settings, hyper-parameters, data paths and the run folder are checked before the model is loaded
+        edit_method = get_method(method)
+        if hparams is not None:
+            edit_method.check_source(hparams)
+        if any(x < 0 for x in layer or []):
+            raise FactEditError(f"--layer {min(layer)} is out of range: layers are numbered from 0")
         config = RunConfig(
             method=method,
             dataset=dataset,
@@ -136,14 +142,20 @@ def eval_command(
             pre_from=str(pre_from) if pre_from else None,
             group=group,
         )
-        mdl, tok = choice.load()
+        config.check()
+        if generation:
+            check_corpus(reference_corpus, "--reference-corpus")
+        check_output_path(out, "--out")
+        mdl, tok = choice.load(caches=("models", "stats", "templates", "memit-z", "data"))
         report = run_evaluation(mdl, tok, config, out, model_name=choice.label, progress=progress())
     except FactEditError as exc:
         fail(exc)
+    skipped = f"; {report.skipped} malformed records skipped (see the manifest)" if report.skipped else ""
     console.print(
         f"{report.out_dir}: {report.already_done + report.evaluated}/{report.total} cases "
-        f"({report.evaluated} now, {report.errors} failed edits) in {report.seconds:.0f}s",
+        f"({report.evaluated} now, {report.errors} failed){skipped} in {report.seconds:.0f}s",
         highlight=False,
+        markup=False,
     )
 
 
@@ -172,10 +184,23 @@ def summarize_command(
     from dataclasses import asdict
 
     from factedit.evaluation.summary import plot, summarize_runs, to_csv, to_markdown
+    from factedit.paths import check_output_path
 
     if fmt not in ("markdown", "csv", "both"):
         fail(FactEditError("--format must be markdown, csv or both"))
     try:
+        for run in runs:
+            if not run.is_dir():
+                raise FactEditError(f"run folder {run} {'is a file' if run.exists() else 'not found'}")
+        if csv_out:
+            check_output_path(csv_out, "--csv", folder=False)
+        if plot_out:
+            from matplotlib.backend_bases import FigureCanvasBase
+
+            formats = FigureCanvasBase.get_supported_filetypes()
+            if plot_out.suffix and plot_out.suffix.lower().lstrip(".") not in formats:
+                raise FactEditError(f"--plot {plot_out}: unknown image format; use one of {', '.join(sorted(formats))}")
+            check_output_path(plot_out, "--plot", folder=False)
         summary = summarize_runs(runs, common=not all_cases, pre=pre)
         if as_json:
             typer.echo(json.dumps(asdict(summary), indent=1))

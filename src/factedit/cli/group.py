@@ -1,7 +1,9 @@
 """The command group behind ``factedit``: ``-v`` anywhere on the command line, every error as one line.
 
-typer draws usage errors (unknown option, missing value) as a framed panel; scripts and CI logs need
-one greppable line on stderr with exit status 2, the same as for a :class:`FactEditError`.
+typer draws usage errors (unknown option, missing value) as a framed panel, and an uncaught exception
+as rich's traceback panel wrapped to 80 columns; scripts and CI logs need one greppable line on
+stderr: exit status 2 for bad input (a :class:`FactEditError`, a usage error, a file the system
+refused), 1 for a bug (``-v`` shows its traceback), 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from factedit.cli.options import VERBOSE_FLAGS, error_line, setup_logging
+from factedit.cli.options import VERBOSE_FLAGS, error_line, is_verbose, setup_logging
 from factedit.errors import FactEditError
 
 
@@ -67,5 +69,22 @@ class FactEditGroup(TyperGroup):
             sys.exit(2)
         except typer.Abort:
             error_line("aborted")
+            sys.exit(1)
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            sys.exit(130)
+        except OSError as exc:  # the system refused a file or folder (permissions, disk full, ...)
+            if verbose:
+                raise
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            error_line(f"{exc.strerror or exc}{where} (run again with -v for details)")
+            sys.exit(2)
+        except Exception as exc:  # a bug: still one line, the traceback with -v
+            if verbose or is_verbose():
+                raise
+            error_line(
+                f"internal error ({type(exc).__name__}: {exc}); please report it with the output of the same "
+                "command run with -v"
+            )
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)

@@ -27,6 +27,7 @@ from factedit.cli.options import (  # noqa: F401 - re-exported for code that imp
     ModelChoice,
     ModelOpt,
     ThreadsOpt,
+    check_corpus,
     console,
     err,
     fail,
@@ -43,6 +44,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
+    pretty_exceptions_enable=False,  # a traceback (bugs only, with -v) as plain text, not a wrapped rich panel
     pretty_exceptions_show_locals=False,
     help="Locate and edit facts in language models.",
 )
@@ -93,7 +95,9 @@ def edit(
             "--sequential", help="with --requests: edit batch after batch, keeping every edit, instead of all at once"
         ),
     ] = False,
-    batch: Annotated[int, typer.Option(help="with --sequential: requests per step", min=1, metavar="N")] = 1,
+    batch: Annotated[
+        Optional[int], typer.Option(help="with --sequential: requests per step (default 1)", min=1, metavar="N")
+    ] = None,
     layer: Annotated[
         Optional[list[int]],
         typer.Option(help="layer to edit (repeatable; default: the hyper-parameter file's)", metavar="N"),
@@ -128,23 +132,33 @@ def edit(
     then whether the edit converged and whether the new target is now the top prediction.
     """
     from factedit.editing.methods import get_method
-    from factedit.editing.report import edit_and_compare
+    from factedit.editing.report import check_probe_texts, edit_and_compare
     from factedit.editing.requests import load_requests
     from factedit.editing.resources import EditResources
+    from factedit.paths import check_output_path
 
     try:
+        # everything that can be checked without the model, before it is loaded and before any work
         edit_method = get_method(method)
         if requests is not None:
-            if prompt or subject or target:
+            if prompt or subject or target or true_target:
                 raise FactEditError("give either --requests or --prompt/--subject/--target, not both")
             batch_requests = load_requests(requests)
         else:
             batch_requests = [_single_request(prompt, subject, target, true_target)]
+        if batch is not None and not sequential:
+            raise FactEditError("--batch applies with --sequential only (a batch method edits the whole file at once)")
         if not sequential:
             edit_method.check_requests(batch_requests, None)  # one-fact methods refuse a batch before loading
-        if save is not None and save.exists() and save.is_file():
-            raise FactEditError(f"--save {save} is a file: give a folder")
-        mdl, tok = choice.load()
+        _check_layers(layer)
+        edit_method.check_source(hparams)
+        check_probe_texts(paraphrase or (), neighbour or ())
+        check_corpus(corpus)
+        if stats is not None:
+            _check_input_file(stats, "--stats")
+        if save is not None:
+            check_output_path(save, "--save")
+        mdl, tok = choice.load(caches=("models", "stats", "templates"))
         hp = edit_method.hparams(mdl, hparams, {"layers": layer} if layer else None)
         moments = _given_second_moment(mdl, hp, stats) if stats is not None else None
         resources = EditResources(mdl, tok, corpus=corpus, second_moment=moments)
@@ -158,7 +172,7 @@ def edit(
             paraphrases=paraphrase or (),
             neighbours=neighbour or (),
             sequential=sequential,
-            batch_size=batch,
+            batch_size=batch or 1,
             progress=progress(),
         )
         saved = _save_patches(report.patches, save) if save else None
@@ -215,6 +229,24 @@ def _given_second_moment(mdl, hp, path: Path) -> dict:
     return {layer: moment}
 
 
+def _check_layers(layers: list[int] | None, option: str = "--layer") -> None:
+    """Layers are never negative nor given twice (the model's depth is checked once it is loaded)."""
+    bad = [x for x in layers or [] if x < 0]
+    if bad:
+        raise FactEditError(f"{option} {bad[0]} is out of range: layers are numbered from 0")
+    twice = sorted({x for x in layers or [] if (layers or []).count(x) > 1})
+    if twice:
+        raise FactEditError(f"{option} {twice[0]} is given twice: give each layer once")
+
+
+def _check_input_file(path: Path, option: str) -> None:
+    """An input file that must exist and be a file (checked before the model is loaded)."""
+    if path.is_dir():
+        raise FactEditError(f"{option} {path} is a folder: give a file")
+    if not path.is_file():
+        raise FactEditError(f"{option} {path} not found")
+
+
 def _save_patches(patches, folder: Path) -> list[str]:
     if len(patches) == 1:
         return [str(patches[0].save(folder))]
@@ -232,8 +264,13 @@ def predict(
 ) -> None:
     """Top-k next tokens for each prompt."""
     from factedit.predict import top_next_tokens
+    from factedit.text import check_text
 
     try:
+        for text in prompt:
+            check_text(text, "text")
+        if patch is not None:
+            _check_input_file(patch, "--patch")
         mdl, tok = choice.load(patch)
         tops = top_next_tokens(mdl, tok, prompt, k)
     except FactEditError as exc:
@@ -251,14 +288,23 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue", metavar="TEXT")],
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate", min=1, metavar="N")] = 40,
     sample: Annotated[bool, typer.Option("--sample", help="top-k sampling instead of greedy decoding")] = False,
-    seed: Annotated[int, typer.Option(help="seed of the sampler (with --sample)", metavar="N")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="seed of the sampler (with --sample)", min=0, max=2**63 - 1, metavar="N")
+    ] = 0,
     patch: Annotated[Optional[Path], typer.Option(help="apply this patch file first", metavar="FILE")] = None,
     choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Continue a prompt (optionally with a patch applied)."""
+    from factedit.predict import MAX_NEW_TOKENS
     from factedit.predict import generate as gen
+    from factedit.text import check_text
 
     try:
+        check_text(prompt, "text")
+        if max_new_tokens > MAX_NEW_TOKENS:
+            raise FactEditError(f"--max-new-tokens {max_new_tokens:,} is too many: at most {MAX_NEW_TOKENS:,}")
+        if patch is not None:
+            _check_input_file(patch, "--patch")
         mdl, tok = choice.load(patch)
         text = gen(mdl, tok, prompt, max_new_tokens=max_new_tokens, sample=sample, seed=seed)
     except FactEditError as exc:
@@ -277,8 +323,18 @@ def stats(
             metavar="SPEC",
         ),
     ] = None,
-    tokens: Annotated[int, typer.Option(help="sample size in tokens", min=1, metavar="N")] = 100_000,
-    max_length: Annotated[int, typer.Option(help="tokens per document at most", min=1, metavar="N")] = 1024,
+    tokens: Annotated[
+        int,
+        typer.Option(
+            help="sample size in tokens (at least the layer's input features, e.g. 1536 for the default model)",
+            min=1,
+            max=10**9,
+            metavar="N",
+        ),
+    ] = 100_000,
+    max_length: Annotated[
+        int, typer.Option(help="tokens per document at most", min=8, max=131_072, metavar="N")
+    ] = 1024,
     dtype_acc: Annotated[
         str, typer.Option("--accumulate", help="accumulation dtype: float32 or float64", metavar="DTYPE")
     ] = "float32",
@@ -286,10 +342,16 @@ def stats(
     choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Compute (or load from cache) the second moment E[kkᵀ] of the rewrite module's input."""
-    from factedit.stats.second_moment import second_moments
+    from factedit.editing.hparams import check_stats_tokens
+    from factedit.stats.second_moment import ACC_DTYPES, second_moments
 
     try:
-        mdl, tok = choice.load()
+        _check_layers(layer)
+        check_corpus(corpus)
+        if dtype_acc not in ACC_DTYPES:
+            raise FactEditError(f"--accumulate {dtype_acc!r}: choose one of {', '.join(ACC_DTYPES)}")
+        mdl, tok = choice.load(caches=("models", "stats"))
+        check_stats_tokens(mdl, layer, tokens, "--tokens")
         started = time.perf_counter()
         moments = second_moments(
             mdl, tok, layer, corpus=corpus, n_tokens=tokens, max_length=max_length, dtype=dtype_acc, progress=progress()

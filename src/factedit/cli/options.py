@@ -12,7 +12,8 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -29,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("factedit.cli")
 
+MAX_THREADS = 1024  # more torch threads than any machine has cores is a typo, not a setting
 PIPE_WIDTH = 10_000  # columns when stdout is not a terminal: tables keep every column, lines are not wrapped
 
 
@@ -52,11 +54,23 @@ err = PipeFriendlyConsole(stderr=True, highlight=False)
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
-def error_line(message: str) -> None:
-    """One line on stderr, ``error: ...`` (red prefix only on a terminal): scripts can grep it."""
+def one_line(message: object) -> str:
+    """``message`` as one line: whitespace runs (newlines included) become one space and other control
+    characters a ``?``, so no message can span lines or move a terminal's cursor."""
     text = " ".join(str(message).split())
+    return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text)
+
+
+def error_line(message: object) -> None:
+    """One line on stderr, ``error: ...`` (red prefix only on a terminal): scripts can grep it.
+
+    Written to ``sys.stderr`` directly, never through a rich console: rich wraps at the console width
+    (80 columns when stderr is not a terminal), and an uncaught exception drawn by rich's traceback
+    panel was what turned errors into many lines; :class:`factedit.cli.group.FactEditGroup` catches
+    those and prints them here too.
+    """
     prefix = typer.style("error:", fg="red", bold=True) if sys.stderr.isatty() else "error:"
-    sys.stderr.write(f"{prefix} {text}\n")
+    sys.stderr.write(f"{prefix} {one_line(message)}\n")
     sys.stderr.flush()
 
 
@@ -69,7 +83,7 @@ def fail(exc: Exception | str) -> NoReturn:
 def warn(message: str) -> None:
     """A one-line warning on stderr."""
     prefix = typer.style("warning:", fg="yellow") if sys.stderr.isatty() else "warning:"
-    sys.stderr.write(f"{prefix} {' '.join(message.split())}\n")
+    sys.stderr.write(f"{prefix} {one_line(message)}\n")
 
 
 # -- logging and --verbose ---------------------------------------------------------------------------------------
@@ -175,6 +189,16 @@ def data_dir_callback(ctx: typer.Context, value: Path | None) -> Path | None:
     return value
 
 
+def check_corpus(spec: str | None, option: str = "--corpus") -> None:
+    """A corpus is a file, a folder or a Hugging Face dataset name: a typo fails before the model is loaded."""
+    from factedit.stats.corpus import HF_DATASETS
+
+    if spec is not None and spec not in HF_DATASETS and not Path(spec).expanduser().exists():
+        raise FactEditError(
+            f"{option} {spec!r} not found: give a text file, a folder or one of {', '.join(HF_DATASETS)}"
+        )
+
+
 # -- shared option definitions ---------------------------------------------------------------------------------
 ModelOpt = Annotated[
     Optional[str],
@@ -192,6 +216,7 @@ ThreadsOpt = Annotated[
     typer.Option(
         "--threads",
         min=1,
+        max=MAX_THREADS,
         metavar="N",
         help="torch CPU threads (default: $OMP_NUM_THREADS, else the cores available to this process; "
         "idle threads wait passively unless OMP_WAIT_POLICY is set)",
@@ -221,13 +246,24 @@ class ModelChoice:
     dtype: str = "float32"
     threads: int | None = None
 
-    def load(self, patch: Path | None = None):
-        """``(model, tokenizer)``, with the patch file ``patch`` applied when one is given."""
-        model, tok = load(self.name, self.device, self.dtype, self.threads)
+    def load(self, patch: Path | None = None, caches: Sequence[str] = ("models",)):
+        """``(model, tokenizer)``, with the patch file ``patch`` applied when one is given.
+
+        Before anything is loaded: the home folder and its cache sub-folders ``caches`` must be writable
+        (the first load of a registry model converts it into ``models``), and the patch file is read and
+        checked, so a bad one costs no model load.
+        """
+        from factedit.paths import check_home_writable
+
+        check_home_writable(caches)
+        parsed = None
         if patch is not None:
             from factedit.editing.patch import Patch
 
-            Patch.load(patch).apply(model)
+            parsed = Patch.load(patch)
+        model, tok = load(self.name, self.device, self.dtype, self.threads)
+        if parsed is not None:
+            parsed.apply(model)
         return model, tok
 
     @property

@@ -23,11 +23,12 @@ patch_app = typer.Typer(no_args_is_help=True, help="Apply, revert or inspect pat
 
 
 def _check_out(out: Path) -> None:
-    """Refuse an output that is a file or a non-empty folder, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise FactEditError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise FactEditError(f"output folder {out} is not empty")
+    """Refuse an output that is a file, inside a file, a non-empty folder or not writable, before any work
+    is done (the model folder is written beside ``out`` and renamed into place)."""
+    from factedit.paths import check_output_path
+
+    check_output_path(out, "--out", empty=True)
+    check_output_path(out.parent, "--out's parent folder")
 
 
 def _write_folder(out: Path, write) -> None:

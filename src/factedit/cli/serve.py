@@ -1,4 +1,8 @@
-"""``factedit serve``: the local web app (registered into the main CLI by ``factedit.cli.main``)."""
+"""``factedit serve``: the local web app (registered into the main CLI by ``factedit.cli.main``).
+
+Every limit of :class:`factedit.web.limits.WebLimits` has an option here (defaults in ``docs/web.md``);
+the applied patches are saved under ``$FACTEDIT_HOME/web`` and restored on start unless ``--no-persist``.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,45 @@ AllowedHostOpt = Annotated[
 ]
 StatsOpt = Annotated[
     Optional[int], typer.Option(help="tokens for the edit statistics (default: the family file's)", min=1, metavar="N")
+]
+# The defaults are those of factedit.web.limits.WebLimits (repeated in the help texts: importing it
+# here would import torch for `factedit --help`); None keeps the default.
+
+
+def _int_opt(help_text: str, metavar: str = "N", minimum: int = 1):
+    return Annotated[Optional[int], typer.Option(help=help_text, min=minimum, metavar=metavar)]
+
+
+def _float_opt(help_text: str):
+    return Annotated[Optional[float], typer.Option(help=help_text, min=0.1, metavar="SECONDS")]
+
+
+MaxJobCostOpt = _int_opt(
+    "largest estimated cost of one trace or edit, in token-block passes (default 5,000,000: about 9 min of one "
+    "thread on the reference CPU); larger jobs are refused with the estimate"
+)
+MaxQueuedOpt = _int_opt("jobs that may wait behind the running one (default 16)")
+MaxPatchesOpt = _int_opt("applied patches kept on the stack (default 16)")
+MaxPatchMemOpt = _int_opt("MiB of replaced weights the stack may keep to revert bit-exact (default 512)", "MIB")
+MaxUploadOpt = _int_opt("largest patch file, MiB (default 64)", "MIB")
+MaxUploadMemOpt = _int_opt(
+    "MiB of request bodies in flight and uploaded patches waiting to be applied, all together (default 160)", "MIB"
+)
+MaxPredictionsOpt = _int_opt("predictions that may wait for the model (default 256)")
+BusyTimeoutOpt = _float_opt("how long a prediction waits for a running job before answering busy (default 5)")
+BodyTimeoutOpt = _float_opt("a request body must arrive within this (default 30)")
+HeaderTimeoutOpt = _float_opt("request headers must arrive within this of connecting (default 10)")
+KeepAliveOpt = _float_opt("idle keep-alive connections are closed after this (default 5)")
+MaxConnectionsOpt = _int_opt(
+    "open connections (default 512; at the cap the one waiting longest without a request is closed)"
+)
+BacklogOpt = _int_opt("connections the kernel queues before they are accepted (default 1024)")
+PersistOpt = Annotated[
+    bool,
+    typer.Option(
+        "--persist/--no-persist",
+        help="save the applied patches under $FACTEDIT_HOME/web/<model> and re-apply them (verified) on start",
+    ),
 ]
 
 
@@ -73,19 +116,56 @@ def serve_command(
     host: HostOpt = "127.0.0.1",
     allowed_host: AllowedHostOpt = None,
     stats_tokens: StatsOpt = None,
+    persist: PersistOpt = True,
+    max_job_cost: MaxJobCostOpt = None,
+    max_queued_jobs: MaxQueuedOpt = None,
+    max_patches: MaxPatchesOpt = None,
+    max_patch_memory: MaxPatchMemOpt = None,
+    max_upload: MaxUploadOpt = None,
+    max_upload_memory: MaxUploadMemOpt = None,
+    max_pending_predictions: MaxPredictionsOpt = None,
+    busy_timeout: BusyTimeoutOpt = None,
+    body_timeout: BodyTimeoutOpt = None,
+    header_timeout: HeaderTimeoutOpt = None,
+    keep_alive_timeout: KeepAliveOpt = None,
+    max_connections: MaxConnectionsOpt = None,
+    backlog: BacklogOpt = None,
     data_dir: DataDirOpt = None,
     choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Start the web app (predictions, causal-trace heatmaps, edits, patches) and print its address."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only to say what is missing
     except ImportError:  # pragma: no cover - a dependency, but say what to do if it is missing
         fail("the web app needs fastapi and uvicorn: pip install fastapi uvicorn python-multipart")
+    from factedit.paths import factedit_home
     from factedit.web.app import create_app
+    from factedit.web.limits import MiB, WebLimits
+    from factedit.web.server import make_server
 
     name = choice.label  # the operator may name any model load_model accepts; clients only registry names
+    mib = lambda n: None if n is None else n * MiB  # noqa: E731
     try:
         hosts = allowed_hosts_for(host, allowed_host)
+        limits = WebLimits().with_changes(
+            max_job_cost=max_job_cost,
+            max_queued_jobs=max_queued_jobs,
+            max_patches=max_patches,
+            max_patch_memory=mib(max_patch_memory),
+            max_upload_bytes=mib(max_upload),
+            max_upload_memory=mib(max_upload_memory),
+            max_pending_predictions=max_pending_predictions,
+            busy_timeout=busy_timeout,
+            body_timeout=body_timeout,
+            header_timeout=header_timeout,
+            keep_alive_timeout=keep_alive_timeout,
+            max_connections=max_connections,
+            backlog=backlog,
+        )
+    except ValueError as exc:  # e.g. --max-upload above --max-upload-memory
+        message = str(exc).replace("max_upload_bytes", "--max-upload")
+        fail(message.replace("max_upload_memory", "--max-upload-memory").replace("_", "-"))
+    try:
         mdl, tok = ModelChoice(name, choice.device, choice.dtype, choice.threads).load()
     except FactEditError as exc:
         fail(exc)
@@ -96,11 +176,18 @@ def serve_command(
             f"{', '.join(hosts)} (--allowed-host NAME adds the names clients use)"
         )
     overrides = {"mom2_n_tokens": stats_tokens} if stats_tokens else None
-    app = create_app(mdl, tok, model_name=name, hparams_overrides=overrides, allowed_hosts=hosts)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024
+    store = factedit_home() / "web" if persist else None
+    app = create_app(
+        mdl, tok, model_name=name, hparams_overrides=overrides, allowed_hosts=hosts, limits=limits, patch_store=store
     )
-    server = uvicorn.Server(config)
+    kept = app.state.session.persistence
+    if kept.get("restored"):
+        typer.echo(f"restored {kept['restored']} applied patch(es) from {kept['folder']}", err=True)
+    if kept.get("problem"):
+        warn(kept["problem"])
+    if not kept.get("enabled"):
+        warn("applied patches are kept in memory only: a restart or a crash loses them (see docs/web.md)")
+    server = make_server(app, host, port, limits)
 
     # Print the address once the socket is bound (port 0 picks a free port, known only then).
     original_startup = server.startup

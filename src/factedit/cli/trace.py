@@ -39,7 +39,7 @@ NoiseFactorOpt = Annotated[
 WindowOpt = Annotated[
     int, typer.Option(help="layers restored together for MLP/attention (official: l-5..l+4 for 10)", min=1, metavar="N")
 ]
-SeedOpt = Annotated[int, typer.Option(help="seed of the noise generator", metavar="N")]
+SeedOpt = Annotated[int, typer.Option(help="seed of the noise generator", min=0, max=2**63 - 1, metavar="N")]
 BatchOpt = Annotated[
     int, typer.Option(help="restorations × noise samples per forward pass (fast method)", min=1, metavar="N")
 ]
@@ -110,13 +110,30 @@ def trace_command(
     choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Causal trace of one fact: heatmaps of restored hidden states, MLP and attention outputs."""
+    from factedit.paths import check_output_path
+    from factedit.text import as_template, check_text
     from factedit.tracing import causal_trace
+    from factedit.tracing.core import check_trace_settings
     from factedit.tracing.plots import plot_trace_all
 
-    try:
+    try:  # every setting, the prompt and the output folder are checked before the model is loaded
         kinds = _kinds(kind, sever)
         fmts = _formats(formats)
-        mdl, tok = choice.load()
+        as_template(prompt, subject)
+        if answer is not None:
+            check_text(answer, "--answer")
+        check_trace_settings(
+            kinds=kinds,
+            samples=samples,
+            noise=noise,
+            noise_factor=noise_factor,
+            window=window,
+            batch_size=batch_size,
+            method=method,
+            autocast=autocast,
+        )
+        check_output_path(out, "--out")
+        mdl, tok = choice.load(caches=("models", "tracing"))
         result = causal_trace(
             mdl,
             tok,
@@ -189,13 +206,26 @@ def trace_dataset_command(
     choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Average indirect effects over the known facts the model predicts (paper Fig. 2), with 95% CIs."""
+    from factedit.paths import check_output_path
+    from factedit.tracing.core import check_trace_settings
     from factedit.tracing.dataset import trace_dataset, write_summary
 
     try:
         if summarize_only:
             table = write_summary(out)
-        else:
-            mdl, tok = choice.load()
+        else:  # settings, data file and output folder checked before the model is loaded
+            check_trace_settings(
+                samples=samples,
+                noise=noise,
+                noise_factor=noise_factor,
+                window=window,
+                batch_size=batch_size,
+                autocast=autocast,
+            )
+            if data is not None and not data.is_file():
+                raise FactEditError(f"--data {data} {'is a folder: give the file' if data.is_dir() else 'not found'}")
+            check_output_path(out, "--out")
+            mdl, tok = choice.load(caches=("models", "tracing", "data"))
             table = trace_dataset(
                 mdl,
                 tok,

@@ -19,6 +19,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from factedit.errors import FactEditError
 from factedit.paths import atomic_write_bytes, cache_dir, data_dir
+from factedit.text import MAX_TEXT_CHARS
+
+MAX_PROMPTS = 1000  # prompts in one record's list (CounterFact has 2 to 10)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def find_data_file(
         if not p.is_file():
             raise DatasetError(f"{what} not found: {p}")
         return p
-    roots = [r for r in (data_dir(), cache_dir("data")) if r is not None]
+    roots = [r for r in (data_dir(), cache_dir("data", create=False)) if r is not None]
     for root in roots:
         for name in candidates:
             if (root / name).is_file():
@@ -94,16 +97,22 @@ def download_file(name: str) -> Path:
 def read_json_records(path: Path) -> list[Any]:
     """A JSON list (or JSON-lines file) of records."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from exc
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DatasetError(f"{path} is UTF-16 (or UTF-32) text: save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as first:
         try:  # JSON lines
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
-            raise DatasetError(f"{path} is not valid JSON ({first})") from first
+            raise DatasetError(f"{path} is not valid JSON ({first})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -134,6 +143,7 @@ class EvalDataset(Generic[CaseT]):
             "format": self.source_format,
             "n_records": self.n_records,
             "n_cases": len(self.cases),
+            "n_skipped": len(self.skipped),
             "skipped": [{"id": i, "reason": r} for i, r in self.skipped],
         }
 
@@ -184,6 +194,8 @@ def need_str(record: dict, key: str, *, allow_empty: bool = False) -> str:
     value = record.get(key)
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
         raise ValueError(f"'{key}' missing or not a non-empty string")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"'{key}' is {len(value):,} characters long: at most {MAX_TEXT_CHARS:,}")
     return value
 
 
@@ -195,4 +207,8 @@ def need_str_list(record: dict, key: str, *, required: bool = True, min_len: int
         raise ValueError(f"'{key}' missing or not a list of non-empty strings")
     if len(value) < min_len:
         raise ValueError(f"'{key}' is empty")
+    if len(value) > MAX_PROMPTS:
+        raise ValueError(f"'{key}' holds {len(value):,} prompts: at most {MAX_PROMPTS:,}")
+    if any(len(v) > MAX_TEXT_CHARS for v in value):
+        raise ValueError(f"'{key}' holds a prompt longer than {MAX_TEXT_CHARS:,} characters")
     return tuple(value)

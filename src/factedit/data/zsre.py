@@ -18,6 +18,7 @@ from factedit.data.common import (
     file_sha256,
     find_data_file,
     need_str,
+    need_str_list,
     parse_records,
     read_json_records,
     report_malformed,
@@ -71,6 +72,8 @@ def _parse(record: dict, index: int, target: ZsreTarget) -> ZsRECase:
         or not all(isinstance(p, str) and p.strip() for p in paraphrases)
     ):
         raise ValueError("'rephrase' missing or empty")
+    paraphrases = list(need_str_list({"rephrase": paraphrases}, "rephrase"))  # bounded in number and length
+    need_str_list({"answers": answers}, "answers")
     loc, loc_ans = need_str(record, "loc"), need_str(record, "loc_ans")
     request = EditRequest(
         prompt=as_template(src, subject), subject=subject, target_new=new, case_id=record.get("case_id", index)

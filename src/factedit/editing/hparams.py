@@ -7,22 +7,108 @@ at hand); see :meth:`HyperParams.for_model`.
 Names follow the official ROME code (kmeng01/rome ``hparams/ROME/*.json``) so
 published settings can be read side by side. Module names are *not* here: they
 come from the architecture table.
+
+Every number is checked against a sane range (:data:`LIMITS`, one table for every method's class,
+FT's included; a class with a number field that has no range cannot even be defined), infinities
+and NaN are refused, and so are unknown keys: a setting that would silently give NaN weights
+(``v_weight_decay: Infinity``) or hours of work (``v_num_grad_steps: 10**9``) is an error before
+any work. ``mom2_n_tokens`` must be at least the number of features of the edited layer's input
+(:meth:`HyperParams.check_model`): C = E[kkᵀ] estimated from fewer tokens than features has rank
+below its size, so it is singular and C⁻¹k is meaningless.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
+from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from factedit.errors import FactEditError
-from factedit.models.architectures import arch_for, check_layer, num_layers
+from factedit.models.architectures import arch_for, check_layer, get_parameter, math_shape, num_layers
 from factedit.models.registry import registry_name
+from factedit.paths import read_json_file
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one number: ``low <= x <= high`` (``low < x`` when ``low_open``)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def allows(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+
+# The range of every number of every method's hyper-parameters, by field name (the official names mean
+# the same in every method). Wide enough for any published setting, narrow enough to refuse a typo
+# that would give NaN weights or days of work. The official values are in the comments.
+LIMITS: dict[str, Range] = {
+    "layers": Range(0, 1000),  # each layer; the model's own depth is checked in check_model
+    "v_num_grad_steps": Range(1, 1000),  # ROME 20, MEMIT 25
+    "v_lr": Range(0, 10, low_open=True),  # 0.5
+    "v_weight_decay": Range(0, 100),  # 0.5 (ROME), 1e-3 (MEMIT)
+    "clamp_norm_factor": Range(0, 100, low_open=True),  # 4 (ROME), 0.75 (MEMIT)
+    "kl_factor": Range(0, 100),  # 0.0625
+    "early_stop_loss": Range(0, 10),  # 0.05 (v*), 0.01 (FT)
+    "template_seed": Range(0, 2**32 - 1),
+    "mom2_n_tokens": Range(1, 10**9),  # 100,000; at least the layer's input features (check_model)
+    "mom2_max_length": Range(8, 131_072),  # 1,024 (longer than a model's context only truncates less)
+    "mom2_update_weight": Range(0, 1e9, low_open=True),  # 15,000 (GPT-J), 20,000 (GPT-2 XL)
+    "batch_size": Range(1, 4096),  # 32 (MEMIT z), 128 (FT)
+    "nullspace_threshold": Range(0, 1e6, low_open=True),  # 0.02
+    "L2": Range(0, 1e9, low_open=True),  # 10
+    "num_steps": Range(1, 10_000),  # FT 25
+    "lr": Range(0, 1, low_open=True),  # FT 5e-4
+    "weight_decay": Range(0, 100),  # FT 0
+    "norm_constraint": Range(0, 10, low_open=True),  # FT-L 5e-4
+}
+TEMPLATE_LENGTH = Range(1, 256)  # tokens per generated context template (ROME 5 and 10)
+TEMPLATE_COUNT = Range(1, 100)  # templates of one length (ROME 10, MEMIT 5 per start)
+MAX_TEMPLATE_STARTS = 100
+MAX_START_CHARS = 200
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds a number (``int``, ``float``, optional or in a list)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) is Annotated:
+        return _numeric(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        return any(_numeric(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _validation_line(exc: ValidationError) -> str:
+    """pydantic's multi-line report as one line: ``field: problem (got value); ...``."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        kind, got = error.get("type"), error.get("input")
+        if kind == "extra_forbidden":
+            parts.append(f"unknown key {where!r}")
+        elif kind == "missing":
+            parts.append(f"{where!r} is required")
+        else:
+            message = error.get("msg", "invalid").removeprefix("Value error, ")
+            shown = "" if not where or isinstance(got, dict) else f" (got {got!r:.60})"
+            parts.append(f"{where}: {message}{shown}" if where else message)
+    return "; ".join(parts)
 
 
 def _distinct_sorted(layers: list[int]) -> list[int]:
@@ -36,14 +122,33 @@ def _distinct_sorted(layers: list[int]) -> list[int]:
 Layers = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct_sorted)]
 
 
+def stats_features(model: nn.Module, layers: list[int]) -> int:
+    """The largest number of input features among the rewrite modules at ``layers`` (the size of C)."""
+    arch = arch_for(model)
+    weights = [get_parameter(model, arch.rewrite_weight_at(check_layer(model, layer))) for layer in layers]
+    return max(int(math_shape(w, arch)[1]) for w in weights)
+
+
+def check_stats_tokens(model: nn.Module, layers: list[int], n_tokens: int, name: str = "the token count") -> None:
+    """Refuse a statistics sample smaller than the number of features: C = E[kkᵀ] from n tokens has rank at
+    most n, so with fewer tokens than features it is singular and C⁻¹k (ROME) or the null space
+    (AlphaEdit) is meaningless."""
+    features = stats_features(model, layers)
+    if n_tokens < features:
+        raise FactEditError(
+            f"{name} {n_tokens:,} is below the {features:,} features of the edited layer's input: C = E[kkᵀ] "
+            f"from fewer tokens than features is singular; use at least {features:,} (the default is 100,000)"
+        )
+
+
 class StatsSpec(BaseModel):
     """What a second moment C = E[kkᵀ] is computed from (one cache entry per spec and weights)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     corpus: str | None = None  # corpus spec; None = the default local Wikipedia text
-    n_tokens: int = Field(100_000, ge=1)
-    max_length: int = Field(1024, ge=8)
+    n_tokens: int = Field(100_000, ge=1, le=10**9)
+    max_length: int = Field(1024, ge=8, le=131_072)
     dtype: Literal["float32", "float64"] = "float32"
 
 
@@ -58,9 +163,44 @@ class TemplateSpec(BaseModel):
 
 
 class HyperParams(BaseModel):
-    """Base: unknown keys are errors, values are type-checked."""
+    """Base: unknown keys are errors, values are type-checked, numbers finite and in :data:`LIMITS`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """A method's class may not add a number without a range: every number is bounded."""
+        super().__pydantic_init_subclass__(**kwargs)
+        unbounded = [n for n, f in cls.model_fields.items() if _numeric(f.annotation) and n not in LIMITS]
+        if unbounded:
+            raise TypeError(f"{cls.__name__}: give {', '.join(unbounded)} a range in factedit.editing.hparams.LIMITS")
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> HyperParams:
+        for name in type(self).model_fields:
+            limit = LIMITS.get(name)
+            value = getattr(self, name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if limit is not None and isinstance(v, (int, float)) and not limit.allows(v):
+                    label = "layer" if name == "layers" else name
+                    raise ValueError(f"{label} {v!r} is out of range: {name} must be in {limit}")
+        pairs = getattr(self, "context_template_length_params", None) or []
+        for length, count in pairs:
+            if not TEMPLATE_LENGTH.allows(length) or not TEMPLATE_COUNT.allows(count):
+                raise ValueError(
+                    f"context_template_length_params: each [length, count] needs a length in {TEMPLATE_LENGTH} "
+                    f"and a count in {TEMPLATE_COUNT}, got [{length}, {count}]"
+                )
+        starts = getattr(self, "template_starts", None)
+        if starts is not None:
+            if not starts or len(starts) > MAX_TEMPLATE_STARTS:
+                raise ValueError(f"template_starts must hold 1 to {MAX_TEMPLATE_STARTS} texts")
+            if any(not s.strip() or len(s) > MAX_START_CHARS or "{" in s or "}" in s for s in starts):
+                raise ValueError(
+                    f"template_starts must be non-blank texts of at most {MAX_START_CHARS} characters, without braces"
+                )
+        return self
 
     @classmethod
     def method(cls) -> str:
@@ -69,19 +209,21 @@ class HyperParams(BaseModel):
     @classmethod
     def from_json(cls, path: str | Path) -> HyperParams:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FactEditError(f"cannot read hyper-parameters {path}: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_file(path, f"{cls.method()} hyper-parameter file"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> HyperParams:
-        data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document files
+        if not isinstance(data, dict):
+            found = "null" if data is None else type(data).__name__
+            raise FactEditError(
+                f"{cls.method()} hyper-parameters in {source} must be a JSON object of settings, not {found}"
+            )
+        data = {k: v for k, v in data.items() if not str(k).startswith("_")}  # "_comment" keys document files
         try:
             return cls(**data)
         except ValidationError as exc:
-            raise FactEditError(f"invalid {cls.method()} hyper-parameters in {source}: {exc}") from exc
+            problems = _validation_line(exc)
+            raise FactEditError(f"invalid {cls.method()} hyper-parameters in {source}: {problems}") from None
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides) -> HyperParams:
@@ -149,8 +291,13 @@ class HyperParams(BaseModel):
         return list(range(max(0, last - count + 1), last + 1))
 
     def check_model(self, model: nn.Module) -> None:
+        """Checks that need the model: the layers exist, and the statistics sample has at least as many
+        tokens as the edited layers' inputs have features (else C is singular)."""
         for layer in getattr(self, "layers", []):
             check_layer(model, layer)
+        spec = self.stats_spec
+        if spec is not None:
+            check_stats_tokens(model, self.layers, spec.n_tokens, "mom2_n_tokens")
 
     def replace(self, **changes) -> HyperParams:
         return type(self).from_dict({**self.model_dump(), **changes})

@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as save_bytes
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -34,6 +31,7 @@ from factedit.editing.result import EditResult, converged_from_history
 from factedit.editing.templates import check_templates, template_group_sizes
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
+from factedit.integrity import load_signed, save_signed
 from factedit.models.architectures import arch_for, get_parameter
 from factedit.models.fingerprint import model_fingerprint, tensor_sha256
 from factedit.paths import atomic_write_bytes
@@ -179,14 +177,15 @@ def compute_memit(
                 sort_keys=True,
             )
             path = Path(z_cache) / f"z_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-            if path.is_file():
-                try:
-                    zs.append(load_file(str(path))["z"].to(next(model.parameters()).device))
-                    histories.extend([{"total": 0.0, "cached": 1.0}] for _ in chunk)
-                    z_stage.advance(len(chunk))
-                    continue
-                except (SafetensorError, KeyError, OSError) as exc:
-                    log.warning("%s is unreadable (%s); recomputing it", path, exc)
+            if path.is_file():  # checksummed: a damaged file is refused, naming it
+                cached, _, _ = load_signed(path, f"MEMIT z cache file {path}", remedy="delete it to recompute it")
+                z = cached.get("z")
+                if z is None or z.ndim != 2 or z.shape[0] != len(chunk):
+                    raise FactEditError(f"MEMIT z cache file {path} does not fit this chunk; delete it to recompute")
+                zs.append(z.to(next(model.parameters()).device))
+                histories.extend([{"total": 0.0, "cached": 1.0}] for _ in chunk)
+                z_stage.advance(len(chunk))
+                continue
         values = optimize_values(
             model, arch, chunk, site=arch.block(z_layer), layer=z_layer, hparams=hp, pad=pad_id(tok), progress=progress
         )
@@ -194,7 +193,7 @@ def compute_memit(
         histories.extend(values.losses)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, save_bytes({"z": z.detach().cpu().contiguous()}))
+            atomic_write_bytes(path, save_signed({"z": z}, {"format": "factedit-memit-z-v1"}))
         zs.append(z)
         z_stage.advance(len(chunk))
     z_stage.close()

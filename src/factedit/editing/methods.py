@@ -89,6 +89,23 @@ class EditMethod:
         hp.check_model(model)
         return hp
 
+    def check_source(self, source: HParamsSource = None) -> None:
+        """Check a hyper-parameter file, dict or object without a model (before one is loaded): an
+        unreadable file, unknown keys or out-of-range values fail at once; what needs the model (do the
+        layers exist?) is checked by :meth:`hparams`."""
+        cls = self.hparams_class
+        if source is None:
+            return
+        if cls is None:
+            raise FactEditError(f"method {self.name!r} takes no hyper-parameters")
+        if isinstance(source, HyperParams):
+            if not isinstance(source, cls):
+                raise FactEditError(f"method {self.name!r} needs {cls.__name__}, not {type(source).__name__}")
+            hp = source
+        else:
+            hp = cls.from_dict(source) if isinstance(source, dict) else cls.from_json(source)
+        self._fixed(hp)
+
     def _fixed(self, hp: HyperParams) -> HyperParams:
         """Settings the method's name implies (e.g. rome-original = no consistent key)."""
         return hp

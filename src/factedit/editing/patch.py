@@ -27,12 +27,18 @@ that model is refused. :class:`PatchStack` applies a sequence of patches to one 
 restores all of them from one snapshot of every touched weight (memory flat in the number
 of steps).
 
+Besides the fingerprint, each entry's ``base_sha256`` (the SHA-256 of the weight it was computed
+on) must match the weight of that name: an entry renamed to another layer's weight is refused.
+
 Files
 -----
 One ``.safetensors`` file: tensors keyed by weight name (``"<weight>.left"``, ``".right"``,
 ``".dense"``) and the metadata as JSON under the ``factedit_patch`` key of the header
-(format ``factedit-patch-v2``). Files of the first layout (``factedit-patch-v1``, tensors
-keyed by entry index, ``"0.left"``) still load. No ``.json`` sidecar is written: the
+(format ``factedit-patch-v3``), with a SHA-256 of every tensor and of the metadata under
+``factedit_sha256`` (:mod:`factedit.integrity`): a file whose content does not match it is
+refused, naming the file. Files written before checksums (``factedit-patch-v2``; the first layout
+``factedit-patch-v1``, tensors keyed by entry index, ``"0.left"``) still load, with a warning when
+they carry no checksum; a v3 file without one is refused. No ``.json`` sidecar is written: the
 metadata lives in the header, ``factedit patch show [--json]`` prints it (reading only the
 header through :mod:`factedit.safetensors_meta`), and a second copy could go stale.
 
@@ -54,22 +60,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 from torch import nn
 
 from factedit.errors import FactEditError
+from factedit.integrity import load_signed, save_signed
 from factedit.models.architectures import get_parameter
-from factedit.models.fingerprint import model_fingerprint, model_identity, tensor_sha256
+from factedit.models.fingerprint import forget_digests, model_fingerprint, model_identity, tensor_sha256
 from factedit.models.registry import registry_name
 from factedit.paths import atomic_write_bytes
 from factedit.safetensors_meta import read_metadata
 
 log = logging.getLogger(__name__)
 
-FORMAT = "factedit-patch-v2"
+FORMAT = "factedit-patch-v3"  # v2 plus a content checksum, which v3 files must carry
+FORMAT_V2 = "factedit-patch-v2"  # tensors keyed by weight name, no checksum required; read, never written
 FORMAT_V1 = "factedit-patch-v1"  # tensors keyed by entry index ("0.left"); read, never written
+_FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
+_PATCH_REMEDY = "do not use it: get a fresh copy or compute the edit again"
 METADATA_KEY = "factedit_patch"
 REPLACED_FORMAT = "factedit-replaced-v1"
 REPLACED_FILE = "factedit-replaced.safetensors"
@@ -201,7 +208,9 @@ class Patch:
 
     # -- applying -----------------------------------------------------------------
     def check(self, model: nn.Module, *, force: bool = False) -> None:
-        """Refuse models this patch was not computed for (``force`` skips the weight check only)."""
+        """Refuse models this patch was not computed for: another architecture or shapes, other weights
+        (fingerprint), or an entry whose weight is not the one it was computed on (``base_sha256``).
+        ``force`` skips the two weight checks only."""
         identity = model_identity(model)
         if identity != self.model_identity:
             raise FactEditError(
@@ -223,6 +232,14 @@ class Patch:
                     f"this model's is {fingerprint[:12]}): it was edited since, or is another checkpoint or dtype; "
                     "revert the patches applied since, or pass force=True to apply anyway"
                 )
+            for entry in self.entries:  # the fingerprint covers the model; this ties each entry to its weight
+                if entry.base_sha256 and tensor_sha256(get_parameter(model, entry.name)) != entry.base_sha256:
+                    raise FactEditError(
+                        f"patch entry {entry.name!r} was computed on another weight than this model's {entry.name} "
+                        f"(hash {entry.base_sha256[:12]}, the model's is "
+                        f"{tensor_sha256(get_parameter(model, entry.name))[:12]}): the entry was renamed or the file "
+                        "was altered; refusing it, nothing was changed"
+                    )
 
     def handle(self, model: nn.Module) -> AppliedPatch | None:
         """This patch's live handle on ``model``, if it is applied there."""
@@ -248,11 +265,12 @@ class Patch:
             for entry in self.entries:
                 param = get_parameter(model, entry.name)
                 replaced[entry.name] = param.detach().clone()
+                forget_digests(param)
                 param.copy_((param.float() + entry.delta().to(param.device)).to(param.dtype))
                 written[entry.name] = tensor_sha256(param)
         except BaseException:  # all or nothing: put back what was already written
             for name, original in replaced.items():
-                get_parameter(model, name).copy_(original)
+                _write(model, name, original)
             raise
         handle = AppliedPatch(self, model, replaced, written)
         with _registry_lock:
@@ -310,10 +328,9 @@ class Patch:
         }
 
     def to_bytes(self) -> bytes:
-        tensors = {
-            f"{e.name}.{part}": t.detach().cpu().contiguous() for e in self.entries for part, t in e.tensors().items()
-        }
-        return save_bytes(tensors, metadata={METADATA_KEY: json.dumps(self.metadata())})
+        """The patch file's bytes: tensors, metadata and their checksum (see the module docstring)."""
+        tensors = {f"{e.name}.{part}": t for e in self.entries for part, t in e.tensors().items()}
+        return save_signed(tensors, {METADATA_KEY: json.dumps(self.metadata())})
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (.safetensors; a folder gets ``patch.safetensors``) atomically; returns the file."""
@@ -326,12 +343,15 @@ class Patch:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> Patch:
+        """Parse and check a patch file's bytes: the checksum first (any damage is refused, naming
+        ``source``), then every metadata field, then the tensors against the entries."""
+        tensors, _, verified = load_signed(data, source, required=False, remedy=_PATCH_REMEDY)
         meta = read_patch_metadata(data, source)
-        try:
-            tensors = load_bytes(data)
-        except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
-            raise FactEditError(f"{source} is not a valid factedit patch (corrupt or truncated): {exc}") from exc
-        by_name = meta["format"] == FORMAT  # v1 files key tensors by entry index
+        if not verified:
+            if meta["format"] == FORMAT:
+                raise FactEditError(f"{source} has no content checksum, so it cannot be trusted; {_PATCH_REMEDY}")
+            log.warning("%s has no content checksum (written by an older factedit); it cannot be verified", source)
+        by_name = meta["format"] != FORMAT_V1  # v1 files key tensors by entry index
         entries, used = [], set()
         for i, e in enumerate(meta["entries"]):
             parts = ("dense",) if e["kind"] == "dense" else ("left", "right")
@@ -423,8 +443,8 @@ def read_patch_metadata(source: bytes | str | Path, name: str | None = None) -> 
     try:
         meta = json.loads(raw[METADATA_KEY])
     except json.JSONDecodeError as exc:
-        raise FactEditError(f"{label} is not a valid factedit patch (corrupt metadata: {exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V1):
+        raise FactEditError(f"{label} is corrupt (its metadata cannot be read: {exc}); {_PATCH_REMEDY}") from exc
+    if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise FactEditError(f"{label}: unsupported patch format {found!r}")
     _check_metadata(meta, label)
@@ -575,7 +595,7 @@ class AppliedPatch:
                         "patch or a direct write); restoring it would discard that change, so nothing was changed"
                     )
             for name, original in self._replaced.items():
-                get_parameter(model, name).copy_(original)
+                _write(model, name, original)
             self._forget("reverted")
         return self.patch
 
@@ -675,7 +695,7 @@ class PatchStack:
                 "applied outside it to the same weights; revert it first"
             )
         for name, original in self._snapshot.items():
-            get_parameter(self.model, name).copy_(original)
+            _write(self.model, name, original)
         patches = [h.patch for h in self._handles]
         for handle in reversed(self._handles):
             if handle.is_applied:
@@ -702,7 +722,7 @@ def save_replaced(handle: AppliedPatch, path: str | Path) -> Path:
     the written weights (``written``) and of the replaced ones (``replaced``), as JSON strings.
     """
     path = Path(path)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in handle.replaced().items()}
+    tensors = handle.replaced()
     meta = {
         "format": REPLACED_FORMAT,
         "patch_digest": handle.patch.content_digest(),
@@ -710,7 +730,7 @@ def save_replaced(handle: AppliedPatch, path: str | Path) -> Path:
         "written": json.dumps(handle.written),
         "replaced": json.dumps({name: tensor_sha256(t) for name, t in tensors.items()}),
     }
-    atomic_write_bytes(path, save_bytes(tensors, metadata=meta))
+    atomic_write_bytes(path, save_signed(tensors, meta))
     return path
 
 
@@ -728,11 +748,12 @@ def restore_replaced(model: nn.Module, patch: Patch, path: str | Path) -> None:
         raise FactEditError(
             f"this model folder was written with another patch ({meta.get('patch', '?')[:120]}), not {patch.describe()}"
         )
+    remedy = "write the model folder again with 'factedit patch apply'"
+    tensors, meta, _ = load_signed(path, f"replaced-weights file {path}", required=False, remedy=remedy)
     try:
         written, replaced_sha = json.loads(meta["written"]), json.loads(meta["replaced"])
-        tensors = load_bytes(path.read_bytes())
-    except (KeyError, ValueError, SafetensorError) as exc:
-        raise FactEditError(f"{path} is corrupt or truncated ({exc})") from exc
+    except (KeyError, ValueError) as exc:
+        raise FactEditError(f"{path} is corrupt or truncated ({exc}); {remedy}") from exc
     if not (
         isinstance(written, dict)
         and isinstance(replaced_sha, dict)
@@ -751,4 +772,12 @@ def restore_replaced(model: nn.Module, patch: Patch, path: str | Path) -> None:
         if tensor_sha256(original) != replaced_sha[name]:
             raise FactEditError(f"{path} is corrupt: the saved {name} does not match its recorded hash")
     for name, original in tensors.items():
-        get_parameter(model, name).copy_(original.to(get_parameter(model, name).device))
+        _write(model, name, original)
+
+
+def _write(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Copy ``value`` into the weight ``name`` (bit-exact) and drop its remembered digest."""
+    param = get_parameter(model, name)
+    with torch.no_grad():
+        param.copy_(value.to(param.device))
+    forget_digests(param)

@@ -24,9 +24,11 @@ from factedit.editing.resources import EditResources
 from factedit.editing.result import EditResult
 from factedit.editing.sequential import SequentialEditor, edits_holding
 from factedit.errors import FactEditError
-from factedit.predict import generate, probe, top_next_tokens
+from factedit.predict import MAX_NEW_TOKENS, generate, probe, top_next_tokens
 from factedit.progress import Progress, as_progress
-from factedit.text import target_ids
+from factedit.text import check_text, target_ids
+
+MAX_PROBES = 100  # paraphrases + neighbours probed around one edit
 
 
 @dataclass
@@ -120,6 +122,17 @@ class EditReport:
         }
 
 
+def check_probe_texts(paraphrases: Sequence[str], neighbours: Sequence[str]) -> None:
+    """Paraphrase and neighbour prompts are plain texts (used as they are): non-blank, bounded in length and
+    number. Checked before any forward pass."""
+    if len(paraphrases) + len(neighbours) > MAX_PROBES:
+        raise FactEditError(f"at most {MAX_PROBES} paraphrase and neighbour prompts are probed around one edit")
+    for text in paraphrases:
+        check_text(text, "paraphrase")
+    for text in neighbours:
+        check_text(text, "neighbour prompt")
+
+
 def fill_true_targets(
     model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
 ) -> list[EditRequest]:
@@ -130,7 +143,13 @@ def fill_true_targets(
     for r in requests:
         if r.target_true is None:
             top = next(tops)[0][0]
-            r = EditRequest(r.prompt, r.subject, r.target_new, target_true=top.strip() or top, case_id=r.case_id)
+            true = top.strip() or top
+            if true == r.target_new.strip():
+                raise FactEditError(
+                    f"the new target {r.target_new.strip()!r} is already the model's top prediction after "
+                    f"{r.text!r}: nothing to edit (choose another target)"
+                )
+            r = EditRequest(r.prompt, r.subject, r.target_new, target_true=true, case_id=r.case_id)
         out.append(r)
     return out
 
@@ -170,17 +189,21 @@ def edit_and_compare(
     started = time.perf_counter()
     progress = as_progress(progress)
     edit_method = get_method(method) if isinstance(method, str) else method
+    paraphrases, neighbours = list(paraphrases), list(neighbours)
+    check_probe_texts(paraphrases, neighbours)
+    if isinstance(generate_tokens, bool) or not isinstance(generate_tokens, int):
+        raise FactEditError(f"the number of generated tokens must be a whole number (got {generate_tokens!r})")
+    if not 0 <= generate_tokens <= MAX_NEW_TOKENS:
+        raise FactEditError(f"the number of generated tokens must be 0 to {MAX_NEW_TOKENS} (got {generate_tokens})")
     hp = edit_method.hparams(model, hparams, overrides)
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if sequential:
-        if batch_size < 1:
-            raise FactEditError(f"batch size must be at least 1 (got {batch_size})")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise FactEditError(f"batch size must be a whole number of at least 1 (got {batch_size!r})")
         for start in range(0, len(requests), batch_size):
             edit_method.check_requests(requests[start : start + batch_size], hp)
     else:
         requests = edit_method.check_requests(requests, hp)
-    if generate_tokens < 0:
-        raise FactEditError(f"the number of generated tokens must be >= 0 (got {generate_tokens})")
     resources = resources or EditResources(model, tok)
     requests = fill_true_targets(model, tok, requests)
     single = len(requests) == 1

@@ -2,7 +2,8 @@
 
 One :class:`EditResources` per loaded model, used by every front end (CLI, web app, evaluation
 runner, sequential editor): memory over the core's disk caches, keyed by the fingerprint of the
-weights they were computed on and by their spec (:class:`StatsSpec`, :class:`TemplateSpec`).
+weights they were computed on (every byte of every weight, see ``models/fingerprint.py``: a patch that
+changes a single element gives other keys) and by their spec (:class:`StatsSpec`, :class:`TemplateSpec`).
 
 Policy: statistics and templates are those of the *unedited* weights (the fingerprint when the
 object was created), as in the papers' sequential setups. If an edit needs one that the unedited

@@ -3,7 +3,8 @@
 ROME averages keys (and optimises v*) over ``"{}"`` plus these prefixes so an
 edit generalises beyond the exact prompt. Official recipe: 10 samples of 5
 tokens and 10 of 10 tokens (top-k 5), each followed by ``". {}"``. Generation is
-seeded; results are cached on disk per model fingerprint.
+seeded; results are cached on disk per model fingerprint, in a checksummed envelope
+(:func:`factedit.integrity.dumps_signed_json`): a damaged cache file is refused, naming it.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from factedit.errors import FactEditError
+from factedit.integrity import dumps_signed_json, loads_signed_json
 from factedit.models.fingerprint import model_fingerprint
+from factedit.models.tokens import document_start_of
 from factedit.paths import atomic_write_bytes, cache_dir
 from factedit.progress import Progress, as_progress
 
 log = logging.getLogger(__name__)
+CACHE_FORMAT = "factedit-templates-v1"
 
 
 def _start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
@@ -105,20 +109,29 @@ def context_templates(
 ) -> list[str]:
     """Seeded templates, read from the on-disk cache when this model already made them."""
     fingerprint = fingerprint or model_fingerprint(model)
-    key = json.dumps(
-        {"fp": fingerprint, "len": [list(p) for p in length_params], "seed": seed, "starts": starts}, sort_keys=True
-    )
+    fields = {"fp": fingerprint, "len": [list(p) for p in length_params], "seed": seed, "starts": starts}
+    if start := document_start_of(tok):  # sampling starts differ; files from before the field keep their names
+        fields["document_start"] = start
+    key = json.dumps(fields, sort_keys=True)
     path = (cache_folder or cache_dir("templates")) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if isinstance(data, list) and all(isinstance(t, str) and t.count("{}") == 1 for t in data):
-                return data
-        except json.JSONDecodeError:
-            pass
-        log.warning("ignoring unreadable template cache %s", path)
+        return read_template_cache(path)
     with as_progress(progress).stage("context templates (generated once, then cached)", total=None) as stage:
         templates = generate_context_templates(model, tok, length_params, seed=seed, starts=starts)
         stage.advance(len(templates))
-    atomic_write_bytes(path, json.dumps(templates, indent=1).encode())
+    atomic_write_bytes(path, dumps_signed_json(templates, CACHE_FORMAT))
     return templates
+
+
+def read_template_cache(path: Path) -> list[str]:
+    """The templates of one cache file, verified against its checksum (refused, naming the file, if damaged)."""
+    label = f"context-template cache {path}"
+    remedy = "delete it to generate the templates again"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FactEditError(f"cannot read {label}: {exc.strerror or exc}") from exc
+    data = loads_signed_json(raw, CACHE_FORMAT, label, remedy=remedy)
+    if not isinstance(data, list) or not data or any(not isinstance(t, str) or t.count("{}") != 1 for t in data):
+        raise FactEditError(f"{label} does not hold context templates; {remedy}")
+    return data

@@ -134,6 +134,7 @@ class _PreScores:
         self.log = CaseLog(out / "pre.jsonl")
         self.known = {**known, **{k: v["pre"] for k, v in self.log.load().items()}}
         self.evaluate = evaluate
+        self.failed: dict[str, str] = {}  # case id -> why its unedited scores could not be measured
 
     def ensure(self, cases: Sequence[Any], progress: Progress) -> None:
         """Measure (on the model as it is now, which must be unedited) the cases not known yet."""
@@ -142,7 +143,14 @@ class _PreScores:
             return
         with (progress if len(todo) > 1 else SILENT).stage("unedited scores", total=len(todo), unit="case") as stage:
             for case in todo:
-                pre = {k: v for k, v in self.evaluate(case, False).items() if k not in GENERATION_KEYS}
+                try:
+                    scores = self.evaluate(case, False)
+                except FactEditError as exc:  # this case cannot be scored: it gets an error line, the run goes on
+                    log.warning("case %s: evaluation failed: %s", case.case_id, exc)
+                    self.failed[str(case.case_id)] = f"evaluation failed: {exc}"
+                    stage.advance(1)
+                    continue
+                pre = {k: v for k, v in scores.items() if k not in GENERATION_KEYS}
                 self.log.append({"case_id": case.case_id, "pre": pre})
                 self.known[str(case.case_id)] = pre
                 stage.advance(1)
@@ -221,6 +229,8 @@ def _run_batches(run: _Run, chunks: list[list[Any]]) -> None:
             continue
         pre.ensure(todo, progress)
         valid, errors = split_valid(tok, chunk, method.fact_token)
+        errors.update({k: v for k, v in pre.failed.items() if k in set(_ids(chunk))})
+        valid = [c for c in valid if str(c.case_id) not in errors]
         for case in todo:
             if str(case.case_id) in errors:
                 finished(case, {**case_header(case), "error": errors[str(case.case_id)]})
@@ -248,7 +258,12 @@ def _run_batches(run: _Run, chunks: list[list[Any]]) -> None:
                 if str(case.case_id) in errors:
                     continue
                 t = time.perf_counter()
-                post = evaluate(case, True)
+                try:
+                    post = evaluate(case, True)
+                except FactEditError as exc:  # this case only; the chunk's other cases are still scored
+                    log.warning("case %s: evaluation failed: %s", case.case_id, exc)
+                    finished(case, {**case_header(case), "error": f"evaluation failed: {exc}"})
+                    continue
                 finished(
                     case,
                     {
@@ -308,6 +323,8 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None
                 steps.advance(1)
                 valid, chunk_errors = split_valid(tok, chunk, method.fact_token)
                 errors.update(chunk_errors)
+                errors.update({k: v for k, v in pre.failed.items() if k in set(_ids(chunk))})
+                valid = [c for c in valid if str(c.case_id) not in errors]
                 if not valid:
                     continue
                 path = out / "patches" / f"step_{index:05d}.safetensors"
@@ -344,13 +361,19 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None
                 continue
             t = time.perf_counter()
             patch = patch_of[step_of[key]]
+            try:
+                post = evaluate(case, True)
+            except FactEditError as exc:  # this case only
+                log.warning("case %s: evaluation failed: %s", case.case_id, exc)
+                finished(case, {**case_header(case), "error": f"evaluation failed: {exc}"})
+                continue
             finished(
                 case,
                 {
                     **case_header(case),
                     "edit": {**infos[step_of[key]], "step": step_of[key], "edits_in_model": len(edited)},
                     "pre": pre[key],
-                    "post": evaluate(case, True),
+                    "post": post,
                     "timing": {
                         "edit_s": patch.info.get("edit_s", 0.0) / len(patch.info["case_ids"]),
                         "eval_s": time.perf_counter() - t,

@@ -58,7 +58,7 @@ from factedit.evaluation.records import (
 )
 from factedit.evaluation.reference import reference_texts
 from factedit.models.fingerprint import model_fingerprint, model_identity
-from factedit.paths import atomic_write_bytes
+from factedit.paths import atomic_write_bytes, check_output_path
 from factedit.progress import Progress, as_progress
 from factedit.version import __version__
 
@@ -159,26 +159,31 @@ def run_evaluation(
     """
     started = time.perf_counter()
     progress = as_progress(progress)
-    if config.batch is not None and config.batch < 1:  # checked before anything is written
-        raise FactEditError(f"batch must be at least 1, not {config.batch}")
-    if config.group < 1:
-        raise FactEditError(f"group must be at least 1, not {config.group}")
-    out = Path(out_dir)
+    # Everything that can be wrong with the settings, the data, the hyper-parameters or the run folder is
+    # refused here, before the folder is created and before any work.
+    config.check()
+    out = check_output_path(out_dir, "run folder")
+    if config.pre_from:
+        read_manifest(config.pre_from)
+    dataset = load_dataset(
+        config.dataset,
+        config.data_path,
+        n=config.n,
+        start=config.start,
+        target=config.zsre_target,
+        download=config.download,
+    )
+    if dataset.skipped:
+        log.warning(
+            "%d malformed record(s) of %s are skipped (listed with their reasons in the manifest)",
+            len(dataset.skipped),
+            dataset.path,
+        )
+    method = RunMethod(model, tok, config.method, config.hparams, config.overrides or None, progress=progress)
+    mode = _mode(config, method)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     with _run_lock(out):
-        dataset = load_dataset(
-            config.dataset,
-            config.data_path,
-            n=config.n,
-            start=config.start,
-            target=config.zsre_target,
-            download=config.download,
-        )
-        if config.dataset == "zsre" and config.generation:
-            raise FactEditError("generation metrics are defined for CounterFact only")
-        method = RunMethod(model, tok, config.method, config.hparams, config.overrides or None, progress=progress)
-        mode = _mode(config, method)
         # generation metrics (slow) only for the first gen_cases cases, when limited
         gen_ids = (
             None if config.gen_cases is None else frozenset(str(c.case_id) for c in dataset.cases[: config.gen_cases])
@@ -211,7 +216,12 @@ def run_evaluation(
                 "family": getattr(model.config, "model_type", None),
             },
             "dataset": {k: v for k, v in dataset.describe().items() if k not in ("n_cases",)},
-            "selection": {"start": config.start, "n": config.n, "n_cases": len(dataset)},
+            "selection": {
+                "start": config.start,
+                "n": config.n,
+                "n_cases": len(dataset),
+                "skipped_records": len(dataset.skipped),  # malformed records left out: dataset.skipped says why
+            },
             # n_cases appears only when set, so runs made before it existed still resume
             "generation": {k: v for k, v in asdict(gen).items() if k != "n_cases" or v is not None} if gen else None,
             "reference": {k: v for k, v in reference.describe().items() if k != "note"} if reference else None,
@@ -303,13 +313,13 @@ def run_evaluation(
         evaluated=len(todo),
         errors=errors,
         seconds=time.perf_counter() - started,
+        skipped=len(dataset.skipped),
     )
 
 
 def _mode(config: RunConfig, method: RunMethod) -> dict[str, Any]:
-    """How cases are edited; part of the manifest, so a resumed run cannot switch protocol."""
-    if config.drift_every is not None and (not config.sequential or config.drift_every < 1):
-        raise FactEditError("drift_every needs a sequential run and a positive step count")
+    """How cases are edited; part of the manifest, so a resumed run cannot switch protocol (the settings
+    themselves were checked by :meth:`RunConfig.check`)."""
     if config.batch is None and not config.sequential:
         return {"kind": "single"}
     if method.name == "none":
@@ -404,6 +414,13 @@ def _notes(config: RunConfig, reference) -> list[str]:
     return notes
 
 
+def _failed_case(record: dict[str, Any], case, stage: str, exc: Exception) -> dict[str, Any]:
+    """The line of a case that could not be edited or evaluated: logged, recorded with its reason, and the
+    run goes on (the summaries leave such cases out and count them)."""
+    log.warning("case %s: %s failed: %s", case.case_id, stage, exc)
+    return {**record, "error": str(exc)}
+
+
 def _evaluate_case(
     model,
     tok,
@@ -426,12 +443,18 @@ def _evaluate_case(
 
     t0 = time.perf_counter()
     if method.name == "none":
-        post = evaluate(True)
+        try:
+            post = evaluate(True)
+        except FactEditError as exc:  # a record the loader's checks let through: this case only
+            return _failed_case(record, case, "evaluation", exc)
         pre = {k: v for k, v in post.items() if k not in GENERATION_KEYS}
         edit_s = 0.0
         t1 = time.perf_counter()
     else:
-        pre = pre if pre is not None else evaluate(False)
+        try:
+            pre = pre if pre is not None else evaluate(False)
+        except FactEditError as exc:
+            return _failed_case(record, case, "evaluation", exc)
         t1 = time.perf_counter()
         if computed is not None:
             patch, edit_s, group = computed
@@ -441,19 +464,23 @@ def _evaluate_case(
             try:
                 patch = method.compute_patch(model, tok, req)
             except FactEditError as exc:
-                log.warning("case %s: %s failed: %s", case.case_id, method.name, exc)
-                return {**record, "error": str(exc)}
+                return _failed_case(record, case, method.name, exc)
             edit_s = time.perf_counter() - t1
         if patch is not None:
             record["edit"] = edit_info(patch)
             patch.apply(model)
+        failure = None
         try:
             post = evaluate(True)
+        except FactEditError as exc:
+            failure = exc
         finally:
             if patch is not None:
                 patch.revert(model)
         if model_fingerprint(model) != base_fp:
             raise FactEditError(f"case {case.case_id}: the model was not restored after the edit; stopping")
+        if failure is not None:
+            return _failed_case(case_header(case), case, "evaluation", failure)
     total = time.perf_counter() - t0
     timing = {"edit_s": edit_s, "eval_s": total - edit_s, "total_s": total}
     if method.name != "none" and group > 1:

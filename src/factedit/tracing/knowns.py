@@ -3,6 +3,9 @@
 The file lists facts GPT-2 XL predicts; another model knows other facts, so
 :func:`known_by_model` re-checks each prompt: a fact is kept when the model's top
 next token is the first token of ``" " + attribute``.
+
+A downloaded copy is kept under ``$FACTEDIT_HOME/data`` with a ``.sha256`` sidecar, verified on
+every read (a damaged copy is refused, naming it; delete it to download it again).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from transformers import PreTrainedTokenizerBase
 
 from factedit.errors import FactEditError
 from factedit.hooks import Trace
+from factedit.integrity import read_with_sidecar, write_with_sidecar
 from factedit.models.architectures import ArchSpec, arch_for
 from factedit.models.runtime import lm_logits
-from factedit.paths import atomic_write_bytes, cache_dir, data_dir
+from factedit.paths import cache_dir, data_dir
 from factedit.progress import Progress, as_progress
 from factedit.text import pad_id, pad_right
 from factedit.tracing.inputs import answer_token
@@ -71,15 +75,19 @@ def known_facts_path(path: str | Path | None = None, *, download: bool = True) -
             f"{KNOWN_FILE} not found locally and downloading {KNOWN_URL} failed ({exc}); "
             "set FACTEDIT_DATA_DIR or pass the file's path"
         ) from exc
-    atomic_write_bytes(cached, data)
+    write_with_sidecar(cached, data)
     return cached
 
 
 def load_known_facts(path: str | Path | None = None) -> list[KnownFact]:
     """Read and check the known facts (each subject must occur in its prompt)."""
     p = known_facts_path(path)
+    cached = path is None and p == cache_dir("data") / KNOWN_FILE
     try:
-        records = json.loads(p.read_text())
+        raw = read_with_sidecar(p, f"downloaded known facts {p}") if cached else p.read_bytes()
+        records = json.loads(raw)
+    except FactEditError:
+        raise
     except (OSError, ValueError) as exc:
         raise FactEditError(f"cannot read known facts from {p}: {exc}") from exc
     if not isinstance(records, list) or not records:

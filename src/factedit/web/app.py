@@ -3,7 +3,16 @@
 ``create_app(model, tokenizer)`` takes an already-loaded model (tests pass the session
 fixture; ``factedit serve`` loads one). Long work (traces, edits, reverts, uploads,
 model switches) is queued on the single-worker :class:`~factedit.web.jobs.JobQueue` and
-answered ``202`` with a job to poll; quick reads answer directly.
+answered ``202`` with a job to poll (``POST /api/jobs/{id}/cancel`` stops it); quick reads answer
+directly, ``/api/info`` and ``/api/health`` from the event loop without touching the model, and
+predictions through a bounded, batching queue (:mod:`factedit.web.predictions`).
+
+Limits (:class:`~factedit.web.limits.WebLimits`, ``docs/web.md``): a job whose estimated cost is
+above the limit is refused before it is queued (422, with the estimate and the limit); the
+queue, the patch stack (count and bytes of replaced weights), the upload bytes in flight and the
+pending predictions are capped (429/409/503 with ``Retry-After`` where waiting helps); a request
+body must arrive within the body timeout (408). Connection-level limits (header timeout,
+connection cap, malformed HTTP as JSON) are the server's: :mod:`factedit.web.server`.
 
 Security posture (a local tool that rewrites model weights): bound to 127.0.0.1 by the
 ``serve`` command; ``Host`` must be one of the allowed names (loopback names, the bound
@@ -19,10 +28,13 @@ JSON ``detail`` and is raised before anything touches the model. Every response 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 import torch
@@ -31,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -40,15 +53,19 @@ from factedit.errors import FactEditError
 from factedit.models.registry import DEFAULT_MODEL, REGISTRY
 from factedit.version import __version__
 from factedit.web.edits import edit_method
-from factedit.web.jobs import JobQueue, QueueFull
+from factedit.web.jobs import JobQueue, NotCancellable, QueueFull
+from factedit.web.limits import ByteBudget, CostTooHigh, WebLimits, edit_cost, edit_shape, trace_cost
 from factedit.web.patches import Conflict, summarize_patch
+from factedit.web.predictions import PredictionsFull, Predictor
 from factedit.web.schemas import EditIn, ModelIn, PredictIn, TraceIn
 from factedit.web.session import Busy, ModelSession, fill_prompt, installed_models
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 1024  # JSON requests: prompts and a few settings
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # patch files (a dense MEMIT patch of a small model is a few MB per layer)
+MAX_BODY_BYTES = WebLimits.max_body_bytes  # JSON requests: prompts and a few settings
+MAX_UPLOAD_BYTES = WebLimits.max_upload_bytes  # patch files (a dense MEMIT patch of a small model: MBs per layer)
+MAX_TRACE_TOKENS = 64
+RESERVATION = "factedit.body_bytes"  # scope key: the guard's reservation of upload-memory bytes for this body
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
@@ -128,23 +145,46 @@ def same_origin(origin: str, scheme: str, host_header: str | None) -> bool:
 
 
 class RequestGuard:
-    """Host and origin checks, size limits and content types, enforced before routing or parsing.
+    """Host and origin checks, size limits, content types and the body timeout, before routing or parsing.
 
     ``Host`` must name an allowed host (``"*"`` in ``allowed_hosts`` skips this check only);
     an ``Origin`` header, when sent, must equal the request's own origin, on every method.
     The body is read here, counting bytes, and refused with 413 as soon as it exceeds
-    the limit (a missing or lying ``Content-Length`` does not help); only then is it
-    replayed to the app.
+    the limit (a missing or lying ``Content-Length`` does not help), with 408 if it has not
+    all arrived within ``body_timeout`` seconds, and with 503 if the bytes of all bodies in
+    flight (and of uploaded patches waiting to be applied) would exceed ``budget``; only then
+    is it replayed to the app. The bytes stay reserved until the response is sent, or, for an
+    upload the app queues, until its job ends (the app takes over ``scope[RESERVATION]``).
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int, max_upload: int, allowed_hosts: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        max_upload: int,
+        allowed_hosts: tuple[str, ...],
+        budget: ByteBudget | None = None,
+        body_timeout: float = 30.0,
+        max_header_bytes: int = 64 * 1024,
+    ) -> None:
         self.app, self.max_body, self.max_upload = app, max_body, max_upload
+        self.max_header_bytes = max_header_bytes
         self.any_host = "*" in allowed_hosts
         self.allowed_hosts = frozenset(normalize_host(h) for h in allowed_hosts if h != "*")
+        self.budget = budget or ByteBudget(max(max_upload, max_body) * 2)
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        head += sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+        if head > self.max_header_bytes:  # h11 bounds headers that arrive slowly; these came in one piece
+            await _reject(
+                scope, send, 431, f"the request line and headers exceed {self.max_header_bytes:,} bytes", close=True
+            )
             return
         headers = Headers(scope=scope)
         host_header = headers.get("host")
@@ -172,24 +212,87 @@ class RequestGuard:
         declared = headers.get("content-length")
         if declared is not None:
             if not (declared.isascii() and declared.isdigit()):
-                await _reject(scope, send, 400, "invalid Content-Length header")
+                await _reject(scope, send, 400, "invalid Content-Length header", close=True)
                 return
             if int(declared) > limit:
                 await _reject(
-                    scope, send, 413, f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}"
+                    scope,
+                    send,
+                    413,
+                    f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}",
+                    close=True,
                 )
                 return
-        body = bytearray()
+        reservation = {"bytes": 0}
+        try:
+            await self._read_and_forward(scope, receive, send, path, limit, declared, reservation, headers)
+        finally:
+            self.budget.give(reservation["bytes"])
+
+    async def _read_and_forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: str,
+        limit: int,
+        declared: str | None,
+        reservation: dict[str, int],
+        headers: Headers,
+    ) -> None:
+        def reserve(n: int) -> bool:
+            if not self.budget.take(n):
+                return False
+            reservation["bytes"] += n
+            return True
+
+        async def refuse_busy() -> None:
+            held = self.budget.held
+            await _reject(
+                scope,
+                send,
+                503,
+                f"the server is already receiving or holding {held / 2**20:,.1f} MiB of request bodies and uploaded "
+                f"patches, its limit is {self.budget.limit / 2**20:,.1f} MiB (factedit serve --max-upload-memory); "
+                "retry when those uploads are done",
+                headers={"Retry-After": "5"},
+                close=True,
+            )
+
+        if declared is not None and not reserve(int(declared)):
+            await refuse_busy()
+            return
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await _reject(
+                    scope,
+                    send,
+                    408,
+                    f"the request body did not arrive within {self.body_timeout:g} s (received {size:,} bytes)",
+                    close=True,
+                )
+                return
             if message["type"] == "http.disconnect":
                 return
-            body.extend(message.get("body", b""))
-            if len(body) > limit:
-                await _reject(scope, send, 413, f"request body exceeds the limit of {limit:,} bytes")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _reject(scope, send, 413, f"request body exceeds the limit of {limit:,} bytes", close=True)
                 return
+            if size > reservation["bytes"] and not reserve(size - reservation["bytes"]):
+                await refuse_busy()
+                return
+            if chunk:
+                chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        chunks.clear()
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if path != UPLOAD_PATH and body and ctype != "application/json":
             await _reject(scope, send, 415, f"send JSON with Content-Type: application/json (got {ctype or 'none'!r})")
@@ -203,9 +306,10 @@ class RequestGuard:
             nonlocal sent
             if not sent:
                 sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        scope[RESERVATION] = reservation
         await self.app(scope, replay, send)
 
 
@@ -231,9 +335,15 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-async def _reject(scope: Scope, send: Send, status: int, detail: str) -> None:
+async def _reject(
+    scope: Scope, send: Send, status: int, detail: str, *, headers: dict[str, str] | None = None, close: bool = False
+) -> None:
+    """A JSON refusal; ``close``: end the connection after it (the rest of an unread body is not wanted)."""
     log.info("refused %s %s: %d %s", scope.get("method"), scope.get("path"), status, detail)
-    response = JSONResponse({"detail": detail}, status_code=status)
+    extra = dict(headers or {})
+    if close:
+        extra["Connection"] = "close"
+    response = JSONResponse({"detail": detail}, status_code=status, headers=extra)
     await response(scope, _no_receive, send)
 
 
@@ -252,10 +362,12 @@ def create_app(
     second_moment: dict[int, torch.Tensor] | None = None,
     hparams_overrides: dict[str, Any] | None = None,
     allowed_hosts: tuple[str, ...] | list[str] = LOOPBACK_HOSTS,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    max_upload_bytes: int = MAX_UPLOAD_BYTES,
-    busy_timeout: float = 5.0,
-    max_waiting_jobs: int = 16,
+    limits: WebLimits | None = None,
+    patch_store: str | FsPath | None = None,
+    max_body_bytes: int | None = None,
+    max_upload_bytes: int | None = None,
+    busy_timeout: float | None = None,
+    max_waiting_jobs: int | None = None,
 ) -> FastAPI:
     """The web app around an already-loaded ``(model, tokenizer)``.
 
@@ -265,22 +377,45 @@ def create_app(
     method's hyper-parameter class has.
     ``allowed_hosts``: ``Host`` names accepted (``"*"`` accepts any ``Host``; a browser
     ``Origin`` must still be the request's own).
+    ``limits``: every bound (:class:`WebLimits`; the keyword arguments after it override single fields).
+    ``patch_store``: a folder where the applied patches are saved and restored from on start
+    (``factedit serve`` uses ``$FACTEDIT_HOME/web``); ``None`` keeps them in memory only.
     """
+    limits = (limits or WebLimits()).with_changes(
+        max_body_bytes=max_body_bytes,
+        max_upload_bytes=max_upload_bytes,
+        busy_timeout=busy_timeout,
+        max_queued_jobs=max_waiting_jobs,
+    )
+    if limits.max_upload_memory < limits.max_upload_bytes:
+        limits = limits.with_changes(max_upload_memory=limits.max_upload_bytes)
     session = ModelSession(
         model,
         tokenizer,
         model_name,
         second_moment=second_moment,
         hparams_overrides=hparams_overrides,
-        busy_timeout=busy_timeout,
+        busy_timeout=limits.busy_timeout,
+        limits=limits,
+        store_root=FsPath(patch_store) if patch_store is not None else None,
     )
-    jobs = JobQueue(max_waiting=max_waiting_jobs)
+    jobs = JobQueue(max_waiting=limits.max_queued_jobs)
+    predictor = Predictor(
+        session.predict_locked,
+        session.acquire_for_prediction,
+        session.release_after_prediction,
+        max_pending=limits.max_pending_predictions,
+        batch=limits.prediction_batch,
+    )
+    uploads = ByteBudget(limits.max_upload_memory)
     hosts = tuple(allowed_hosts)
+    max_upload = limits.max_upload_bytes
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         jobs.shutdown()
+        predictor.shutdown()
 
     app = FastAPI(
         title="factedit",
@@ -290,10 +425,19 @@ def create_app(
         redoc_url=None,  # Swagger UI / ReDoc load scripts from a CDN: offline and against the CSP
         description="Locate (causal tracing) and edit (every method of the library's registry: ROME, MEMIT, "
         "AlphaEdit, FT...) facts in the loaded language model. "
-        "Long operations return a job to poll at /api/jobs/{id}.",
+        "Long operations return a job to poll at /api/jobs/{id} (and to cancel at /api/jobs/{id}/cancel).",
     )
-    app.state.session, app.state.jobs = session, jobs
-    app.add_middleware(RequestGuard, max_body=max_body_bytes, max_upload=max_upload_bytes, allowed_hosts=hosts)
+    app.state.session, app.state.jobs, app.state.predictor = session, jobs, predictor
+    app.state.limits, app.state.uploads = limits, uploads
+    app.add_middleware(
+        RequestGuard,
+        max_body=limits.max_body_bytes,
+        max_upload=max_upload,
+        allowed_hosts=hosts,
+        budget=uploads,
+        body_timeout=limits.body_timeout,
+        max_header_bytes=limits.max_header_bytes,
+    )
     app.add_middleware(SecurityHeaders)  # outermost: refusals by the guard get the headers too
 
     # -- errors: one JSON shape, {"detail": "..."} ---------------------------------------
@@ -314,19 +458,54 @@ def create_app(
     async def _bad(_: Request, exc: FactEditError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
+    @app.exception_handler(CostTooHigh)
+    async def _costly(_: Request, exc: CostTooHigh) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc), "estimate": exc.estimate, "limit": exc.limit, "unit": "token-block passes"},
+            status_code=422,
+        )
+
     @app.exception_handler(Busy)
     async def _busy(_: Request, exc: Busy) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(PredictionsFull)
+    async def _predictions_full(_: Request, exc: PredictionsFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(QueueFull)
     async def _full(_: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "5"})
 
-    def queued(kind: str, fn, params: dict[str, Any]) -> JSONResponse:
-        job = jobs.submit(kind, fn, params)
+    @app.exception_handler(NotCancellable)
+    async def _not_cancellable(_: Request, exc: NotCancellable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no such endpoint: {request.method} {request.url.path[:200]} (the API is listed at /openapi.json)"
+        elif exc.status_code == 405 and detail == "Method Not Allowed":
+            detail = f"{request.method} is not allowed on {request.url.path[:200]} (see /openapi.json)"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # the server log has the traceback
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); the server log has the details"}, status_code=500
+        )
+
+    def queued(kind: str, fn, params: dict[str, Any], *, cost: int | None = None, on_end=None) -> JSONResponse:
+        job = jobs.submit(kind, fn, params, cost=cost, on_end=on_end)
         return JSONResponse(
             {"job": jobs.snapshot(job.id)}, status_code=202, headers={"Location": f"/api/jobs/{job.id}"}
         )
+
+    def check_cost(what: str, estimate: int, hint: str) -> None:
+        if estimate > limits.max_job_cost:
+            raise CostTooHigh(what, estimate, limits.max_job_cost, hint, jobs.rates().get(what))
 
     # -- page -------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -336,14 +515,23 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     # -- model ------------------------------------------------------------------------
-    @app.get("/api/info", summary="The loaded model, its state and the edit defaults")
-    def info() -> dict[str, Any]:
+    @app.get("/api/info", summary="The loaded model, its state, the edit defaults and the server's limits")
+    async def info() -> dict[str, Any]:
+        # on the event loop, touching neither the model nor its lock: answers at once, whatever runs
         return {
             **session.info(),
             "version": __version__,
             "queue_busy": jobs.busy(),
-            "limits": {"max_body_bytes": max_body_bytes, "max_upload_bytes": max_upload_bytes},
+            "jobs": jobs.counts(),
+            "predictions_waiting": predictor.pending,
+            "upload_bytes_held": uploads.held,
+            "measured_cost_per_second": jobs.rates(),
+            "limits": limits.public(),
         }
+
+    @app.get("/api/health", summary="Liveness: answers from the event loop, whatever the model is doing")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "jobs": jobs.counts(), "predictions_waiting": predictor.pending}
 
     @app.get("/api/models", summary="Registered models (the only names /api/model accepts)")
     def models() -> dict[str, Any]:
@@ -373,9 +561,9 @@ def create_app(
 
     # -- predictions ------------------------------------------------------------------
     @app.post("/api/predict", summary="Top-k next tokens on the current (possibly edited) model")
-    def predict(body: PredictIn) -> dict[str, Any]:
+    async def predict(body: PredictIn) -> dict[str, Any]:
         text, _ = fill_prompt(body.prompt, body.subject)
-        top = session.predict([text], body.k)[0]
+        top = await predictor.predict(text, body.k)  # queued and batched; never holds a server thread
         return {
             "text": text,
             "top": [[t, p] for t, p in top],
@@ -386,6 +574,7 @@ def create_app(
     # -- tracing ----------------------------------------------------------------------
     @app.post("/api/trace", summary="Causal trace: hidden / MLP / attention heatmaps (job)", status_code=202)
     def trace(body: TraceIn) -> JSONResponse:
+        from factedit.models.architectures import num_layers
         from factedit.text import encode_with_subject
         from factedit.tracing.core import answer_token
 
@@ -397,8 +586,18 @@ def create_app(
             encoded = encode_with_subject(session.check_tok, template, body.subject)
             if body.answer is not None:
                 answer_token(session.check_tok, encoded.text, body.answer)
-        if len(encoded.ids) > 64:
-            raise FactEditError(f"the prompt is {len(encoded.ids)} tokens long; traces are limited to 64")
+            n_layers = num_layers(session.model)
+        if len(encoded.ids) > MAX_TRACE_TOKENS:
+            raise FactEditError(
+                f"the prompt is {len(encoded.ids)} tokens long; traces are limited to {MAX_TRACE_TOKENS}"
+            )
+        cost = trace_cost(len(encoded.ids), encoded.subject_first, n_layers, body.samples, body.window)
+        check_cost(
+            "trace",
+            cost,
+            f"use fewer noise samples (asked {body.samples}), a smaller window (asked {body.window}) or a shorter "
+            f"prompt ({len(encoded.ids)} tokens)",
+        )
         params = {**body.model_dump(), "model": session.name}
         return queued(
             "trace",
@@ -406,6 +605,7 @@ def create_app(
                 template, body.subject, body.answer, body.samples, body.window, p, generation=generation
             ),
             params,
+            cost=cost,
         )
 
     # -- editing ----------------------------------------------------------------------
@@ -416,6 +616,7 @@ def create_app(
     )
     def edit(body: EditIn) -> JSONResponse:
         from factedit.editing.values import build_value_problem
+        from factedit.models.architectures import num_layers
 
         _, template = fill_prompt(body.prompt, body.subject)
         request = EditRequest(
@@ -428,6 +629,22 @@ def create_app(
             edit_method(body.method).check_requests([request], hp)
             # the subject's span and the target's tokens: tokenization problems are 400s now, not failed jobs
             build_value_problem(session.check_tok, request, ["{}"], getattr(hp, "fact_token", "subject_last"))
+            prompt_tokens = max(
+                len(session.check_tok(text)["input_ids"])
+                for text in [template.replace("{}", body.subject, 1), *body.paraphrases, *body.neighbours]
+            )
+            n_layers = num_layers(session.model)
+        steps, rows = edit_shape(hp)
+        cost = edit_cost(
+            n_layers=n_layers,
+            prompt_tokens=prompt_tokens,
+            steps=steps,
+            rows=rows,
+            probes=1 + len(body.paraphrases) + len(body.neighbours),
+            generate_tokens=body.generate_tokens,
+        )
+        check_cost("edit", cost, f"use fewer optimisation steps (asked {steps}) or a shorter prompt")
+        session.check_room(session.edit_bytes(hp), "edit")  # checked again when the job runs
         params = {**body.model_dump(), "model": session.name}
         return queued(
             "edit",
@@ -442,6 +659,7 @@ def create_app(
                 generation=generation,
             ),
             params,
+            cost=cost,
         )
 
     # -- jobs ---------------------------------------------------------------------------
@@ -456,6 +674,18 @@ def create_app(
             raise HTTPException(404, f"no job {job_id} (finished jobs are kept for a while only)")
         return snap
 
+    @app.post(
+        "/api/jobs/{job_id}/cancel",
+        summary="Cancel a queued job, or stop a running one at its next step (the model is left unchanged)",
+        status_code=202,
+    )
+    def cancel_job(job_id: JobId) -> JSONResponse:
+        try:
+            snap = jobs.cancel(job_id)
+        except KeyError:
+            raise HTTPException(404, f"no job {job_id} (finished jobs are kept for a while only)") from None
+        return JSONResponse({"job": snap}, status_code=200 if snap["status"] == "cancelled" else 202)
+
     # -- patches ------------------------------------------------------------------------
     @app.get("/api/patches", summary="Applied patches, in application order (revert the last first)")
     def list_patches() -> dict[str, Any]:
@@ -463,6 +693,10 @@ def create_app(
             "patches": [p.summary() for p in session.patches],
             "fingerprint": session.fingerprint,
             "base_fingerprint": session.base_fingerprint,
+            "persistence": dict(session.persistence),
+            "max_patches": limits.max_patches,
+            "patch_memory": session.held_bytes(),
+            "max_patch_memory": limits.max_patch_memory,
         }
 
     @app.post("/api/patches/{patch_id}/revert", summary="Revert the last applied patch (job)", status_code=202)
@@ -490,20 +724,26 @@ def create_app(
 
     @app.post(UPLOAD_PATH, summary="Upload a patch file and apply it (validated first; job)", status_code=202)
     def upload(
+        request: Request,
         file: Annotated[UploadFile, File(description="a patch .safetensors written by factedit")],
     ) -> JSONResponse:
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"patch file exceeds the limit of {max_upload_bytes:,} bytes")
+        data = file.file.read(max_upload + 1)
+        if len(data) > max_upload:
+            raise HTTPException(413, f"patch file exceeds the limit of {max_upload:,} bytes")
         if not data:
             raise FactEditError("the uploaded file is empty")
         generation = session.generation
         patch = session.validate_upload(data)  # 400/409 here (metadata types too); the model is untouched
+        del data
         summary = summarize_patch(patch)
+        # the body's reserved bytes now stand for the parsed patch: held until its job ends
+        reservation = request.scope.get(RESERVATION) or {"bytes": 0}
+        held, reservation["bytes"] = reservation["bytes"], 0
         return queued(
             "apply",
             lambda p: session.apply_uploaded(patch, p, generation=generation),
             {"method": summary["method"], "entries": summary["weights"], "model": session.name},
+            on_end=lambda: uploads.give(held),
         )
 
     return app

@@ -6,6 +6,13 @@ would see each other's hooks. One thread executing jobs in submission order give
 "only one job touches the model at a time, the others wait in line" without any
 locking inside the jobs themselves. HTTP handlers only enqueue and poll, so the server
 stays responsive while a minute-long edit runs.
+
+Cancelling is cooperative: :meth:`JobQueue.cancel` drops a queued job at once and flags a
+running one; the job's :class:`Reporter` raises :class:`Cancelled` at its next progress report
+(the core reports between steps), and the job's own cleanup (hooks are context managers, the
+session pops a pushed patch) leaves the model as it was. A job that changes state calls
+:meth:`Reporter.commit` just before it makes its change final; from then on it can no longer
+be cancelled, so "cancelled" always means "changed nothing".
 """
 
 from __future__ import annotations
@@ -26,11 +33,20 @@ from factedit.progress import Progress, Stage
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
 
 
 class QueueFull(Exception):
     """Too many jobs are waiting; the client should retry later."""
+
+
+class Cancelled(Exception):  # noqa: N818 - reads as what happened to the job
+    """Raised inside a job (by its reporter) once a client asked to cancel it."""
+
+
+class NotCancellable(Exception):  # noqa: N818
+    """The job has finished, or has started to make its change final (answered 409)."""
 
 
 class Reporter:
@@ -40,20 +56,50 @@ class Reporter:
     job can hand a phase (statistics, optimisation) its own 0..1 range.
     """
 
-    def __init__(self, job: Job, lock: threading.Lock, start: float = 0.0, end: float = 1.0) -> None:
+    def __init__(
+        self,
+        job: Job,
+        lock: threading.Lock,
+        start: float = 0.0,
+        end: float = 1.0,
+        listeners: list[Callable[[Job], None]] | None = None,
+    ) -> None:
         self._job, self._lock, self._start, self._end = job, lock, start, end
+        self._listeners = listeners if listeners is not None else []
 
-    def __call__(self, fraction: float | None = None, message: str | None = None) -> None:
+    def __call__(self, fraction: float | None = None, message: str | None = None, *, check: bool = True) -> None:
+        """Record progress; raise :class:`Cancelled` if the job was asked to stop (unless ``check`` is False)."""
         with self._lock:
             if fraction is not None:
                 value = self._start + (self._end - self._start) * min(max(float(fraction), 0.0), 1.0)
                 self._job.progress = max(self._job.progress, min(value, 1.0))  # never goes backwards
-            if message is not None:
+            if message is not None and not self._job.cancel_requested:
                 self._job.message = message
+        for listener in list(self._listeners):
+            listener(self._job)
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if a client asked to cancel this job (and it has not committed)."""
+        with self._lock:
+            stop = self._job.cancel_requested and not self._job.committed
+        if stop:
+            raise Cancelled(f"{self._job.kind} job {self._job.id} cancelled")
+
+    def commit(self) -> None:
+        """The job is about to make its change final: refuse cancellation from now on (or stop now)."""
+        with self._lock:
+            if self._job.cancel_requested:
+                stop = True
+            else:
+                stop, self._job.committed = False, True
+        if stop:
+            raise Cancelled(f"{self._job.kind} job {self._job.id} cancelled")
 
     def span(self, start: float, end: float) -> Reporter:
         width = self._end - self._start
-        return Reporter(self._job, self._lock, self._start + width * start, self._start + width * end)
+        return Reporter(self._job, self._lock, self._start + width * start, self._start + width * end, self._listeners)
 
 
 class JobProgress(Progress):
@@ -100,7 +146,7 @@ class JobProgress(Progress):
             self._open.remove(stage)
         if span is None:
             return
-        self.report(span[1], f"{stage.name}: done")
+        self.report(span[1], f"{stage.name}: done", check=False)  # never raise while a stage unwinds
         if not any(s for s in self._open if s.total):
             self._cursor = max(self._cursor, span[1])
 
@@ -131,6 +177,9 @@ class Job:
     started: float | None = None
     finished: float | None = None
     seq: int = 0
+    cost: int | None = None  # estimated token-block passes (see factedit.web.limits)
+    cancel_requested: bool = False
+    committed: bool = False  # the job has started to make its change final: no longer cancellable
 
     def to_dict(self, *, with_result: bool = True, position: int | None = None) -> dict[str, Any]:
         d = {
@@ -145,6 +194,9 @@ class Job:
             "started": self.started,
             "finished": self.finished,
             "queue_position": position,
+            "cost": self.cost,
+            "cancellable": self.status in (QUEUED, RUNNING) and not self.committed and not self.cancel_requested,
+            "cancel_requested": self.cancel_requested,
         }
         if with_result:
             d["result"] = self.result
@@ -152,14 +204,21 @@ class Job:
 
 
 class JobQueue:
-    """Runs submitted callables one after another on one daemon thread, keeping recent jobs for polling."""
+    """Runs submitted callables one after another on one daemon thread, keeping recent jobs for polling.
+
+    ``listeners`` are called (on the worker thread) with the job after each progress report:
+    for logging and for tests that act at a given stage.
+    """
 
     def __init__(self, *, max_waiting: int = 16, keep_finished: int = 50, name: str = "factedit-jobs") -> None:
         self.max_waiting = max_waiting
         self.keep_finished = keep_finished
+        self.listeners: list[Callable[[Job], None]] = []
         self._lock = threading.Lock()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._fns: dict[str, Callable[[Reporter], Any]] = {}
+        self._on_end: dict[str, Callable[[], None]] = {}
+        self._rates: dict[str, float] = {}  # measured cost units per second, by job kind
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._seq = itertools.count(1)
         self._stopped = False
@@ -167,22 +226,74 @@ class JobQueue:
         self._thread.start()
 
     # -- client side ------------------------------------------------------------------
-    def submit(self, kind: str, fn: Callable[[Reporter], Any], params: dict[str, Any] | None = None) -> Job:
+    def submit(
+        self,
+        kind: str,
+        fn: Callable[[Reporter], Any],
+        params: dict[str, Any] | None = None,
+        *,
+        cost: int | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> Job:
         """Queue ``fn(report)`` (``report``: the job's :class:`Reporter`); its JSON-able return value
-        becomes the job's result."""
+        becomes the job's result. ``on_end`` runs once when the job ends, however it ends (also when
+        it is refused here): e.g. to give back the bytes an uploaded patch holds."""
         with self._lock:
+            refusal = None
             if self._stopped:
-                raise QueueFull("the server is shutting down")
+                refusal = "the server is shutting down"
             waiting = sum(1 for j in self._jobs.values() if j.status == QUEUED)
-            if waiting >= self.max_waiting:
-                raise QueueFull(f"{waiting} jobs are already waiting; try again when some have finished")
-            job = Job(id=secrets.token_hex(8), kind=kind, params=params or {}, seq=next(self._seq))
-            self._jobs[job.id] = job
-            self._fns[job.id] = fn
-            self._prune()
+            if refusal is None and waiting >= self.max_waiting:
+                refusal = (
+                    f"{waiting} jobs are already waiting, the most this server queues (factedit serve "
+                    "--max-queued-jobs); try again when some have finished"
+                )
+            if refusal is None:
+                job = Job(id=secrets.token_hex(8), kind=kind, params=params or {}, seq=next(self._seq), cost=cost)
+                self._jobs[job.id] = job
+                self._fns[job.id] = fn
+                if on_end is not None:
+                    self._on_end[job.id] = on_end
+                self._prune()
+        if refusal is not None:
+            if on_end is not None:
+                on_end()
+            raise QueueFull(refusal)
         self._queue.put(job.id)
         log.info("queued %s job %s", kind, job.id)
         return job
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued job (at once) or ask a running one to stop at its next progress report.
+
+        Raises ``KeyError`` for an unknown job and :class:`NotCancellable` for one that has finished
+        or is making its change final. Returns the job's snapshot.
+        """
+        end = None
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.status in FINISHED:
+                raise NotCancellable(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
+            if job.committed:
+                raise NotCancellable(
+                    f"{job.kind} job {job_id} is already making its change final and can no longer be cancelled"
+                    + ("; revert the patch once it is listed" if job.kind in ("edit", "apply") else "")
+                )
+            job.cancel_requested = True
+            if job.status == QUEUED:
+                self._fns.pop(job_id, None)
+                end = self._on_end.pop(job_id, None)
+                job.status, job.finished = CANCELLED, time.time()
+                job.message, job.error = "cancelled before it started", "cancelled by the client"
+            else:
+                job.message = "cancelling (stops at the next step)"
+            snap = job.to_dict(position=self._position(job))
+        if end is not None:
+            end()
+        log.info("cancel requested for %s job %s", job.kind, job_id)
+        return snap
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -202,6 +313,24 @@ class JobQueue:
         with self._lock:
             return any(j.status in (QUEUED, RUNNING) for j in self._jobs.values())
 
+    def counts(self) -> dict[str, int]:
+        """How many jobs are queued and running (what /api/info shows)."""
+        with self._lock:
+            return {
+                "queued": sum(1 for j in self._jobs.values() if j.status == QUEUED),
+                "running": sum(1 for j in self._jobs.values() if j.status == RUNNING),
+                "max_queued": self.max_waiting,
+            }
+
+    def running(self) -> Job | None:
+        with self._lock:
+            return next((j for j in self._jobs.values() if j.status == RUNNING), None)
+
+    def rates(self) -> dict[str, float]:
+        """Measured cost units per second of finished jobs, by kind (a running average)."""
+        with self._lock:
+            return dict(self._rates)
+
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until a job has finished (for tests and scripts; the web page polls instead)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -209,7 +338,7 @@ class JobQueue:
             snap = self.snapshot(job_id)
             if snap is None:
                 raise KeyError(job_id)
-            if snap["status"] in (DONE, FAILED):
+            if snap["status"] in FINISHED:
                 return snap
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {snap['status']} after {timeout}s")
@@ -229,7 +358,7 @@ class JobQueue:
         return sum(1 for j in self._jobs.values() if j.status in (QUEUED, RUNNING) and j.seq < job.seq)
 
     def _prune(self) -> None:
-        finished = [j for j in self._jobs.values() if j.status in (DONE, FAILED)]
+        finished = [j for j in self._jobs.values() if j.status in FINISHED]
         for job in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._jobs[job.id]
 
@@ -241,12 +370,16 @@ class JobQueue:
             with self._lock:
                 job = self._jobs.get(job_id)
                 fn = self._fns.pop(job_id, None)
-                if job is None or fn is None:
+                if job is None or fn is None or job.status != QUEUED:  # cancelled while queued
                     continue
                 job.status, job.started, job.message = RUNNING, time.time(), "started"
-            report = Reporter(job, self._lock)
+            report = Reporter(job, self._lock, listeners=self.listeners)
             try:
+                report.check()
                 result = fn(report)
+            except Cancelled:
+                self._finish(job, cancelled=True)
+                log.info("%s job %s cancelled after %.1fs", job.kind, job.id, (job.finished or 0) - job.started)
             except FactEditError as exc:
                 self._finish(job, error=str(exc))
                 log.info("%s job %s failed: %s", job.kind, job.id, exc)
@@ -257,12 +390,25 @@ class JobQueue:
                 self._finish(job, result=result)
                 log.info("%s job %s done in %.1fs", job.kind, job.id, (job.finished or 0) - (job.started or 0))
 
-    def _finish(self, job: Job, *, result: Any = None, error: str | None = None) -> None:
+    def _finish(self, job: Job, *, result: Any = None, error: str | None = None, cancelled: bool = False) -> None:
         with self._lock:
             job.finished = time.time()
             job.result, job.error = result, error
-            job.status = FAILED if error is not None else DONE
-            if error is None:
-                job.progress, job.message = 1.0, "done"
+            if cancelled:
+                job.status, job.message = CANCELLED, "cancelled; nothing was changed"
+                job.error = "cancelled by the client"
+            elif error is not None:
+                job.status, job.message = FAILED, "failed"
             else:
-                job.message = "failed"
+                job.status, job.progress, job.message = DONE, 1.0, "done"
+                elapsed = job.finished - (job.started or job.finished)
+                if job.cost and elapsed > 0.5:
+                    rate = job.cost / elapsed
+                    old = self._rates.get(job.kind)
+                    self._rates[job.kind] = rate if old is None else 0.5 * (old + rate)
+            end = self._on_end.pop(job.id, None)
+        if end is not None:
+            try:
+                end()
+            except Exception:  # noqa: BLE001 - bookkeeping must not kill the worker
+                log.exception("cleanup of %s job %s failed", job.kind, job.id)

@@ -88,7 +88,8 @@ class PatchListing:
     """One push on the session's stack as the page lists it: id, source and a summary made once,
     when the listing is created (for uploads: before the patch is applied).
 
-    ``handle``: the stack's handle for this push, set once it is applied.
+    ``handle``: the stack's handle for this push, set once it is applied. ``bytes_held``: the bytes
+    of replaced weights the stack keeps for it (what the server's patch-memory cap counts).
     """
 
     id: str
@@ -96,6 +97,7 @@ class PatchListing:
     source: str  # "edit" or "upload"
     created: float = field(default_factory=time.time)
     handle: AppliedPatch | None = field(default=None, repr=False)
+    bytes_held: int = 0
     _summary: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -103,7 +105,7 @@ class PatchListing:
 
     def summary(self) -> dict[str, Any]:
         out = copy.deepcopy(self._summary)
-        out.update({"id": self.id, "source": self.source, "created": self.created})
+        out.update({"id": self.id, "source": self.source, "created": self.created, "bytes_held": self.bytes_held})
         return out
 
 

@@ -4,8 +4,11 @@ The HTTP layer (``app.py``) validates requests and queues these methods as jobs;
 the library's: :func:`~factedit.editing.report.edit_and_compare` edits and compares,
 :class:`~factedit.editing.patch.PatchStack` applies and reverts (newest first, bit-exact),
 :class:`~factedit.editing.resources.EditResources` keeps statistics and templates. Model access is
-serialised by ``lock``: the job worker holds it for a whole job, quick synchronous reads (top-k
-predictions) wait for it a few seconds at most and otherwise answer "busy".
+serialised by ``lock``: the job worker holds it for a whole job; predictions take it batch by batch
+from their own thread (:mod:`factedit.web.predictions`) and answer "busy" only when a job keeps it
+longer than the busy timeout. The stack is capped (number of patches, bytes of replaced weights it
+keeps) and, when a :class:`~factedit.web.persist.PatchStore` folder is attached, saved on disk after
+every change and re-applied, verified, when the server starts again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import contextlib
 import copy
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,13 +31,15 @@ from factedit.editing.patch import Patch, PatchStack
 from factedit.editing.requests import EditRequest
 from factedit.editing.resources import EditResources
 from factedit.errors import FactEditError
-from factedit.models.architectures import arch_for, num_layers
+from factedit.models.architectures import arch_for, get_parameter, num_layers
 from factedit.models.fingerprint import model_fingerprint, model_identity
 from factedit.models.registry import DEFAULT_MODEL, REGISTRY, gguf_parts
 from factedit.text import as_template
 from factedit.web.edits import edit_defaults, edit_method_names, method_catalogue, report_json, resolve_hparams
 from factedit.web.jobs import JobProgress, Reporter
+from factedit.web.limits import WebLimits
 from factedit.web.patches import Conflict, PatchListing, check_upload, new_patch_id, parse_upload
+from factedit.web.persist import PatchStore, StoreInUse, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ __all__ = ["Busy", "Conflict", "ModelSession", "fill_prompt", "installed_models"
 
 class Busy(Exception):
     """The model is in use by a job; the request may be retried when it finishes."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def installed_models() -> dict[str, bool]:
@@ -93,14 +104,23 @@ class ModelSession:
         hparams_overrides: dict[str, Any] | None = None,
         busy_timeout: float = 5.0,
         loader: Callable[[str], tuple[nn.Module, PreTrainedTokenizerBase]] | None = None,
+        limits: WebLimits | None = None,
+        store_root: Path | None = None,
     ) -> None:
         self.lock = threading.Lock()
         self.check_lock = threading.Lock()
         self.generation = 0
         self.busy_timeout = busy_timeout
+        self.limits = limits or WebLimits()
         self.hparams_overrides = dict(hparams_overrides or {})
         self._loader = loader
+        self._jobs_waiting = 0  # jobs blocked on the model lock: predictions step aside for them
+        self.holder: str | None = None  # what holds the model lock, for honest "busy" answers
+        self.store_root = store_root
+        self.store: PatchStore | None = None
+        self.persistence: dict[str, Any] = {"enabled": False, "folder": None, "restored": 0, "problem": None}
         self._set_model(model, tokenizer, name, second_moment)
+        self._attach_store()
 
     def _set_model(
         self,
@@ -123,6 +143,17 @@ class ModelSession:
             self.fingerprint = self.base_fingerprint
             self.identity = model_identity(model)
             self.generation += 1
+            self._static_info = {  # what /api/info shows that only changes with the model: computed once
+                "model": name,
+                "default_model": DEFAULT_MODEL,
+                "family": arch_for(model).family,
+                "model_type": getattr(model.config, "model_type", None),
+                "num_layers": num_layers(model),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "methods": edit_method_names(),
+                "method_details": method_catalogue(),
+                "edit_defaults": edit_defaults(model, self.hparams_overrides),
+            }
 
     @property
     def patches(self) -> list[PatchListing]:
@@ -139,30 +170,55 @@ class ModelSession:
 
     # -- access -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def using_model(self, wait: float | None = None) -> Iterator[None]:
-        """Hold the model lock; raise :class:`Busy` if a job keeps it longer than ``wait`` seconds."""
-        if not self.lock.acquire(timeout=self.busy_timeout if wait is None else wait):
-            raise Busy("the model is busy with a running job; try again when it has finished")
+    def using_model(self, wait: float | None = None, what: str | None = None) -> Iterator[None]:
+        """Hold the model lock; raise :class:`Busy` if a job keeps it longer than ``wait`` seconds.
+
+        ``what`` (a job kind) marks a job: predictions let a waiting job go first, and name it when busy.
+        """
+        if what is not None:
+            with self.check_lock:
+                self._jobs_waiting += 1
+        try:
+            if not self.lock.acquire(timeout=self.busy_timeout if wait is None else wait):
+                raise Busy(self.busy_message())
+        finally:
+            if what is not None:
+                with self.check_lock:
+                    self._jobs_waiting -= 1
+        self.holder = what
         try:
             yield
         finally:
+            self.holder = None
             self.lock.release()
 
+    def busy_message(self) -> str:
+        holder = self.holder
+        job = f"a running {holder} job" if holder else "a running job"
+        return f"the model is busy with {job}; try again when it has finished"
+
+    def acquire_for_prediction(self) -> None:
+        """Take the model for one batch of predictions (after any job already waiting for it)."""
+        deadline = time.monotonic() + self.busy_timeout
+        while self._jobs_waiting and time.monotonic() < deadline:
+            time.sleep(0.005)  # a job asked first: predictions must not starve it
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Busy(self.busy_message())
+
+    def release_after_prediction(self) -> None:
+        self.lock.release()
+
     def info(self) -> dict[str, Any]:
-        model = self.model
+        """What /api/info shows: no model access and no lock, so it answers while a job runs."""
+        listed = self.patches
         return {
-            "model": self.name,
-            "default_model": DEFAULT_MODEL,
-            "family": arch_for(model).family,
-            "model_type": getattr(model.config, "model_type", None),
-            "num_layers": num_layers(model),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            **self._static_info,
             "fingerprint": self.fingerprint,
             "base_fingerprint": self.base_fingerprint,
-            "edited": bool(self.listed),
-            "methods": edit_method_names(),
-            "method_details": method_catalogue(),
-            "edit_defaults": edit_defaults(model, self.hparams_overrides),
+            "edited": bool(listed),
+            "patches": len(listed),
+            "patch_memory": sum(p.bytes_held for p in listed),
+            "persistence": dict(self.persistence),
         }
 
     def hparams_for(self, method: str, overrides: dict[str, Any] | None) -> HyperParams:
@@ -171,10 +227,15 @@ class ModelSession:
 
     # -- predictions ---------------------------------------------------------------------
     def predict(self, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+        """Top-k predictions, taking the model lock (scripts; the app goes through its predictor)."""
+        with self.using_model():
+            return self.predict_locked(texts, k)
+
+    def predict_locked(self, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+        """Top-k predictions; the caller holds the model lock."""
         from factedit.predict import top_next_tokens
 
-        with self.using_model():
-            return top_next_tokens(self.model, self.tok, texts, k)
+        return top_next_tokens(self.model, self.tok, texts, k)
 
     # -- tracing -------------------------------------------------------------------------
     def trace(
@@ -194,7 +255,7 @@ class ModelSession:
         from factedit.tracing.core import DEFAULT_NOISE_FACTOR, KINDS, causal_trace
         from factedit.tracing.noise import noise_scale
 
-        with self.using_model(wait=3600):
+        with self.using_model(wait=3600, what="trace"):
             self.check_generation(generation, "trace")
             report(0.0, "noise scale")
             if self._noise is None:  # the embeddings are never edited, so one value per loaded model
@@ -221,6 +282,129 @@ class ModelSession:
         }
         return out
 
+    # -- stack caps ---------------------------------------------------------------------
+    def weight_bytes(self, names: list[str]) -> int:
+        """Bytes of the named weights: what a push keeps of them to revert bit-exact."""
+        total = 0
+        for name in dict.fromkeys(names):
+            try:
+                param = get_parameter(self.model, name)
+            except (AttributeError, KeyError, FactEditError):
+                continue
+            total += param.numel() * param.element_size()
+        return total
+
+    def held_bytes(self) -> int:
+        return sum(p.bytes_held for p in self.listed)
+
+    def check_room(self, new_bytes: int, what: str) -> None:
+        """Refuse (409) a push that would exceed the patch-count or the replaced-weights cap."""
+        limits = self.limits
+        if len(self.listed) >= limits.max_patches:
+            raise Conflict(
+                f"{len(self.listed)} patches are applied, the most this server keeps (factedit serve "
+                f"--max-patches); revert one before this {what}"
+            )
+        held = self.held_bytes()
+        if held + new_bytes > limits.max_patch_memory:
+            raise Conflict(
+                f"this {what} would keep {_mib(new_bytes)} of replaced weights on top of the {_mib(held)} the "
+                f"applied patches keep, above this server's {_mib(limits.max_patch_memory)} (factedit serve "
+                "--max-patch-memory); revert a patch first"
+            )
+
+    def edit_bytes(self, hp: HyperParams) -> int:
+        """What an edit with ``hp`` will keep: the rewritten weight of each of its layers (every method's)."""
+        arch = arch_for(self.model)
+        return self.weight_bytes([arch.rewrite_weight_at(layer) for layer in getattr(hp, "layers", [])])
+
+    # -- persistence ----------------------------------------------------------------------
+    def _attach_store(self) -> None:
+        """Open this model's saved stack (if a store root is set) and re-apply it, verified."""
+        if self.store_root is None:
+            self.persistence = {"enabled": False, "folder": None, "restored": 0, "problem": None}
+            return
+        folder = model_folder(self.store_root, self.name)
+        self.persistence = {"enabled": False, "folder": str(folder), "restored": 0, "problem": None}
+        try:
+            self.store = PatchStore(folder)
+        except (StoreInUse, OSError) as exc:
+            self.persistence["problem"] = f"{exc}; applied patches are kept in memory only"
+            log.warning("web patch stack not saved: %s", self.persistence["problem"])
+            return
+        self.persistence["enabled"] = True
+        try:
+            self._restore()
+        except OSError as exc:  # e.g. a folder that became read-only: keep serving, say so
+            self.persistence.update(enabled=False, problem=f"cannot write {folder}: {exc}; patches kept in memory only")
+            self._detach_store()
+
+    def _detach_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _restore(self) -> None:
+        store = self.store
+        assert store is not None
+        entries = store.entries()
+        problem = None
+        if entries and store.base_fingerprint != self.base_fingerprint:
+            problem = (
+                f"the {len(entries)} saved patch(es) were applied to other weights "
+                f"({str(store.base_fingerprint)[:12]}, the model is {self.base_fingerprint[:12]})"
+            )
+        restored = 0
+        if problem is None:
+            for entry in entries:
+                try:
+                    self._restore_one(entry)
+                except (FactEditError, ValueError, OSError) as exc:
+                    problem = f"saved patch {restored + 1} of {len(entries)} ({entry['file']}) was refused: {exc}"
+                    break
+                restored += 1
+        if problem is not None:
+            moved = store.keep_first(restored, problem)
+            problem += f"; it and the later ones were moved to {moved}" if moved else ""
+            log.warning("web patch stack: %s", problem)
+        store.settle(self.base_fingerprint)
+        self.fingerprint = model_fingerprint(self.model)
+        self.persistence.update(restored=restored, saved=len(entries), problem=problem)
+        if restored:
+            log.info("restored %d applied patch(es) from %s", restored, store.folder)
+
+    def _restore_one(self, entry: dict[str, Any]) -> None:
+        store = self.store
+        assert store is not None
+        patch = parse_upload(store.read(entry))
+        self.check_upload(patch)
+        self.check_room(self.weight_bytes(list(patch.weight_names)), "restored patch")
+        listing = PatchListing(
+            id=entry["id"], patch=patch, source=entry["source"], created=float(entry.get("created") or time.time())
+        )
+        listing.bytes_held = self.weight_bytes(list(patch.weight_names))
+        listing.handle = self.stack.push(patch)
+        fingerprint = model_fingerprint(self.model)
+        if fingerprint != entry["fingerprint"]:
+            self.stack.pop()
+            raise ValueError(
+                f"after applying it the weights are {fingerprint[:12]}, not the {entry['fingerprint'][:12]} recorded"
+            )
+        self.fingerprint = fingerprint
+        self.listed.append(listing)
+
+    def _save(self, listing: PatchListing) -> None:
+        """Save a new push (called under ``lock``, before the job reports done); a failure is the job's."""
+        if self.store is None:
+            return
+        try:
+            self.store.add(listing.id, listing.source, listing.created, listing.patch.to_bytes(), self.fingerprint)
+        except OSError as exc:
+            raise FactEditError(
+                f"could not save the patch in {self.store.folder} ({exc}); it was not applied "
+                "(factedit serve --no-persist keeps patches in memory only)"
+            ) from exc
+
     # -- editing -------------------------------------------------------------------------
     def edit(
         self,
@@ -233,12 +417,17 @@ class ModelSession:
         report: Reporter,
         generation: int | None = None,
     ) -> dict[str, Any]:
-        """Compute one edit and push it on the stack; predictions and a generation before and after."""
+        """Compute one edit and push it on the stack; predictions and a generation before and after.
+
+        A cancelled or failed edit is never left applied: the push is popped on any exception up to
+        the commit point (the stack caps are checked again after the push, on the real patch).
+        """
         from factedit.editing.report import edit_and_compare
 
-        with self.using_model(wait=3600):
+        with self.using_model(wait=3600, what="edit"):
             # hp was resolved against the model loaded when the request came: refuse if it was switched since
             self.check_generation(generation, "edit")
+            self.check_room(self.edit_bytes(hp), "edit")
             report(0.0, "predictions before the edit")
             pushed = len(self.stack)
             try:
@@ -255,18 +444,25 @@ class ModelSession:
                     stack=self.stack,
                     progress=JobProgress(report.span(0.02, 0.97)),
                 )
+                listings = []
+                for handle in result.applied:  # one for a single edit
+                    listing = PatchListing(id=new_patch_id(), patch=handle.patch, source="edit", handle=handle)
+                    listing.bytes_held = self.weight_bytes(list(handle.patch.weight_names))
+                    listings.append(listing)
+                report(0.97, "saving the edit", check=False)
+                report.commit()  # from here on the edit is kept: no cancel
+                self.fingerprint = model_fingerprint(self.model)
+                for listing in listings:
+                    self._save(listing)
             except BaseException:
-                while len(self.stack) > pushed:  # a failure after the push: the model goes back as it was
+                while len(self.stack) > pushed:  # cancelled, failed or not saved: the model goes back as it was
                     self.stack.pop()
                 raise
             finally:
                 self.fingerprint = model_fingerprint(self.model)  # stay truthful whatever happened
-            listing = None
-            for handle in result.applied:  # one for a single edit
-                listing = PatchListing(id=new_patch_id(), patch=handle.patch, source="edit", handle=handle)
-                self.listed.append(listing)
-            report(0.98, "done: " + result.summary_line())
-        return report_json(result, listing.summary() if listing is not None else None)
+            self.listed.extend(listings)
+            report(0.98, "done: " + result.summary_line(), check=False)
+        return report_json(result, listings[-1].summary() if listings else None)
 
     # -- patches -------------------------------------------------------------------------
     def find_patch(self, patch_id: str) -> PatchListing | None:
@@ -285,22 +481,33 @@ class ModelSession:
         return entry
 
     def revert(self, patch_id: str, report: Reporter) -> dict[str, Any]:
-        with self.using_model(wait=3600):
+        with self.using_model(wait=3600, what="revert"):
             try:
                 entry = self.check_revertible(patch_id)
             except KeyError:
                 raise FactEditError(f"patch {patch_id} is no longer applied") from None
-            report(0.1, "restoring the original weights")
+            report.commit()
+            report(0.1, "restoring the original weights", check=False)
             try:
                 self.stack.pop()  # bit-exact; the stack refuses (changing nothing) if that is not safe
             finally:
                 self.fingerprint = model_fingerprint(self.model)
             self.listed.pop()
+            self._forget_saved(entry.id)
         return {
             "reverted": entry.summary(),
             "fingerprint": self.fingerprint,
             "restored_base": self.fingerprint == self.base_fingerprint,
         }
+
+    def _forget_saved(self, patch_id: str) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.remove_last(patch_id)
+        except OSError as exc:  # the weights are reverted; a stale file would be refused on restore
+            log.warning("could not update the saved stack in %s: %s", self.store.folder, exc)
+            self.persistence["problem"] = f"could not update the saved stack ({exc})"
 
     def revert_all(self) -> None:
         """Restore the loaded model's weights as they were before the first push (call under ``lock``)."""
@@ -308,12 +515,15 @@ class ModelSession:
             self.stack.revert_all()
         finally:
             self.fingerprint = model_fingerprint(self.model)
+        for entry in reversed(self.listed):
+            self._forget_saved(entry.id)
         self.listed.clear()
 
     def validate_upload(self, data: bytes) -> Patch:
         """Parse and check a patch file against the current model without touching its weights."""
         patch = parse_upload(data)
         self.check_upload(patch)
+        self.check_room(self.weight_bytes(list(patch.weight_names)), "upload")
         return patch
 
     def check_upload(self, patch: Patch) -> None:
@@ -329,13 +539,24 @@ class ModelSession:
         )
 
     def apply_uploaded(self, patch: Patch, report: Reporter, generation: int | None = None) -> dict[str, Any]:
-        with self.using_model(wait=3600):
+        with self.using_model(wait=3600, what="upload"):
             self.check_generation(generation, "upload")
             self.check_upload(patch)  # the model may have changed since the upload was validated
+            held = self.weight_bytes(list(patch.weight_names))
+            self.check_room(held, "upload")
             listing = PatchListing(id=new_patch_id(), patch=patch, source="upload")  # summary before applying
-            report(0.1, "applying the patch")
+            listing.bytes_held = held
+            report.commit()
+            report(0.1, "applying the patch", check=False)
+            pushed = len(self.stack)
             try:
                 listing.handle = self.stack.push(patch)  # the core checks identity, shapes and fingerprint again
+                self.fingerprint = model_fingerprint(self.model)
+                self._save(listing)
+            except BaseException:
+                while len(self.stack) > pushed:
+                    self.stack.pop()
+                raise
             finally:
                 self.fingerprint = model_fingerprint(self.model)
             self.listed.append(listing)
@@ -343,13 +564,15 @@ class ModelSession:
 
     # -- switching models ----------------------------------------------------------------
     def switch(self, name: str, report: Reporter) -> dict[str, Any]:
-        """Load another registered model in place of this one (only with no patch applied)."""
-        with self.using_model(wait=3600):
+        """Load another registered model in place of this one (only with no patch applied); its saved
+        patches, if any, are restored as at start."""
+        with self.using_model(wait=3600, what="load"):
             if self.listed:
                 raise Conflict("revert the applied patches before switching models")
             if name == self.name:
                 return {"model": name, "changed": False}
-            report(0.05, f"loading {name}")
+            report.commit()
+            report(0.05, f"loading {name}", check=False)
             if self._loader is not None:
                 model, tok = self._loader(name)
             else:
@@ -357,5 +580,11 @@ class ModelSession:
 
                 device = next(self.model.parameters()).device
                 model, tok = load_model(name, device=device, dtype=next(self.model.parameters()).dtype)
+            self._detach_store()
             self._set_model(model, tok, name)
-        return {"model": name, "changed": True}
+            self._attach_store()
+        return {"model": name, "changed": True, "restored": self.persistence.get("restored", 0)}
+
+    def close(self) -> None:
+        """Release the saved stack's folder (the patches stay saved)."""
+        self._detach_store()

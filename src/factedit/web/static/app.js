@@ -70,19 +70,32 @@ function setStatus(node, text, kind = "") {
   node.className = "status" + (kind ? " " + kind : "");
 }
 
-// Poll a queued job until it finishes, mirroring its progress into a <progress> and a status line.
-async function waitJob(job, progressEl, statusEl) {
+async function cancelJob(id) {
+  try { await api("POST", `/api/jobs/${id}/cancel`); } catch (e) { setStatus($("#patch-status"), e.message, "error"); }
+  refreshJobs();
+}
+
+// Poll a queued job until it finishes, mirroring its progress into a <progress> and a status line;
+// cancelBtn (optional) is shown while the job can still be cancelled.
+async function waitJob(job, progressEl, statusEl, cancelBtn) {
   progressEl.hidden = false;
   progressEl.value = 0;
-  while (job.status === "queued" || job.status === "running") {
-    progressEl.value = job.progress;
-    const where = job.status === "queued" ? `queued (${job.queue_position ?? 0} ahead)` : job.message;
-    setStatus(statusEl, `${where} — ${Math.round(job.progress * 100)}%`);
-    await sleep(400);
-    job = await api("GET", `/api/jobs/${job.id}`);
+  if (cancelBtn) cancelBtn.onclick = () => { cancelBtn.disabled = true; cancelJob(job.id); };
+  try {
+    while (job.status === "queued" || job.status === "running") {
+      progressEl.value = job.progress;
+      const where = job.status === "queued" ? `queued (${job.queue_position ?? 0} ahead)` : job.message;
+      setStatus(statusEl, `${where} — ${Math.round(job.progress * 100)}%`);
+      if (cancelBtn) { cancelBtn.hidden = !job.cancellable; cancelBtn.disabled = false; }
+      await sleep(400);
+      job = await api("GET", `/api/jobs/${job.id}`);
+    }
+  } finally {
+    if (cancelBtn) cancelBtn.hidden = true;
   }
   progressEl.value = job.status === "done" ? 1 : progressEl.value;
   refreshJobs();
+  if (job.status === "cancelled") throw new Error("cancelled: nothing was changed");
   if (job.status === "failed") throw new Error(job.error || "job failed");
   return job;
 }
@@ -188,7 +201,7 @@ async function trace() {
       window: numberInput("#trace-window", "window") };
     if ($("#trace-answer").value.trim()) body.answer = $("#trace-answer").value;
     const { job } = await api("POST", "/api/trace", body);
-    const done = await waitJob(job, $("#trace-progress"), status);
+    const done = await waitJob(job, $("#trace-progress"), status, $("#trace-cancel"));
     renderTrace(done.result);
     setStatus(status, `done in ${done.result.meta.seconds.toFixed(1)} s (${done.result.meta.restorations} restorations)`, "ok");
   } catch (e) { setStatus(status, e.message, "error"); }
@@ -313,7 +326,7 @@ async function edit() {
     const hp = hparams();
     if (hp) body.hparams = hp;
     const { job } = await api("POST", "/api/edit", body);
-    const done = await waitJob(job, $("#edit-progress"), status);
+    const done = await waitJob(job, $("#edit-progress"), status, $("#edit-cancel"));
     renderEdit(done.result);
     const layers = Array.isArray(done.result.layers) ? done.result.layers.join(",") : str(done.result.layers);
     const patch = done.result.patch ? `patch ${str(done.result.patch.id)} applied` : "no patch made";
@@ -389,6 +402,16 @@ async function refreshPatches() {
     body.append(tr);
   });
   if (!patches.length) body.append(el("tr", {}, el("td", { class: "muted", colspan: "6", text: "none: the model has its original weights" })));
+  const kept = data.persistence && typeof data.persistence === "object" ? data.persistence : {};
+  const mib = (n) => (typeof n === "number" ? (n / 1048576).toFixed(1) : "–");
+  let text = kept.enabled
+    ? `Applied patches are saved in ${str(kept.folder)} and re-applied (verified) when the server restarts.`
+    : "Applied patches are kept in memory only: a restart or a crash of the server loses them (download them to keep them).";
+  text += ` ${patches.length} of at most ${str(data.max_patches)} applied; ${mib(data.patch_memory)} of ` +
+    `${mib(data.max_patch_memory)} MiB of replaced weights kept.`;
+  if (kept.problem) text += ` Note: ${str(kept.problem)}`;
+  $("#persist-status").textContent = text;
+  $("#persist-status").dataset.persist = kept.enabled ? "1" : "0";
 }
 
 async function revertPatch(id) {
@@ -423,9 +446,18 @@ async function refreshJobs() {
     body.replaceChildren();
     const recent = data.jobs.slice(-8).reverse();
     for (const j of recent) {
-      body.append(el("tr", {}, el("td", { class: "tok", text: j.id.slice(0, 8) }), el("td", { text: j.kind }),
+      const cell = el("td", {});
+      if (j.cancellable && /^[0-9a-f]{16}$/.test(j.id)) {
+        const btn = el("button", { type: "button", class: "secondary cancel-btn", text: "Cancel" });
+        btn.addEventListener("click", () => { btn.disabled = true; cancelJob(j.id); });
+        cell.append(btn);
+      }
+      const row = el("tr", {}, el("td", { class: "tok", text: j.id.slice(0, 8) }), el("td", { text: j.kind }),
         el("td", { text: j.status }), el("td", { text: `${Math.round(j.progress * 100)}%` }),
-        el("td", { class: j.error ? "status error" : "muted", text: j.error || j.message })));
+        el("td", { class: j.error && j.status === "failed" ? "status error" : "muted", text: j.error || j.message }), cell);
+      row.dataset.jobId = j.id;
+      row.dataset.status = j.status;
+      body.append(row);
     }
     const active = data.jobs.filter((j) => j.status === "queued" || j.status === "running").length;
     $("#queue-status").textContent = active ? `${active} job(s) in progress` : "idle";
