@@ -102,6 +102,17 @@ def test_every_option_has_help_and_no_bool_metavars():
         (["trace", "--prompt", "The Eiffel Tower is in"], "error: Missing option '--subject'"),
         (["eval", "--method", "bogus", "--dataset", "counterfact", "--out", "x"], "error: unknown method 'bogus'"),
         (["edit", *EIFFEL, "--data-dir", "/no/such/folder"], "does not exist"),
+        (
+            ["eval", "--method", "rome", "--dataset", "counterfact", "--out", "x", "--set", "key_avg=1"],
+            "no hyper-parameter",
+        ),
+        (["eval", "--method", "rome", "--dataset", "counterfact", "--out", "x", "--set", "oops"], "expected KEY=VALUE"),
+        (
+            ["eval", "--method", "rome", "--dataset", "counterfact", "--out", "x", "--prompts-eval", "md"],
+            "prompts_eval",
+        ),
+        (["predict", "--device-map", "missing.json", "hi"], "device map file missing.json not found"),
+        (["locate", "--out", "x", "--radius", "40"], "Invalid value for '--radius'"),
     ],
 )
 def test_errors_are_one_line_on_a_pipe(args, message, tmp_path):

@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from factedit.editing.hparams import ROMEHyperParams
-from factedit.editing.requests import EditRequest
 from factedit.editing.rome import compute_rome
 from factedit.models.architectures import arch_for, get_parameter
 
+from .requests_for_tests import REQUEST, TEMPLATES
 from .tiny_models import tiny_model
 
-REQUEST = EditRequest(prompt="The {} is located in the city of", subject="Eiffel Tower", target_new="Rome")
-TEMPLATES = ["{}", "Hello. {}", "The weather today is nice and warm. {}"]
 SETTINGS = dict(fact_token="last", v_weight_decay=0.0, clamp_norm_factor=100.0, v_num_grad_steps=10)
 
 

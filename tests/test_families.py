@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import factedit.stats.second_moment as second_moment_module
 from factedit.editing.hparams import ROMEHyperParams
 from factedit.editing.patch import Patch
-from factedit.editing.requests import EditRequest
 from factedit.editing.rome import compute_rome
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
@@ -33,10 +32,8 @@ from factedit.models.runtime import lm_logits
 from factedit.stats.second_moment import second_moments
 from factedit.text import pad_id
 
+from .requests_for_tests import REQUEST, TEMPLATES
 from .tiny_models import FAMILIES, HIDDEN, INTERMEDIATE, LAYERS, VOCAB, tiny_model
-
-REQUEST = EditRequest(prompt="The {} is located in the city of", subject="Eiffel Tower", target_new="Rome")
-TEMPLATES = ["{}", "Hello. {}", "The weather today is nice and warm. {}"]
 
 
 def test_every_family_has_a_tiny_model():

@@ -143,11 +143,11 @@ def test_the_poisoning_sequence_keys_statistics_by_the_true_weights(tokenizer, c
     patched_fp = model_fingerprint(model)
     assert patched_fp != base
     on_patched = resources.second_moments([1], spec)[1]
-    keys = {read_metadata(p)["model_fingerprint"] for p in cache.iterdir()}
+    keys = {read_metadata(p)["model_fingerprint"] for p in cache.glob("*.safetensors")}
     assert keys == {patched_fp}  # nothing was filed under the unedited weights
     stack.pop()
     on_base = EditResources(model, tokenizer, cache_folder=cache).second_moments([1], spec)[1]
-    keys = {read_metadata(p)["model_fingerprint"] for p in cache.iterdir()}
+    keys = {read_metadata(p)["model_fingerprint"] for p in cache.glob("*.safetensors")}
     assert keys == {patched_fp, base}
     assert not torch.equal(on_base, on_patched)
 

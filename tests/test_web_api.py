@@ -183,6 +183,19 @@ def test_page_openapi_info_models(client, default_model):
     assert {m["name"] for m in models["models"]} >= {"smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"}
 
 
+def test_predict_in_the_chat_template(client, default_model):
+    from factedit.models.chat import chat_format
+
+    fmt = chat_format(default_model[1])
+    chat = client.post("/api/predict", json={"prompt": PROMPT, "subject": SUBJECT, "k": 3, "chat": True})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["text"] == fmt.wrap(PROMPT)
+    raw = client.post("/api/predict", json={"prompt": PROMPT, "k": 3})
+    assert chat.json()["top"] != raw.json()["top"]
+    bad = client.post("/api/predict", json={"prompt": PROMPT, "chat": "yes"})  # strict: a boolean only
+    assert bad.status_code == 422
+
+
 def test_predict_both_prompt_forms(client):
     full = client.post("/api/predict", json={"prompt": PROMPT, "subject": SUBJECT, "k": 3})
     template = client.post("/api/predict", json={"prompt": "The {} is located in the city of", "subject": SUBJECT})

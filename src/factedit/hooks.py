@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from factedit.models.architectures import ArchSpec, get_module
+from factedit.models.placement import module_device
 
 
 class StopForward(Exception):
@@ -44,7 +45,11 @@ class Trace(contextlib.AbstractContextManager):
 
     After the forward, ``.input`` / ``.output`` hold the module's first positional
     input and its (first) output. ``edit_output(output, name)`` may return a
-    replacement; ``edit_input`` likewise for the input.
+    replacement; ``edit_input`` likewise for the input. A replacement is put on the
+    device of what it replaces (with a device map, modules sit on different devices),
+    so an edit should build it there. With accelerate's hooks, ``.input`` is the input as
+    it arrived, before accelerate moves it to the module's device; ``.output`` is on the
+    module's device.
     """
 
     def __init__(
@@ -70,7 +75,7 @@ class Trace(contextlib.AbstractContextManager):
             def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
                 x = args[0] if args else next(iter(kwargs.values()))
                 if edit_input is not None:
-                    x = edit_input(x, name)
+                    x = edit_input(x, name).to(x.device)
                 if retain_input:
                     self.input = x.detach() if detach else x
                 if edit_input is not None:
@@ -85,7 +90,8 @@ class Trace(contextlib.AbstractContextManager):
         def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
             result = None
             if edit_output is not None:
-                new = edit_output(_first_tensor(output), name)
+                out = _first_tensor(output)
+                new = edit_output(out, name).to(out.device)  # the rest of the forward expects it there
                 result = _replace_first(output, new)
                 output = result
             if retain_output:
@@ -202,8 +208,11 @@ def known_blocks(model: nn.Module, arch: ArchSpec, count: int, output: torch.Ten
 
     Why: a forward whose changes start at block ``count`` recomputes nothing below it
     (the fast value optimisation and causal tracing). ``count == 0`` changes nothing.
+    ``output`` is moved to the device of block ``count`` (of the final norm when every block is skipped).
     """
     blocks = get_module(model, arch.blocks)
+    if count and output is not None:
+        output = output.to(module_device(model, arch.block(count) if count < len(blocks) else arch.final_norm))
     with swap_modules(model, {arch.block(i): KnownOutput(blocks[i], output) for i in range(count)}):
         yield
 

@@ -32,5 +32,6 @@ def autocast(model: nn.Module, name: str | None) -> contextlib.AbstractContextMa
     dtype = autocast_dtype(name)
     if dtype is None:
         return contextlib.nullcontext()
-    device_type = next(model.parameters()).device.type
+    # the first weight that is really somewhere: offloaded layers (models/placement.py) hold "meta" placeholders
+    device_type = next((p.device.type for p in model.parameters() if p.device.type != "meta"), "cpu")
     return torch.autocast(device_type=device_type, dtype=dtype)

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from factedit.errors import FactEditError
 from factedit.hooks import Trace
 from factedit.models.architectures import arch_for
+from factedit.models.placement import input_device, model_devices
 from factedit.models.runtime import lm_logits, text_config
 from factedit.text import check_text, pad_id, pad_right, target_ids
 
@@ -66,7 +67,7 @@ def top_next_tokens(
     for text in texts:
         check_text(text, "text")
     _check_count(k, "k", 1, vocabulary_size(model), " (the vocabulary size)")
-    device = next(model.parameters()).device
+    device = input_device(model)
     seqs = [tok(t)["input_ids"] for t in texts]
     for text, seq in zip(texts, seqs):
         if not seq:
@@ -74,7 +75,7 @@ def top_next_tokens(
         _check_length(model, len(seq), f"text {text[:40]!r}")
     ids, mask = pad_right(seqs, pad_id(tok), device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    last = logits[torch.arange(len(seqs), device=device), mask.sum(1) - 1].float()
+    last = logits[torch.arange(len(seqs), device=logits.device), (mask.sum(1) - 1).to(logits.device)].float()
     probs = torch.softmax(last, dim=-1)
     top = probs.topk(k, dim=-1)
     return [
@@ -109,7 +110,7 @@ def score_continuations(
     batch_size: int = 64,
 ) -> list[ContinuationScore]:
     """Score each ``(prompt, continuation)``; the continuation should carry its leading space."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     arch = arch_for(model)
     seqs, spans = [], []
     for prompt, cont in pairs:
@@ -123,10 +124,12 @@ def score_continuations(
         ids, mask = pad_right(chunk, pad_id(tok), device)
         with Trace(model, arch.final_norm, stop=True) as fin:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, (_, n) in enumerate(chunk_spans)]).to(device)
-        pos = torch.cat([torch.arange(s - 1, s - 1 + n) for s, n in chunk_spans]).to(device)
-        logp = torch.log_softmax(lm_logits(model, arch, fin.output[rows, pos]).float(), dim=-1)
-        wanted = ids[rows, pos + 1]
+        states = fin.output  # on the final norm's device, which may not be the embedding's
+        rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, (_, n) in enumerate(chunk_spans)])
+        pos = torch.cat([torch.arange(s - 1, s - 1 + n) for s, n in chunk_spans])
+        rows, pos = rows.to(states.device), pos.to(states.device)
+        logp = torch.log_softmax(lm_logits(model, arch, states[rows, pos]).float(), dim=-1)
+        wanted = ids[rows.to(ids.device), (pos + 1).to(ids.device)].to(logp.device)
         token_logp = logp.gather(1, wanted[:, None]).squeeze(1).tolist()
         hits = (logp.argmax(-1) == wanted).tolist()
         k = 0
@@ -181,12 +184,12 @@ def generate(
     _check_count(top_k, "top_k", 1, vocabulary_size(model), " (the vocabulary size)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise FactEditError(f"seed must be a whole number from 0 to 2**63-1, got {seed!r}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = tok(prompt, return_tensors="pt").to(device)
     if enc["input_ids"].shape[1] == 0:
         raise FactEditError(f"prompt {prompt!r} tokenizes to nothing")
     _check_length(model, enc["input_ids"].shape[1] + max_new_tokens, "the prompt plus the new tokens")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[d for d in model_devices(model) if d.type == "cuda"]):
         torch.manual_seed(seed)
         out = model.generate(
             **enc,

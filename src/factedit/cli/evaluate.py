@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from factedit.cli.options import (
+    ChatOpt,
     DataDirOpt,
     JsonOpt,
     ModelChoice,
@@ -52,6 +53,15 @@ def eval_command(
     ] = None,
     layer: Annotated[
         Optional[list[int]], typer.Option(help="override the edited layer(s) (repeatable)", metavar="N")
+    ] = None,
+    setting: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            help="override one hyper-parameter, KEY=VALUE with VALUE as JSON or a plain string (repeatable), "
+            "e.g. --set key_average=context_types",
+            metavar="KEY=VALUE",
+        ),
     ] = None,
     generation: Annotated[
         bool, typer.Option("--generation", help="also fluency (GE) and consistency (RS): slow")
@@ -106,6 +116,15 @@ def eval_command(
             metavar="N",
         ),
     ] = 1,
+    chat: ChatOpt = False,
+    prompts_edit: Annotated[
+        Optional[str],
+        typer.Option(help="raw or chat: the prompts edits are made on (overrides --chat)", metavar="FMT"),
+    ] = None,
+    prompts_eval: Annotated[
+        Optional[str],
+        typer.Option(help="raw or chat: the prompts the evaluation scores (overrides --chat)", metavar="FMT"),
+    ] = None,
     data_dir: DataDirOpt = None,
     choice: ModelChoice = ModelChoice(),
 ) -> None:
@@ -129,7 +148,7 @@ def eval_command(
             download=download,
             zsre_target=zsre_target,
             hparams=str(hparams) if hparams else None,
-            overrides={"layers": layer} if layer else {},
+            overrides={**_settings(setting or []), **({"layers": layer} if layer else {})},
             generation=generation,
             n_gen=n_gen,
             max_out_len=max_out_len,
@@ -141,8 +160,18 @@ def eval_command(
             drift_every=drift_every,
             pre_from=str(pre_from) if pre_from else None,
             group=group,
+            prompts_edit=prompts_edit or ("chat" if chat else "raw"),
+            prompts_eval=prompts_eval or ("chat" if chat else "raw"),
         )
         config.check()
+        if setting:  # unknown names fail now, not after the model is loaded
+            known = set(edit_method.hparams_class.model_fields) if edit_method.hparams_class else set()
+            unknown = sorted(set(config.overrides) - known - {"layers"})
+            if unknown:
+                raise FactEditError(
+                    f"--set: {method} has no hyper-parameter {', '.join(map(repr, unknown))}"
+                    + (f" (it has: {', '.join(sorted(known))})" if known else "")
+                )
         if generation:
             check_corpus(reference_corpus, "--reference-corpus")
         check_output_path(out, "--out")
@@ -157,6 +186,20 @@ def eval_command(
         highlight=False,
         markup=False,
     )
+
+
+def _settings(pairs: list[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` pairs as overrides (checked with the method's hyper-parameters before loading)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FactEditError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set key_average=context_types")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def summarize_command(
@@ -218,7 +261,78 @@ def summarize_command(
         fail(exc)
 
 
+@with_model_options
+def locate_command(
+    out: Annotated[
+        Path, typer.Option(help="folder for rome.json, memit.json, locate.json, the trace and the sweep", metavar="DIR")
+    ] = Path("locate"),
+    n: Annotated[int, typer.Option(help="known facts the model predicts to trace", min=1, metavar="N")] = 100,
+    radius: Annotated[
+        int, typer.Option(help="sweep the layers within this distance of the trace peak", min=0, max=16, metavar="R")
+    ] = 2,
+    sweep_cases: Annotated[
+        int, typer.Option(help="CounterFact records edited at each swept layer", min=1, metavar="N")
+    ] = 20,
+    sweep_start: Annotated[
+        int, typer.Option(help="first CounterFact record of the sweep (default: after dev-500)", min=0, metavar="N")
+    ] = 500,
+    samples: Annotated[int, typer.Option(help="noise samples per corrupted run", min=1, metavar="N")] = 10,
+    window: Annotated[int, typer.Option(help="MLP layers restored together", min=1, metavar="N")] = 10,
+    data: Annotated[
+        Optional[Path], typer.Option(help="CounterFact file (default: the data folder's)", metavar="FILE")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    choice: ModelChoice = ModelChoice(),
+) -> None:
+    """Choose a model's ROME and MEMIT layers: causal trace of known facts, then a ROME layer sweep around
+    the MLP peak; writes hyper-parameter files for --hparams (resumable: rerun to continue)."""
+    from factedit.evaluation.locate import LocateSettings, locate
+    from factedit.paths import check_output_path
+
+    try:
+        settings = LocateSettings(
+            n_facts=n,
+            samples=samples,
+            window=window,
+            radius=radius,
+            sweep_cases=sweep_cases,
+            sweep_start=sweep_start,
+            data_path=str(data) if data else None,
+        )
+        settings.check()
+        if data is not None and not data.is_file():
+            raise FactEditError(f"--data {data} {'is a folder: give the file' if data.is_dir() else 'not found'}")
+        check_output_path(out, "--out")
+        mdl, tok = choice.load(caches=("models", "stats", "templates", "tracing", "data"))
+        report = locate(mdl, tok, out, settings, model_name=choice.label, progress=progress())
+    except FactEditError as exc:
+        fail(exc)
+    from rich.table import Table
+
+    table = Table(title=f"{choice.label}: ROME layer sweep ({settings.sweep_cases} CounterFact records)")
+    for col in ("layer", "MLP AIE (trace)", "ES", "PS", "NS", "S"):
+        table.add_column(col)
+    effect = {row["layer"]: row["mean"] for row in report.trace}
+    for row in report.sweep:
+        marks = ("  rule" if row["layer"] == report.rule_layer else "") + (
+            "  best" if row["layer"] == report.best_layer else ""
+        )
+        table.add_row(
+            f"{row['layer']}{marks}",
+            f"{effect.get(row['layer'], float('nan')):.4f}",
+            *(f"{row.get(k, float('nan')):.1f}" for k in ("ES", "PS", "NS", "S")),
+        )
+    console.print(table)
+    console.print(
+        f"trace peak (rule): layer {report.rule_layer}; sweep best: layer {report.best_layer}; MEMIT layers "
+        f"{report.memit_layers[0]}-{report.memit_layers[-1]}; wrote {', '.join(report.files.values())}",
+        highlight=False,
+        markup=False,
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``eval`` and ``summarize`` to the ``factedit`` command."""
+    """Add ``eval``, ``summarize`` and ``locate`` to the ``factedit`` command."""
     app.command("eval")(eval_command)
     app.command("summarize")(summarize_command)
+    app.command("locate")(locate_command)

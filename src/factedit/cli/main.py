@@ -20,6 +20,7 @@ from rich.markup import escape
 from factedit.cli.group import FactEditGroup
 from factedit.cli.options import (  # noqa: F401 - re-exported for code that imported them from here
     VERBOSE_HELP,
+    ChatOpt,
     DataDirOpt,
     DeviceOpt,
     DtypeOpt,
@@ -27,6 +28,7 @@ from factedit.cli.options import (  # noqa: F401 - re-exported for code that imp
     ModelChoice,
     ModelOpt,
     ThreadsOpt,
+    chat_or_raw,
     check_corpus,
     console,
     err,
@@ -121,6 +123,7 @@ def edit(
     save: Annotated[
         Optional[Path], typer.Option(help="folder to write the patch (or one per step) to", metavar="DIR")
     ] = None,
+    chat: ChatOpt = False,
     as_json: JsonOpt = False,
     data_dir: DataDirOpt = None,
     choice: ModelChoice = ModelChoice(),
@@ -173,6 +176,7 @@ def edit(
             neighbours=neighbour or (),
             sequential=sequential,
             batch_size=batch or 1,
+            prompt_format=chat_or_raw(tok, chat, choice.label),
             progress=progress(),
         )
         saved = _save_patches(report.patches, save) if save else None
@@ -259,6 +263,7 @@ def predict(
     prompt: Annotated[list[str], typer.Argument(help="text(s) to continue", metavar="TEXT")],
     k: Annotated[int, typer.Option(help="how many next tokens", min=1, metavar="K")] = 5,
     patch: Annotated[Optional[Path], typer.Option(help="apply this patch file first", metavar="FILE")] = None,
+    chat: ChatOpt = False,
     as_json: JsonOpt = False,
     choice: ModelChoice = ModelChoice(),
 ) -> None:
@@ -272,7 +277,8 @@ def predict(
         if patch is not None:
             _check_input_file(patch, "--patch")
         mdl, tok = choice.load(patch)
-        tops = top_next_tokens(mdl, tok, prompt, k)
+        fmt = chat_or_raw(tok, chat, choice.label)
+        tops = top_next_tokens(mdl, tok, [fmt.wrap(t) if fmt else t for t in prompt], k)
     except FactEditError as exc:
         fail(exc)
     if as_json:
@@ -292,6 +298,7 @@ def generate(
         int, typer.Option(help="seed of the sampler (with --sample)", min=0, max=2**63 - 1, metavar="N")
     ] = 0,
     patch: Annotated[Optional[Path], typer.Option(help="apply this patch file first", metavar="FILE")] = None,
+    chat: ChatOpt = False,
     choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Continue a prompt (optionally with a patch applied)."""
@@ -306,7 +313,10 @@ def generate(
         if patch is not None:
             _check_input_file(patch, "--patch")
         mdl, tok = choice.load(patch)
-        text = gen(mdl, tok, prompt, max_new_tokens=max_new_tokens, sample=sample, seed=seed)
+        fmt = chat_or_raw(tok, chat, choice.label)
+        text = gen(
+            mdl, tok, fmt.wrap(prompt) if fmt else prompt, max_new_tokens=max_new_tokens, sample=sample, seed=seed
+        )
     except FactEditError as exc:
         fail(exc)
     console.print(f"[bold]{escape(prompt)}[/]{escape(text)}")

@@ -159,12 +159,12 @@ def use_threads(threads: int | None) -> int:
     return count
 
 
-def load(model: str | None, device: str, dtype: str, threads: int | None = None):
-    """Set the thread count, then load ``(model, tokenizer)``."""
+def load(model: str | None, device: str, dtype: str, threads: int | None = None, device_map: str | None = None):
+    """Set the thread count, then load ``(model, tokenizer)`` (placed by ``device_map`` when given)."""
     from factedit.models import load_model
 
     use_threads(threads)
-    return load_model(model, device=device, dtype=dtype)
+    return load_model(model, device=device, dtype=dtype, device_map=device_map)
 
 
 def model_name(model: str | None) -> str:
@@ -211,6 +211,14 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda", metavar="DEVICE")]
 DtypeOpt = Annotated[str, typer.Option(help="weights dtype: float32, bfloat16 or float16", metavar="DTYPE")]
+DeviceMapOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="place the model across devices with accelerate: auto, or a JSON file {module: device} "
+        "(devices cpu, cuda:N, mps, disk; docs/devices.md)",
+        metavar="auto|FILE",
+    ),
+]
 ThreadsOpt = Annotated[
     Optional[int],
     typer.Option(
@@ -234,6 +242,21 @@ DataDirOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")]
+ChatOpt = Annotated[
+    bool,
+    typer.Option(
+        "--chat",
+        help="wrap prompts in the model's chat template as a user turn; the continuation is read after the "
+        "assistant prefix",
+    ),
+]
+
+
+def chat_or_raw(tok, chat: bool, label: str):
+    """The tokenizer's chat format when ``--chat`` was given, else ``None`` (texts used as they are)."""
+    from factedit.models.chat import chat_format
+
+    return chat_format(tok, f"model {label}") if chat else None
 
 
 @dataclass(frozen=True)
@@ -245,6 +268,7 @@ class ModelChoice:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    device_map: str | None = None
 
     def load(self, patch: Path | None = None, caches: Sequence[str] = ("models",)):
         """``(model, tokenizer)``, with the patch file ``patch`` applied when one is given.
@@ -261,7 +285,7 @@ class ModelChoice:
             from factedit.editing.patch import Patch
 
             parsed = Patch.load(patch)
-        model, tok = load(self.name, self.device, self.dtype, self.threads)
+        model, tok = load(self.name, self.device, self.dtype, self.threads, self.device_map)
         if parsed is not None:
             parsed.apply(model)
         return model, tok
@@ -277,6 +301,7 @@ _MODEL_OPTIONS = (
     ("device", DeviceOpt, "cpu"),
     ("dtype", DtypeOpt, "float32"),
     ("threads", ThreadsOpt, None),
+    ("device_map", DeviceMapOpt, None),
 )
 
 
@@ -297,9 +322,10 @@ def with_model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         device: str = "cpu",
         dtype: str = "float32",
         threads: int | None = None,
+        device_map: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        return command(*args, choice=ModelChoice(model, device, dtype, threads), **kwargs)
+        return command(*args, choice=ModelChoice(model, device, dtype, threads, device_map), **kwargs)
 
     run.__signature__ = signature.replace(parameters=kept + added)
     return run

@@ -166,7 +166,7 @@ def serve_command(
         message = str(exc).replace("max_upload_bytes", "--max-upload")
         fail(message.replace("max_upload_memory", "--max-upload-memory").replace("_", "-"))
     try:
-        mdl, tok = ModelChoice(name, choice.device, choice.dtype, choice.threads).load()
+        mdl, tok = ModelChoice(name, choice.device, choice.dtype, choice.threads, choice.device_map).load()
     except FactEditError as exc:
         fail(exc)
     loopback = _is_loopback(host)

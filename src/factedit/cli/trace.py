@@ -15,8 +15,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from factedit.cli.options import (
+    ChatOpt,
     DataDirOpt,
     ModelChoice,
+    chat_or_raw,
     console,
     fail,
     progress,
@@ -106,6 +108,7 @@ def trace_command(
     ),
     formats: FormatsOpt = "png,pdf",
     autocast: AutocastOpt = None,
+    chat: ChatOpt = False,
     data_dir: DataDirOpt = None,
     choice: ModelChoice = ModelChoice(),
 ) -> None:
@@ -119,7 +122,7 @@ def trace_command(
     try:  # every setting, the prompt and the output folder are checked before the model is loaded
         kinds = _kinds(kind, sever)
         fmts = _formats(formats)
-        as_template(prompt, subject)
+        template = as_template(prompt, subject)
         if answer is not None:
             check_text(answer, "--answer")
         check_trace_settings(
@@ -134,10 +137,11 @@ def trace_command(
         )
         check_output_path(out, "--out")
         mdl, tok = choice.load(caches=("models", "tracing"))
+        fmt = chat_or_raw(tok, chat, choice.label)
         result = causal_trace(
             mdl,
             tok,
-            prompt,
+            fmt.wrap(template) if fmt else prompt,
             subject,
             answer,
             kinds=kinds,

@@ -14,7 +14,7 @@ so a long run never dies half-way on a bad record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from factedit.data.common import (
 )
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
+from factedit.models.chat import ChatFormat
 from factedit.text import as_template
 
 # Looked for in the data folder and the cache, in this order: the full official file first.
@@ -53,8 +54,34 @@ class CounterFactCase:
     target_true_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    eval_request: EditRequest | None = None  # the request as evaluated, when its format differs from the edit's
+
+    @property
+    def scored_request(self) -> EditRequest:
+        """The request whose prompt and targets the evaluation scores (the edited one unless formats differ)."""
+        return self.eval_request if self.eval_request is not None else self.request
+
     def rewrite_prompts(self) -> list[str]:
-        return [self.request.text]
+        return [self.scored_request.text]
+
+    def in_formats(self, edit: ChatFormat | None, evaluate: ChatFormat | None) -> CounterFactCase:
+        """This case with its edit request wrapped by ``edit`` and every evaluated prompt by ``evaluate``
+        (``None``: raw text); raw/chat transfer runs edit in one format and evaluate in the other."""
+        if edit is None and evaluate is None:
+            return self
+
+        def wrap(prompts: tuple[str, ...]) -> tuple[str, ...]:
+            return prompts if evaluate is None else tuple(evaluate.wrap(p) for p in prompts)
+
+        return replace(
+            self,
+            request=self.request.in_format(edit),
+            eval_request=None if edit == evaluate else self.request.in_format(evaluate),
+            paraphrase_prompts=wrap(self.paraphrase_prompts),
+            neighborhood_prompts=wrap(self.neighborhood_prompts),
+            attribute_prompts=wrap(self.attribute_prompts),
+            generation_prompts=wrap(self.generation_prompts),
+        )
 
 
 def _target(value: Any, key: str) -> tuple[str, str | None]:

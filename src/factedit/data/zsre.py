@@ -8,7 +8,7 @@ the paraphrase is ``rephrase``, and the neighbourhood prompt is ``loc + "?"`` fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from factedit.data.common import (
 )
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
+from factedit.models.chat import ChatFormat
 from factedit.text import as_template
 
 ZSRE_FILES = (
@@ -49,8 +50,28 @@ class ZsRECase:
     answers: tuple[str, ...] = ()
     alt: str | None = None
 
+    eval_request: EditRequest | None = None  # the request as evaluated, when its format differs from the edit's
+
+    @property
+    def scored_request(self) -> EditRequest:
+        """The request whose prompt and targets the evaluation scores (the edited one unless formats differ)."""
+        return self.eval_request if self.eval_request is not None else self.request
+
     def rewrite_prompts(self) -> list[str]:
-        return [self.request.text]
+        return [self.scored_request.text]
+
+    def in_formats(self, edit: ChatFormat | None, evaluate: ChatFormat | None) -> ZsRECase:
+        """This case with its edit request wrapped by ``edit`` and every evaluated question by ``evaluate``."""
+        if edit is None and evaluate is None:
+            return self
+        wrap = (lambda text: text) if evaluate is None else evaluate.wrap
+        return replace(
+            self,
+            request=self.request.in_format(edit),
+            eval_request=None if edit == evaluate else self.request.in_format(evaluate),
+            paraphrase_prompts=tuple(wrap(p) for p in self.paraphrase_prompts),
+            neighborhood=tuple((wrap(q), a) for q, a in self.neighborhood),
+        )
 
 
 def _parse(record: dict, index: int, target: ZsreTarget) -> ZsRECase:

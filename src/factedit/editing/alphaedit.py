@@ -49,17 +49,17 @@ class AlphaEditState:
         return int(round(float(torch.trace(self.projection[layer]))))
 
     def __call__(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        p = self.projection[layer].to(keys.device)
+        p = self.projection[layer].to(keys.device)  # on the layer's device, like the keys
         kk = keys @ keys.T
         self._pending[layer] = kk
-        prev = self.previous.get(layer, torch.zeros_like(kk))
+        prev = self.previous[layer].to(kk.device) if layer in self.previous else torch.zeros_like(kk)
         eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
         return torch.linalg.solve(p @ (kk + prev) + self.hparams.L2 * eye, p @ keys)
 
     def commit(self) -> None:
         """Remember the keys of the batch just applied, so later edits keep it."""
         for layer, kk in self._pending.items():
-            self.previous[layer] = self.previous.get(layer, 0) + kk
+            self.previous[layer] = (self.previous[layer].to(kk.device) + kk) if layer in self.previous else kk
         self._pending.clear()
 
     def discard(self) -> None:

@@ -36,6 +36,7 @@ from factedit.errors import FactEditError
 from factedit.hooks import Trace, frozen
 from factedit.models.architectures import arch_for, get_parameter, math_shape, weight_to_math
 from factedit.models.fingerprint import model_fingerprint, tensor_sha256
+from factedit.models.placement import input_device, require_resident
 from factedit.models.runtime import lm_logits
 from factedit.progress import Progress, as_progress
 from factedit.text import pad_id, pad_right, target_ids
@@ -82,8 +83,9 @@ class FTResult:
 
 
 def _batches(model, tok, requests: Sequence[EditRequest], hp: FTHyperParams):
-    """Per chunk of requests: right-padded ids, mask, and (row, position, token) of every target token."""
-    device = next(model.parameters()).device
+    """Per chunk of requests: right-padded ids, mask, and (row, position, token) of every target token,
+    on the embedding's device (:func:`_request_losses` moves them to where it reads)."""
+    device = input_device(model)
     out = []
     for lo in range(0, len(requests), hp.batch_size):
         chunk = requests[lo : lo + hp.batch_size]
@@ -111,8 +113,11 @@ def _batches(model, tok, requests: Sequence[EditRequest], hp: FTHyperParams):
 
 
 def _request_losses(model, arch, final_hidden, rows, pos, toks, owner, n) -> torch.Tensor:
-    """Per request: mean negative log-probability of its target tokens read at ``(rows, pos)``."""
-    logp = torch.log_softmax(lm_logits(model, arch, final_hidden[rows, pos]).float(), dim=-1)
+    """Per request: mean negative log-probability of its target tokens read at ``(rows, pos)`` (on the LM
+    head's device)."""
+    at = final_hidden.device
+    logp = torch.log_softmax(lm_logits(model, arch, final_hidden[rows.to(at), pos.to(at)]).float(), dim=-1)
+    toks, owner = toks.to(logp.device), owner.to(logp.device)
     token_logp = logp.gather(1, toks[:, None]).squeeze(1)
     per_req = torch.zeros(n, device=token_logp.device).index_add(0, owner, token_logp)
     counts = torch.zeros(n, device=token_logp.device).index_add(0, owner, torch.ones_like(token_logp))
@@ -180,8 +185,9 @@ def compute_ft(
     hp = hparams or FTHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
-    base_fp = model_fingerprint(model)
     names = [arch.rewrite_weight_at(layer) for layer in hp.layers]
+    require_resident(model, names, f"fine-tune ({hp.method()})")
+    base_fp = model_fingerprint(model)
     originals = {name: get_parameter(model, name) for name in names}
     trained = {name: p.detach().float().clone().requires_grad_(True) for name, p in originals.items()}
     opt = torch.optim.Adam(list(trained.values()), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -276,6 +282,7 @@ def compute_ft_each(
         # alone, the change is rounded into the half-precision weight at every step; here it would not be
         raise FactEditError("compute_ft_each needs a float32 model; use compute_ft for each request")
     arch = arch_for(model)
+    require_resident(model, [arch.rewrite_weight_at(layer) for layer in hp.layers], f"fine-tune ({hp.method()})")
     base_fp = model_fingerprint(model)
     ids, mask, rows, pos, toks, owner, n = _batches(model, tok, reqs, hp.replace(batch_size=len(reqs)))[0]
     params = {layer: get_parameter(model, arch.rewrite_weight_at(layer)) for layer in hp.layers}
@@ -285,13 +292,14 @@ def compute_ft_each(
         for layer, p in params.items()
     }
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.lr)
-    active = torch.ones(n, dtype=torch.bool, device=ids.device)
+    active = torch.ones(n, dtype=torch.bool)  # per request, on the CPU: each use moves it to its tensor's device
     results = [FTResult() for _ in reqs]
     started = time.perf_counter()
 
     def add_change(layer: int):
         def edit(out: torch.Tensor, name: str) -> torch.Tensor:
-            return out + torch.einsum("bti,boi->bto", traces[layer].input.float(), deltas[layer]).to(out.dtype)
+            change = torch.einsum("bti,boi->bto", traces[layer].input.to(deltas[layer].device).float(), deltas[layer])
+            return out + change.to(out.device, out.dtype)
 
         return edit
 
@@ -315,14 +323,16 @@ def compute_ft_each(
                 losses = _request_losses(model, arch, fin.output, rows, pos, toks, owner, n)
                 for b in active.nonzero().squeeze(1).tolist():
                     results[b].losses.append(float(losses[b].detach()))
-                stepping = active & (losses.detach() >= hp.early_stop_loss)
+                stepping = active & (losses.detach() >= hp.early_stop_loss).cpu()
                 if bool(stepping.any()):
-                    losses[stepping].sum().backward()
-                    kept = {layer: d.detach()[~stepping].clone() for layer, d in deltas.items()}
+                    losses[stepping.to(losses.device)].sum().backward()
+                    kept = {layer: d.detach()[~stepping.to(d.device)].clone() for layer, d in deltas.items()}
                     opt.step()
                     with torch.no_grad():
                         for layer, d in deltas.items():
-                            d[~stepping] = kept[layer]  # finished requests do not move (Adam's momentum would)
+                            d[~stepping.to(d.device)] = kept[
+                                layer
+                            ]  # finished requests do not move (Adam's momentum would)
                             if hp.norm_constraint is not None:
                                 d.clamp_(-hp.norm_constraint, hp.norm_constraint)
                     for b in stepping.nonzero().squeeze(1).tolist():

@@ -354,6 +354,10 @@ class ROMEHyperParams(ValueOptimizationParams):
     mom2_dtype: Literal["float32", "float64"] = "float32"
     # r-ROME (arXiv 2403.07175): use the template-averaged key in the update too. False = original ROME.
     consistent_key: bool = True
+    # How k* averages the keys over the context templates: "templates" = every template alike (official
+    # ROME's compute_u: the bare prompt is 1 of 21); "context_types" = within each context type, then over
+    # the types (official MEMIT's compute_ks: the bare prompt is 1 of 3 types).
+    key_average: Literal["templates", "context_types"] = "templates"
 
     @classmethod
     def method(cls) -> str:

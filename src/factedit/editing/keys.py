@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from factedit.hooks import TraceDict
 from factedit.models.architectures import ArchSpec
+from factedit.models.placement import input_device, module_device
 from factedit.text import SubjectPrompt, encode_with_subject, pad_id, pad_right
 
 
@@ -40,21 +41,23 @@ def module_inputs_at(
 ) -> dict[str, torch.Tensor]:
     """Input (or, with ``output``, output) of each named module at one position per prompt.
 
-    Returns ``{name: (n_prompts, d)}``. ``names`` must be in execution order; the
-    forward stops after the last.
+    Returns ``{name: (n_prompts, d)}``, each on the device its module computes on (with a device map,
+    layers differ: keys live on their rewrite layer's device). ``names`` must be in execution order;
+    the forward stops after the last.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
+    homes = {name: module_device(model, name) for name in names}  # a hooked module's input may arrive elsewhere
     out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start : start + batch_size]]
-        pos = torch.tensor(positions[start : start + batch_size], device=device)
+        pos = torch.tensor(positions[start : start + batch_size])
         ids, mask = pad_right(chunk, pad, device)
         with TraceDict(model, names, retain_input=not output, retain_output=output, stop=True) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        rows = torch.arange(len(chunk), device=device)
+        rows = torch.arange(len(chunk))
         for name in names:
             act = tr[name].output if output else tr[name].input
-            out[name].append(act[rows, pos])
+            out[name].append(act[rows.to(act.device), pos.to(act.device)].to(homes[name]))
     return {name: torch.cat(v) for name, v in out.items()}
 
 

@@ -28,12 +28,13 @@ from factedit.editing.patch import Patch, PatchEntry
 from factedit.editing.requests import EditRequest
 from factedit.editing.resources import EditResources
 from factedit.editing.result import EditResult, converged_from_history
-from factedit.editing.templates import check_templates, template_group_sizes
+from factedit.editing.templates import check_templates, template_group_sizes, template_weights
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
 from factedit.integrity import load_signed, save_signed
 from factedit.models.architectures import arch_for, get_parameter
 from factedit.models.fingerprint import model_fingerprint, tensor_sha256
+from factedit.models.placement import module_device, require_resident
 from factedit.paths import atomic_write_bytes
 from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject, pad_id
@@ -81,19 +82,6 @@ def check_batch(requests: Sequence[EditRequest], fact_token: str = "subject_last
     return unique
 
 
-def template_weights(templates: Sequence[str], group_sizes: Sequence[int] | None = None) -> list[float]:
-    """MEMIT's ``compute_ks``: average the keys within each context type, then over the types.
-
-    ``group_sizes`` are the template counts of the types in order (the bare ``"{}"`` is the first
-    type, of size 1); without them, or when they do not add up to the templates given, every
-    template weighs the same.
-    """
-    if not group_sizes or sum(group_sizes) != len(templates):
-        return [1.0 / len(templates)] * len(templates)
-    groups = [g for g in group_sizes if g > 0]
-    return [1.0 / (len(groups) * g) for g in groups for _ in range(g)]
-
-
 class KeySolver(Protocol):
     """Turns keys K (d_in, n) at a layer into A (d_in, n) with ΔW = R Aᵀ; MEMIT's is (λC + KKᵀ)⁻¹K."""
 
@@ -102,7 +90,7 @@ class KeySolver(Protocol):
 
 def memit_solver(second_moment: dict[int, torch.Tensor], weight: float) -> KeySolver:
     def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
-        moment = second_moment[layer].to(keys.device).double()
+        moment = second_moment[layer].to(keys.device).double()  # C moved to the layer's device
         return torch.linalg.solve(weight * moment + keys @ keys.T, keys)
 
     return solve
@@ -133,6 +121,7 @@ def compute_memit(
     hp = hparams or MEMITHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
+    require_resident(model, [arch.rewrite_weight_at(layer) for layer in hp.layers], f"edit with {method}")
     requests = check_batch(list(requests), hp.fact_token)
     progress = as_progress(progress)
     for r in requests:  # bad subjects/targets refused before statistics or templates are made
@@ -182,7 +171,7 @@ def compute_memit(
                 z = cached.get("z")
                 if z is None or z.ndim != 2 or z.shape[0] != len(chunk):
                     raise FactEditError(f"MEMIT z cache file {path} does not fit this chunk; delete it to recompute")
-                zs.append(z.to(next(model.parameters()).device))
+                zs.append(z.to(module_device(model, arch.block(z_layer))))  # where optimised z's live
                 histories.extend([{"total": 0.0, "cached": 1.0}] for _ in chunk)
                 z_stage.advance(len(chunk))
                 continue
@@ -216,8 +205,8 @@ def compute_memit(
             ]
             t1 = time.perf_counter()
             resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out)
-            adj = solver(layer, keys.double().T)  # (d_in, n)
-            left, right = resid.T, adj.T  # ΔW (out, in) = resid.T @ adj.T
+            adj = solver(layer, keys.double().T)  # (d_in, n), on the layer's device (keys and C are there)
+            left, right = resid.T.to(adj.device), adj.T  # ΔW (out, in) = resid.T @ adj.T
             name = arch.rewrite_weight_at(layer)
             weight = get_parameter(model, name)
             out_dim, in_dim = left.shape[0], right.shape[1]

@@ -16,7 +16,9 @@ Applying
 weights whose fingerprint differs from the patch's base (the model was edited since, or is
 another checkpoint or dtype) unless ``force=True``. It then adds ``ΔW`` to each weight, all
 or nothing, and returns an :class:`AppliedPatch`: the handle that owns the tensors it
-replaced and the hash of every tensor it wrote. ``handle.revert()`` copies the replaced
+replaced and the hash of every tensor it wrote. With a device map each weight is changed, kept
+and restored on its own device; a weight offloaded by the device map (``meta`` on the module) is
+refused before anything changes. ``handle.revert()`` copies the replaced
 tensors back (bit-exact, no subtraction), but only while each weight still holds exactly
 what the patch wrote: if a later patch changed the same weight, the revert is refused with
 the name of the patch to revert first, so weights are never silently corrupted.
@@ -66,6 +68,7 @@ from factedit.errors import FactEditError
 from factedit.integrity import load_signed, save_signed
 from factedit.models.architectures import get_parameter
 from factedit.models.fingerprint import forget_digests, model_fingerprint, model_identity, tensor_sha256
+from factedit.models.placement import require_resident
 from factedit.models.registry import registry_name
 from factedit.paths import atomic_write_bytes
 from factedit.safetensors_meta import read_metadata
@@ -223,6 +226,7 @@ class Patch:
                 raise FactEditError(
                     f"patch entry {entry.name!r} has shape {entry.shape}, the model's is {tuple(param.shape)}"
                 )
+        require_resident(model, self.weight_names, f"apply {self.describe()}")
         if not force:
             fingerprint = model_fingerprint(model)
             if fingerprint != self.base_fingerprint:
@@ -760,6 +764,7 @@ def restore_replaced(model: nn.Module, patch: Patch, path: str | Path) -> None:
         and set(tensors) == set(written) == set(replaced_sha) == set(patch.weight_names)
     ):
         raise FactEditError(f"{path} does not hold the weights {patch.describe()} changes")
+    require_resident(model, list(tensors), f"restore {patch.describe()}")
     for name, original in tensors.items():  # every check before the first write
         param = get_parameter(model, name)
         if param.dtype != original.dtype or tuple(param.shape) != tuple(original.shape):

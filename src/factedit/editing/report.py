@@ -24,6 +24,7 @@ from factedit.editing.resources import EditResources
 from factedit.editing.result import EditResult
 from factedit.editing.sequential import SequentialEditor, edits_holding
 from factedit.errors import FactEditError
+from factedit.models.chat import ChatFormat
 from factedit.predict import MAX_NEW_TOKENS, generate, probe, top_next_tokens
 from factedit.progress import Progress, as_progress
 from factedit.text import check_text, target_ids
@@ -178,10 +179,14 @@ def edit_and_compare(
     sequential: bool = False,
     batch_size: int = 1,
     stack: PatchStack | None = None,
+    prompt_format: ChatFormat | None = None,
     progress: Progress | bool | None = None,
     **options: Any,
 ) -> EditReport:
     """Probe, edit (and apply), probe again. Everything is validated before the first forward pass.
+
+    ``prompt_format``: a chat format (:func:`factedit.models.chat.chat_format`) that wraps every request's
+    prompt and every probe text as a user turn; ``None`` uses the texts as they are.
 
     ``stack``: push the patch(es) on this stack instead of applying them alone (the web app's patch list).
     ``options`` go to the method's compute function (e.g. ``second_moment``, ``templates``).
@@ -197,6 +202,10 @@ def edit_and_compare(
         raise FactEditError(f"the number of generated tokens must be 0 to {MAX_NEW_TOKENS} (got {generate_tokens})")
     hp = edit_method.hparams(model, hparams, overrides)
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if prompt_format is not None:
+        requests = [r.in_format(prompt_format) for r in requests]
+        paraphrases = [prompt_format.wrap(p) for p in paraphrases]
+        neighbours = [prompt_format.wrap(p) for p in neighbours]
     if sequential:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise FactEditError(f"batch size must be a whole number of at least 1 (got {batch_size!r})")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from factedit.errors import FactEditError
+from factedit.models.chat import ChatFormat
 from factedit.paths import read_json_file
 from factedit.text import check_prompt, check_subject, check_text, filled, with_leading_space
 
@@ -100,12 +101,25 @@ class EditRequest:
 
     @property
     def new_text(self) -> str:
-        """The new target as it follows the prompt (with ROME's leading space)."""
-        return with_leading_space(self.target_new.strip())
+        """The new target as it follows the prompt (:meth:`continuation`)."""
+        return self.continuation(self.target_new)
 
     @property
     def true_text(self) -> str | None:
-        return with_leading_space(self.target_true.strip()) if self.target_true else None
+        return self.continuation(self.target_true) if self.target_true else None
+
+    def continuation(self, target: str) -> str:
+        """``target`` as the text after the prompt: with ROME's leading space when it continues the prompt's
+        sentence, without one when the prompt ends in whitespace (a chat template's assistant prefix ends
+        in a newline, and a reply's first word carries no space)."""
+        target = target.strip()
+        return target if self.prompt[-1:].isspace() else with_leading_space(target)
+
+    def in_format(self, fmt: ChatFormat | None) -> EditRequest:
+        """This request with its prompt wrapped by ``fmt`` (a chat template's user turn); itself for ``None``."""
+        if fmt is None:
+            return self
+        return EditRequest(fmt.wrap(self.prompt), self.subject, self.target_new, self.target_true, self.case_id)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,7 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022, arXiv 2202.05262), as in kmeng01/rome.
 
-For each edited layer: k* = mean key over context templates, u = C⁻¹k* / |C⁻¹k*|,
+For each edited layer: k* = mean key over context templates (each template alike, as ROME, or each
+context type alike, as MEMIT's keys: ``key_average``), u = C⁻¹k* / |C⁻¹k*|,
 v* from the value optimisation, and ΔW = (v* − W k)(u)ᵀ / (kᵀu), so the edited
 weight maps k to v*. ``consistent_key`` (default, r-ROME) uses k = k*; switched
 off, k is the bare prompt's key, as in the original code.
@@ -22,11 +23,12 @@ from factedit.editing.patch import Patch, PatchEntry
 from factedit.editing.requests import EditRequest
 from factedit.editing.resources import EditResources
 from factedit.editing.result import EditResult, converged_from_history
-from factedit.editing.templates import check_templates
+from factedit.editing.templates import check_templates, template_group_sizes, template_weights
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for, get_module, get_parameter
 from factedit.models.fingerprint import model_fingerprint, tensor_sha256
+from factedit.models.placement import device_of, require_resident
 from factedit.progress import Progress, as_progress
 from factedit.text import pad_id
 
@@ -51,7 +53,7 @@ def left_vector(k_mean: torch.Tensor, second_moment: torch.Tensor | None) -> tor
     """u = C⁻¹k (solved in float64), normalised; k itself when ``second_moment`` is None."""
     u = k_mean.double()
     if second_moment is not None:
-        u = torch.linalg.solve(second_moment.double().to(u.device), u)
+        u = torch.linalg.solve(second_moment.to(u.device).double(), u)  # C moved to the key's (layer's) device
     return (u / u.norm()).float()
 
 
@@ -78,6 +80,7 @@ def compute_rome(
     hp = hparams or ROMEHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
+    require_resident(model, [arch.rewrite_weight_at(layer) for layer in hp.layers], "edit with ROME")
     progress = as_progress(progress)
     build_value_problem(tok, request, ["{}"], hp.fact_token)  # bad subject/target refused before any work
     base_fp = model_fingerprint(model)
@@ -151,12 +154,21 @@ def compute_rome(
     )
 
 
+def average_key(keys: torch.Tensor, templates: list[str], hp: ROMEHyperParams) -> torch.Tensor:
+    """k*: the keys' mean over the templates, each alike or each context type alike (``hp.key_average``)."""
+    if hp.key_average == "templates":
+        return keys.mean(0)
+    sizes = template_group_sizes([tuple(p) for p in hp.context_template_length_params])
+    weights = torch.tensor(template_weights(templates, sizes), dtype=keys.dtype, device=keys.device)
+    return (keys * weights[:, None]).sum(0)
+
+
 def _edit_layer(
     model, tok, arch, request, hp: ROMEHyperParams, layer, templates, problem, moment, progress: Progress
 ) -> RomeLayerResult:
     started = time.perf_counter()
     keys = subject_keys(model, tok, arch, [layer], request.prompt, request.subject, templates, hp.fact_token)[layer]
-    k_mean = keys.mean(0)
+    k_mean = average_key(keys, templates, hp)
     u = left_vector(k_mean, moment)
     t_k = time.perf_counter()
     values = optimize_values(
@@ -173,11 +185,12 @@ def _edit_layer(
             layer
         ][0]
     with torch.no_grad():
-        w_k = get_module(model, arch.rewrite_at(layer))(k_update[None].to(model.dtype))[0].float()
+        rewrite = get_module(model, arch.rewrite_at(layer))
+        w_k = rewrite(k_update[None].to(device_of(rewrite), model.dtype))[0].float().to(v_star.device)
         denom = torch.dot(k_update.float(), u)
         if abs(float(denom)) < 1e-8:
             raise FactEditError(f"layer {layer}: key is orthogonal to u (kᵀu={float(denom):.3g}); cannot edit")
-        v = (v_star - w_k) / denom
+        v = (v_star - w_k) / denom.to(v_star.device)
     timings = {"k": t_k - started, "v": t_v - t_k, "update": time.perf_counter() - t_v}
     return RomeLayerResult(
         layer=layer, keys=keys, u=u, v=v, v_star=v_star, k_update=k_update, losses=values.losses[0], timings=timings

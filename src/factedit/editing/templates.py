@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from factedit.errors import FactEditError
 from factedit.integrity import dumps_signed_json, loads_signed_json
 from factedit.models.fingerprint import model_fingerprint
+from factedit.models.placement import input_device, model_devices
 from factedit.models.tokens import document_start_of
 from factedit.paths import atomic_write_bytes, cache_dir
 from factedit.progress import Progress, as_progress
@@ -47,6 +49,19 @@ def template_group_sizes(length_params: list[tuple[int, int]], starts: list[str]
     return [1] + [_per_start(n, starts) * (len(starts) if starts else 1) for _, n in length_params]
 
 
+def template_weights(templates: Sequence[str], group_sizes: Sequence[int] | None = None) -> list[float]:
+    """MEMIT's ``compute_ks``: average the keys within each context type, then over the types.
+
+    ``group_sizes`` are the template counts of the types in order (the bare ``"{}"`` is the first
+    type, of size 1); without them, or when they do not add up to the templates given, every
+    template weighs the same.
+    """
+    if not group_sizes or sum(group_sizes) != len(templates):
+        return [1.0 / len(templates)] * len(templates)
+    groups = [g for g in group_sizes if g > 0]
+    return [1.0 / (len(groups) * g) for g in groups for _ in range(g)]
+
+
 def check_templates(templates: list[str]) -> None:
     if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
         raise FactEditError("every context template must contain exactly one '{}'")
@@ -68,10 +83,10 @@ def generate_context_templates(
     from the text; with ``starts`` (MEMIT: "The", "Therefore", ...) each start word gets
     ``n // len(starts)`` samples and stays part of the text.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompts = [(_start_ids(tok), False)] if not starts else [(tok(s)["input_ids"], True) for s in starts]
     templates = ["{}"]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[d for d in model_devices(model) if d.type == "cuda"]):
         torch.manual_seed(seed)
         for length, n_gen in length_params:
             per_prompt = _per_start(n_gen, starts)

@@ -16,6 +16,10 @@ attention) and no block below the edited one does either, so one no-grad pass
 stores their keys/values and the hidden state entering the edited block; each
 step then runs only the edited block and those above it, only on the tokens from
 the subject's last one on, and applies the LM head only where the loss reads.
+
+Devices: with a device map, the input ids go to the embedding's device, while delta, the
+index tensors and the loss live on the device of the module whose output is edited (the
+rewrite layer's); logits and states are moved there, never the other way round.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from factedit.editing.requests import EditRequest
 from factedit.hooks import Trace, frozen, known_blocks
 from factedit.models.architectures import ArchSpec
 from factedit.models.cache import Cache, cache_states, full_cache, gather_positions, select_rows
+from factedit.models.placement import input_device, module_device
 from factedit.models.runtime import lm_logits
 from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject, pad_right, target_ids
@@ -172,7 +177,8 @@ class _PrefixCache:
     """
 
     def __init__(self, model: nn.Module, arch: ArchSpec, site: str, layer: int, rows: _Rows, pad: int) -> None:
-        device = rows.lookup.device
+        device = input_device(model)  # the ids and what is built from them; rows' tensors are on the site's device
+        lookup = rows.lookup.to(device)
         ids, mask = pad_right(rows.ids, pad, device)
         cache = full_cache()  # full layers keep every position (a sliding layer would not)
         names = [site] + ([arch.block(layer - 1)] if layer > 0 else [])
@@ -183,26 +189,25 @@ class _PrefixCache:
         finally:
             for trace in traces.values():
                 trace.close()
-        b = torch.arange(len(rows.ids), device=device)
-        self.site_at_lookup = traces[site].output[b, rows.lookup]
+        site_out = traces[site].output
+        b = torch.arange(len(rows.ids), device=site_out.device)
+        self.site_at_lookup = site_out[b, rows.lookup.to(site_out.device)]
         self.layer = layer
         self.past = int(rows.lookup.max())
         lengths = mask.sum(1)
-        self.suffix_len = lengths - rows.lookup
+        self.suffix_len = lengths - lookup
         width = int(self.suffix_len.max())
         offsets = torch.arange(width, device=device)
-        gather = (rows.lookup[:, None] + offsets[None, :]).clamp(max=ids.shape[1] - 1)
+        gather = (lookup[:, None] + offsets[None, :]).clamp(max=ids.shape[1] - 1)
         self.suffix_ids = torch.where(offsets[None] < self.suffix_len[:, None], ids.gather(1, gather), pad)
-        self.position_ids = rows.lookup[:, None] + offsets[None, :]
-        self.below = (
-            traces[arch.block(layer - 1)].output.gather(
-                1, gather[..., None].expand(-1, -1, traces[arch.block(layer - 1)].output.shape[-1])
-            )
-            if layer > 0
-            else None
-        )
+        self.position_ids = lookup[:, None] + offsets[None, :]
+        self.below = None
+        if layer > 0:  # the input of block ``layer``, served by the stubs below it, on that block's device
+            below = traces[arch.block(layer - 1)].output
+            index = gather.to(below.device)[..., None].expand(-1, -1, below.shape[-1])
+            self.below = below.gather(1, index).to(module_device(model, arch.block(layer)))
         # slot s of row i holds prefix token s - (past - lookup[i]) (slots before the prefix: masked filler)
-        shift = self.past - rows.lookup
+        shift = self.past - lookup
         slots = torch.arange(self.past, device=device)
         source = (slots[None, :] - shift[:, None]).clamp(min=0)
         self.kv = gather_positions(cache_states(cache), source)
@@ -215,8 +220,9 @@ class _PrefixCache:
         sub = object.__new__(_PrefixCache)
         sub.__dict__.update(self.__dict__)
         for name in ("suffix_ids", "position_ids", "suffix_len", "mask", "site_at_lookup"):
-            setattr(sub, name, getattr(self, name)[row_ids])
-        sub.below = self.below[row_ids] if self.below is not None else None
+            value = getattr(self, name)
+            setattr(sub, name, value[row_ids.to(value.device)])
+        sub.below = self.below[row_ids.to(self.below.device)] if self.below is not None else None
         sub.kv = select_rows(self.kv, row_ids)
         return sub
 
@@ -239,12 +245,13 @@ def optimize_values(
     """Optimise one delta per problem at the output of module ``site`` (inside block ``layer``).
 
     ``progress`` gets one stage, "value optimisation", advanced once per step with the mean loss.
+    Delta and the loss live on the device ``site`` computes on.
     """
-    device = next(model.parameters()).device
+    device = module_device(model, site)
     rows = _flatten(problems, device)
     n = len(problems)
     prefix = _PrefixCache(model, arch, site, layer, rows, pad)
-    target_init = prefix.site_at_lookup[rows.first_rows].float()
+    target_init = prefix.site_at_lookup.to(device)[rows.first_rows].float()
     delta = torch.zeros_like(target_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     max_norm = hparams.clamp_norm_factor * target_init.norm(dim=1)
@@ -316,24 +323,27 @@ def optimize_values(
 
 
 def _plain_forward(model, arch, site, rows: _Rows, delta, pad):
-    """The official computation: every prompt, every layer, logits everywhere."""
-    device = delta.device
-    ids, mask = pad_right(rows.ids, pad, device)
-    b = torch.arange(len(rows.ids), device=device)
+    """The official computation: every prompt, every layer, logits everywhere (returned on delta's device)."""
+    ids, mask = pad_right(rows.ids, pad, input_device(model))
+    b = torch.arange(len(rows.ids), device=delta.device)
 
     def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
-        return out.index_put((b, rows.lookup), delta[rows.problem].to(out.dtype), accumulate=True)
+        where = (b.to(out.device), rows.lookup.to(out.device))
+        return out.index_put(where, delta[rows.problem].to(out.device, out.dtype), accumulate=True)
 
     with Trace(model, site, retain_output=False, edit_output=add_delta):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return logits[rows.rw_rows, rows.rw_pos], logits[rows.kl_rows, rows.lookup[rows.kl_rows]]
+    at = logits.device
+    rw = logits[rows.rw_rows.to(at), rows.rw_pos.to(at)]
+    kl = logits[rows.kl_rows.to(at), rows.lookup[rows.kl_rows].to(at)]
+    return rw.to(delta.device), kl.to(delta.device)
 
 
 def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, delta):
     """Only the edited block and above, only from the lookup token on, logits only where read."""
 
     def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
-        first = out[:, :1] + delta[rows.problem].to(out.dtype)[:, None]
+        first = out[:, :1] + delta[rows.problem].to(out.device, out.dtype)[:, None]
         return torch.cat([first, out[:, 1:]], dim=1)
 
     with (
@@ -349,7 +359,8 @@ def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, delta):
             use_cache=True,
         )
     hidden = final.output
-    rw_hidden = hidden[rows.rw_rows, rows.rw_pos - rows.lookup[rows.rw_rows]]
-    kl_hidden = hidden[rows.kl_rows, 0]
-    logits = lm_logits(model, arch, torch.cat([rw_hidden, kl_hidden]))
+    at = hidden.device
+    rw_hidden = hidden[rows.rw_rows.to(at), (rows.rw_pos - rows.lookup[rows.rw_rows]).to(at)]
+    kl_hidden = hidden[rows.kl_rows.to(at), 0]
+    logits = lm_logits(model, arch, torch.cat([rw_hidden, kl_hidden])).to(delta.device)
     return logits[: len(rows.rw_rows)], logits[len(rows.rw_rows) :]

@@ -333,7 +333,7 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None
                     patch = _load_saved(path, _ids(valid), model)  # AlphaEdit: only steps its saved state includes
                 if patch is None:
                     if not recomputing and last_step >= 0 and state is not None:
-                        _restore_state(state, state_path, last_step, next(model.parameters()).device)
+                        _restore_state(state, state_path, last_step, torch.device("cpu"))  # moved per layer when used
                     recomputing = True
                     try:
                         patch, _ = _compute(editor.step, valid, path)  # computed on the edited model, applied, kept
@@ -441,7 +441,9 @@ def drift_point(
     kept = [
         not x
         for c in cases
-        for x in new_beats_true(model, tok, list(c.neighborhood_prompts[:2]), c.request.new_text, c.request.true_text)
+        for x in new_beats_true(
+            model, tok, list(c.neighborhood_prompts[:2]), c.scored_request.new_text, c.scored_request.true_text
+        )
     ]
     texts = [
         sample_texts(model, tok, [c.generation_prompts[0]], seed=case_seed(seed, c.case_id))[0]

@@ -44,7 +44,7 @@ def evaluate_counterfact(
 ) -> dict[str, Any]:
     """NLLs of new/true target and argmax hits on rewrite, paraphrase and neighbourhood prompts;
     with ``generation``, also the generated texts, their n-gram entropy and the reference score."""
-    req = case.request
+    req = case.scored_request
     groups = {
         "rewrite": case.rewrite_prompts(),
         "paraphrase": list(case.paraphrase_prompts),
@@ -89,7 +89,7 @@ def evaluate_zsre(
 ) -> dict[str, Any]:
     """Per target token, teacher-forced: is it the argmax? (rewrite and paraphrase: the new answer;
     neighbourhood: the NQ answer after ``question?``)."""
-    req = case.request
+    req = case.scored_request
     pairs = [(p, req.new_text) for p in case.rewrite_prompts()]
     pairs += [(p, req.new_text) for p in case.paraphrase_prompts]
     pairs += list(case.neighborhood)

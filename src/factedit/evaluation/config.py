@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from factedit.errors import FactEditError
+from factedit.models.chat import PROMPT_FORMATS
 
 DATASETS = ("counterfact", "zsre")
 ZSRE_TARGETS = ("answers", "alt")
@@ -49,6 +50,8 @@ class RunConfig:
     drift_every: int | None = None  # sequential: measure earlier edits and neighbours every k steps
     gen_cases: int | None = None  # generation metrics (slow) on the first this many cases only; None = all
     group: int = 1  # single mode: independent edits of this many cases computed together (``compute_each``)
+    prompts_edit: str = "raw"  # "chat": edits are made on prompts wrapped in the chat template (models/chat.py)
+    prompts_eval: str = "raw"  # "chat": every evaluated prompt is wrapped; differing from prompts_edit = transfer
 
     def check(self) -> None:
         """Refuse bad settings before anything is loaded or written (one line, naming the setting)."""
@@ -58,6 +61,9 @@ class RunConfig:
             raise FactEditError(f"zsRE target must be one of {', '.join(ZSRE_TARGETS)}, not {self.zsre_target!r}")
         if self.dataset == "zsre" and self.generation:
             raise FactEditError("generation metrics are defined for CounterFact only")
+        for name, value in (("prompts_edit", self.prompts_edit), ("prompts_eval", self.prompts_eval)):
+            if value not in PROMPT_FORMATS:
+                raise FactEditError(f"{name} must be one of {', '.join(PROMPT_FORMATS)}, not {value!r}")
         counts = (
             ("n", self.n, 1, None, True),
             ("start", self.start, 0, None, False),

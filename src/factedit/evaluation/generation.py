@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from factedit.models.cache import full_cache
+from factedit.models.placement import input_device
 from factedit.text import pad_id
 
 
@@ -39,7 +40,7 @@ def sample_texts(
     """One top-k sample per prompt; each text (prompt included) is at most ``max_out_len`` tokens."""
     if not prompts:
         return []
-    device = next(model.parameters()).device
+    device = input_device(model)
     seqs = [tok(p)["input_ids"] for p in prompts]
     lengths = torch.tensor([len(s) for s in seqs], device=device)
     width = int(lengths.max())

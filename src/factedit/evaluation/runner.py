@@ -57,7 +57,9 @@ from factedit.evaluation.records import (
     read_manifest,
 )
 from factedit.evaluation.reference import reference_texts
+from factedit.models.chat import prompt_format
 from factedit.models.fingerprint import model_fingerprint, model_identity
+from factedit.models.placement import device_map_of
 from factedit.paths import atomic_write_bytes, check_output_path
 from factedit.progress import Progress, as_progress
 from factedit.version import __version__
@@ -114,6 +116,7 @@ _MUST_MATCH = (
     "seeds",
     "reference",
     "mode",
+    "prompts",
 )
 
 
@@ -179,6 +182,12 @@ def run_evaluation(
             len(dataset.skipped),
             dataset.path,
         )
+    formats = {
+        role: prompt_format(tok, name, model_name or "this model")
+        for role, name in (("edit", config.prompts_edit), ("eval", config.prompts_eval))
+    }
+    if any(formats.values()):
+        dataset.cases = [case.in_formats(formats["edit"], formats["eval"]) for case in dataset.cases]
     method = RunMethod(model, tok, config.method, config.hparams, config.overrides or None, progress=progress)
     mode = _mode(config, method)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +221,7 @@ def run_evaluation(
                 "fingerprint": base_fp,
                 "identity": model_identity(model),
                 "dtype": str(param.dtype),
-                "device": str(param.device),
+                "device": device_map_of(model) or str(param.device),
                 "family": getattr(model.config, "model_type", None),
             },
             "dataset": {k: v for k, v in dataset.describe().items() if k not in ("n_cases",)},
@@ -229,6 +238,8 @@ def run_evaluation(
             "config": asdict(config),
             "versions": _versions(),
             "mode": mode,
+            # absent (None) for raw/raw, so runs made before chat prompts existed still resume
+            "prompts": _prompts_manifest(config, formats),
             "torch_threads": torch.get_num_threads(),
             "notes": _notes(config, reference),
         }
@@ -315,6 +326,18 @@ def run_evaluation(
         seconds=time.perf_counter() - started,
         skipped=len(dataset.skipped),
     )
+
+
+def _prompts_manifest(config: RunConfig, formats: dict[str, Any]) -> dict[str, Any] | None:
+    """How prompts were given to the model: the format of edits and of evaluation, and the chat text."""
+    if not any(formats.values()):
+        return None
+    chat = next(f for f in formats.values() if f is not None)
+    return {
+        "edit": config.prompts_edit,
+        "eval": config.prompts_eval,
+        "chat": {"before": chat.before, "after": chat.after},
+    }
 
 
 def _mode(config: RunConfig, method: RunMethod) -> dict[str, Any]:

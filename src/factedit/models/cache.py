@@ -8,6 +8,9 @@ each ``(batch, heads, positions, head_dim)``; only this module builds or reads c
 Every cache made here has *full* layers only (no config is given to it): a
 sliding-window layer would drop early positions, which the fast paths need to keep
 (they pass their own masks or left-align positions so the window still applies).
+
+With a device map each layer's keys and values stay on that layer's device; the index tensors
+given here are moved to each layer's device, never the states.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def gather_positions(states: KVStates, source: torch.Tensor) -> KVStates:
     """Per-row position gather: new slot ``s`` of row ``b`` holds old position ``source[b, s]``."""
 
     def gather(x: torch.Tensor) -> torch.Tensor:
-        index = source[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+        index = source.to(x.device)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
         return x.gather(2, index)
 
     return [(gather(k), gather(v)) for k, v in states]
@@ -54,4 +57,4 @@ def gather_positions(states: KVStates, source: torch.Tensor) -> KVStates:
 
 def select_rows(states: KVStates, rows: torch.Tensor) -> KVStates:
     """The states of a subset of batch rows."""
-    return [(k[rows], v[rows]) for k, v in states]
+    return [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in states]

@@ -28,6 +28,9 @@ all of these agree with the time it was computed:
 factedit's own writers (patch apply / revert, stack restore, restore of replaced weights) also call
 :func:`forget_digests` on what they wrote, so their writes never depend on the checks above.
 Tensors under 1 MiB are hashed every time (microseconds) and not cached.
+
+:func:`cast_fingerprint` is the fingerprint a copy cast to another dtype would have, computed without
+the copy: statistics of float32 weights are filed under it for their bfloat16 / float16 casts.
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ import hashlib
 import json
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from factedit.errors import FactEditError
 from factedit.integrity import tensor_bytes_sha256
+from factedit.models.placement import is_offloaded, offloaded_value
 
 _FORMAT = b"factedit-fingerprint-v2"
 _SMALL_BYTES = 1 << 20
@@ -157,6 +163,24 @@ def model_identity(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(essentials, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _fingerprint_of(model: nn.Module, entry: Callable[[torch.Tensor], tuple[torch.dtype, str]]) -> str:
+    """The fingerprint with ``entry(tensor) -> (dtype, sha256)`` standing for each state tensor (tied ones once)."""
+    h = hashlib.sha256(_FORMAT + b"|" + model_identity(model).encode())
+    seen: dict[int, tuple[torch.dtype, str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        found = seen.get(id(t))
+        if found is None:
+            # an offloaded weight (a "meta" placeholder on the module) is hashed by the value accelerate holds,
+            # so a model with layers on disk has the fingerprint of the same weights loaded whole
+            held = offloaded_value(model, name) if is_offloaded(t) else None
+            found = seen[id(t)] = entry(t if held is None else held)
+        dtype, digest = found
+        h.update(f"|{name}|{tuple(t.shape)}|{dtype}|{digest}".encode())
+    return h.hexdigest()[:32]
+
+
 @torch.no_grad()
 def model_fingerprint(model: nn.Module, *, full: bool = False) -> str:
     """Hash of the identity and of every weight's name, shape, dtype and full content (module docstring).
@@ -165,13 +189,35 @@ def model_fingerprint(model: nn.Module, *, full: bool = False) -> str:
     """
     if full:
         forget_digests(*(t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)))
-    h = hashlib.sha256(_FORMAT + b"|" + model_identity(model).encode())
-    seen: dict[int, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        digest = seen.get(id(t))
-        if digest is None:
-            digest = seen[id(t)] = tensor_sha256(t)
-        h.update(f"|{name}|{tuple(t.shape)}|{t.dtype}|{digest}".encode())
-    return h.hexdigest()[:32]
+    return _fingerprint_of(model, lambda t: (t.dtype, tensor_sha256(t)))
+
+
+def _casts_to(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``model.to(dtype)`` converts this tensor: ``nn.Module.to`` casts floating and complex
+    tensors only (integer and bool buffers keep their dtype)."""
+    return tensor.dtype != dtype and (tensor.is_floating_point() or tensor.is_complex())
+
+
+@torch.no_grad()
+def cast_fingerprint(model: nn.Module, dtype: torch.dtype) -> str:
+    """The :func:`model_fingerprint` that ``model.to(dtype)`` would have, without making that copy.
+
+    Why: statistics computed on float32 weights are filed for the same weights cast to bfloat16 or
+    float16 too (``stats/second_moment.py``), which needs the cast model's fingerprint while only the
+    float32 model exists. Each floating tensor is cast on its own device (``Tensor.to``: round to
+    nearest even, as ``nn.Module.to`` and ``from_pretrained(dtype=...)`` do), hashed and freed, so the
+    extra memory is one tensor at ``dtype``; tensors the cast leaves alone reuse their remembered digest.
+    Bit for bit ``model_fingerprint(model.to(dtype))`` (``tests/test_stats_sharing.py``).
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FactEditError(f"cast_fingerprint needs a floating-point torch dtype, not {dtype!r}")
+
+    def entry(t: torch.Tensor) -> tuple[torch.dtype, str]:
+        if not _casts_to(t, dtype):
+            return t.dtype, tensor_sha256(t)
+        cast = t.detach().to(dtype)
+        digest = tensor_bytes_sha256(cast)
+        del cast  # freed before the next tensor is cast
+        return dtype, digest
+
+    return _fingerprint_of(model, entry)

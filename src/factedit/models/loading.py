@@ -16,11 +16,13 @@ is not hashed again), so a truncated ``model.safetensors`` or a damaged ``config
 converted again once.
 
 Bad input is refused in one line *before* anything is read or any folder is created, in this
-order: the dtype and the device (:mod:`factedit.models.devices`); the model's files (a GGUF
-file's header and tensor table; a folder's ``config.json``, weights headers and tokenizer
-files); the memory the weights need at that dtype against the memory available (RAM from
-``/proc/meminfo`` and the cgroup limit, GPU memory from ``torch.cuda.mem_get_info``; skipped
-where unknown).
+order: the dtype, the device map (its form and every device it names,
+:mod:`factedit.models.placement`) and the device (:mod:`factedit.models.devices`); the model's
+files (a GGUF file's header and tensor table; a folder's ``config.json``, weights headers and
+tokenizer files); a device map's module names against the model built empty from its config; the
+memory the weights need at that dtype against the memory available, per device of a device map
+(RAM from ``/proc/meminfo`` and the cgroup limit, GPU memory from ``torch.cuda.mem_get_info``;
+skipped where unknown).
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ import shutil
 import struct
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from factedit.errors import FactEditError
 from factedit.integrity import (
@@ -53,6 +56,15 @@ from factedit.integrity import (
 )
 from factedit.models.architectures import arch_for
 from factedit.models.devices import resolve_device
+from factedit.models.placement import (
+    DISK,
+    DeviceMap,
+    bytes_per_device,
+    check_device_map,
+    device_map_of,
+    input_device,
+    parse_device_map,
+)
 from factedit.models.registry import (
     CACHE_MARKER,
     DEFAULT_MODEL,
@@ -88,20 +100,33 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def load_model(
     name_or_path: str | None = None,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype = "float32",
     document_start: bool = True,
+    device_map: str | Path | Mapping[str, str | int] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` in eval mode, on ``device``, in ``dtype``.
+    """Return ``(model, tokenizer)`` in eval mode, on ``device`` (or spread by ``device_map``), in ``dtype``.
 
     ``name_or_path``: a registry name (default ``smollm2-135m``), a ``.gguf`` file,
     a local model folder, or a Hugging Face hub id (needs network). ``document_start``: a tokenizer
     that adds no BOS is made to prepend the model's document separator
     (:func:`~factedit.models.tokens.add_document_start`); ``False`` keeps it as published (the
     official ROME code's behaviour on GPT-2-style tokenizers).
+
+    ``device_map``: ``"auto"`` (accelerate fills the GPUs, then the CPU), a ``{module name: device}``
+    dict or the path of a JSON file holding one (devices: ``cpu``, ``cuda:N`` or an index ``N``,
+    ``mps``, ``disk``); see ``docs/devices.md``. It replaces ``device``, which must then be left at
+    ``cpu`` (or ``None``). The map and its devices are checked before anything is read, its module
+    names against the model's config before any weight is read.
     """
     torch_dtype = resolve_dtype(dtype)
+    placement = parse_device_map(device_map)  # devices that do not exist here: refused before any work
     target_device = resolve_device(device)
+    if placement is not None and target_device.type != "cpu":
+        raise FactEditError(
+            f"give a device or a device map, not both (device {str(device)!r} with a device map): "
+            "the device map places every module itself"
+        )
     name = name_or_path or DEFAULT_MODEL
     started = time.perf_counter()
     if name in REGISTRY or name.endswith(".gguf"):
@@ -113,8 +138,8 @@ def load_model(
                 raise FactEditError(f"GGUF file not found: {path}")
             folder = _cached_gguf_file(path)
         needed = check_model_folder(folder, torch_dtype, headers_only=True)
-        check_memory(needed, target_device, f"model {name}", torch_dtype)
-        model, tok = _from_folder(folder, torch_dtype, label=f"the converted model {folder}")
+        _check_fit(folder, placement, needed, target_device, f"model {name}", torch_dtype)
+        model, tok = _from_folder(folder, torch_dtype, label=f"the converted model {folder}", device_map=placement)
         if name in REGISTRY:
             setattr(model.config, NAME_ATTRIBUTE, name)  # registry_name(model): measured defaults, labels
     else:
@@ -127,16 +152,20 @@ def load_model(
             )
         if path.is_dir():
             needed = check_model_folder(path, torch_dtype)
-            check_memory(needed, target_device, f"model {path}", torch_dtype)
-            model, tok = _from_folder(path, torch_dtype, label=f"model folder {path}")
+            _check_fit(path, placement, needed, target_device, f"model {path}", torch_dtype)
+            model, tok = _from_folder(path, torch_dtype, label=f"model folder {path}", device_map=placement)
         else:
-            model, tok = _from_folder(
-                name, torch_dtype, label=f"model {name!r} (registered names: {', '.join(REGISTRY)})"
-            )
-            if target_device.type != "cpu":  # a hub model's size is known only now
+            label = f"model {name!r} (registered names: {', '.join(REGISTRY)})"
+            if isinstance(placement, dict):
+                _check_placement(name, placement, torch_dtype, label, f"model {name}")
+            model, tok = _from_folder(name, torch_dtype, label=label, device_map=placement)
+            if placement is None and target_device.type != "cpu":  # a hub model's size is known only now
                 check_memory(_model_bytes(model), target_device, f"model {name}", torch_dtype, ram=False)
     arch_for(model)  # refuse unsupported families at load time, with the list of supported ones
-    model.to(target_device)
+    if placement is None:
+        model.to(target_device)
+    else:
+        log.info("device map: %s", json.dumps(device_map_of(model) or {"": str(input_device(model))}))
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -146,13 +175,71 @@ def load_model(
     return model, tok
 
 
-def _from_folder(folder: str | Path, dtype: torch.dtype, *, label: str, gguf_file: str | None = None):
+def _check_fit(
+    folder: Path,
+    placement: str | DeviceMap | None,
+    needed: int | None,
+    device: torch.device,
+    what: str,
+    dtype: torch.dtype,
+) -> None:
+    """The memory check of a whole-model load, or the device map's checks against the folder's config."""
+    if placement is None:
+        check_memory(needed, device, what, dtype)
+        return
+    if isinstance(placement, dict):
+        if DISK in placement.values() and not any(f.suffix == ".safetensors" for f in _weight_files(folder)):
+            raise FactEditError(
+                f"{what}: the device map offloads modules to disk, which needs safetensors weights "
+                f"({folder} has a pickled checkpoint); map them to cpu or a GPU"
+            )
+        _check_placement(folder, placement, dtype, f"model folder {folder}", what)
+
+
+def _check_placement(source: str | Path, placement: DeviceMap, dtype: torch.dtype, label: str, what: str) -> None:
+    """Check a device map against the model built empty (on ``meta``) from its config, then the memory each
+    device needs; no weight is read."""
+    skeleton = _skeleton(source, label)
+    arch_for(skeleton)
+    check_device_map(placement, skeleton)
+    for device_name, needed in bytes_per_device(placement, skeleton, dtype).items():
+        if device_name != DISK:
+            device = torch.device(device_name)
+            check_memory(needed, device, f"{what} (its part on {device_name})", dtype, ram=device.type == "cpu")
+
+
+def _skeleton(source: str | Path, label: str) -> PreTrainedModel:
+    """The model of ``source``'s config with every tensor on ``meta`` (no memory, no weights read)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with _quiet_loading():
+            config = AutoConfig.from_pretrained(source)
+            with init_empty_weights():
+                return AutoModelForCausalLM.from_config(config)
+    except FactEditError:
+        raise
+    except Exception as exc:  # transformers raises many types for configs it cannot use
+        raise FactEditError(
+            f"could not read the config of {label}: {exc.__class__.__name__}: {first_line(exc)}"
+        ) from exc
+
+
+def _from_folder(
+    folder: str | Path,
+    dtype: torch.dtype,
+    *,
+    label: str,
+    gguf_file: str | None = None,
+    device_map: str | DeviceMap | None = None,
+):
     """``from_pretrained`` of tokenizer and model; whatever they raise becomes one line naming ``label``."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model_kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
         with _quiet_loading():
             tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs, **model_kwargs)
     except FactEditError:
         raise
     except Exception as exc:  # transformers, tokenizers, safetensors and json raise many types

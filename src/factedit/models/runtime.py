@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from factedit.models.architectures import ArchSpec, get_module
+from factedit.models.placement import device_of
 
 
 def text_config(model: nn.Module) -> Any:
@@ -21,8 +22,12 @@ def text_config(model: nn.Module) -> Any:
 
 
 def lm_logits(model: nn.Module, arch: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits from final-norm outputs, with the config's logit soft-capping if it has one."""
-    logits = get_module(model, arch.lm_head)(hidden)
+    """LM-head logits from final-norm outputs, with the config's logit soft-capping if it has one.
+
+    ``hidden`` is moved to the head's device first (with a device map the final norm and the head may
+    sit on different devices); the logits stay there."""
+    head = get_module(model, arch.lm_head)
+    logits = head(hidden.to(device_of(head)))
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

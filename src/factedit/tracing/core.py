@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from factedit import precision
 from factedit.errors import FactEditError
 from factedit.models.architectures import arch_for, num_layers
+from factedit.models.placement import module_device
 from factedit.models.runtime import embedding_width
 from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject
@@ -174,7 +175,7 @@ def causal_trace(
 
     n_subj = encoded.subject_last - encoded.subject_first + 1
     dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
+    device = module_device(model, arch.embed)  # the noise is added to the embedding's output
     noise_t = make_noise(samples, n_subj, embedding_width(model, arch), scale, seed).to(device=device, dtype=dtype)
     with precision.autocast(model, autocast):
         fact = FactRuns(model, arch, encoded, noise_t, kinds, keep_corrupted_kv=(method == "fast"))

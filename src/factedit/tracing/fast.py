@@ -8,6 +8,9 @@ the last token's answer probability is read (the forward stops at the final norm
 the LM head runs on one vector per row). Restorations that start at the same block
 share forwards, packed along the sequence without padding, at most ``batch_size``
 restorations × noise samples per forward.
+
+Devices: the packed ids, positions and masks are made on the embedding's device; each
+restored or frozen state is put on the device of the module whose output it replaces.
 """
 
 from __future__ import annotations
@@ -118,33 +121,36 @@ class FastTracer:
 
         # Edits of module outputs: name -> [(slots, values (N, len(slots), d))].
         edits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        known = f.corr_h[start - 1][:, pos].clone() if start > 0 else None
+        known = f.corr_h[start - 1][:, pos.to(f.corr_h[start - 1].device)].clone() if start > 0 else None
         for job, s0 in zip(jobs, first_slot, strict=True):
             if job.kind in ("mlp", "attn"):
                 clean = f.clean_mlp if job.kind == "mlp" else f.clean_attn
                 slot = torch.tensor([s0], device=dev)
                 for layer in window_layers(job.layer, self.window, f.n_layers):
                     name = arch.mlp_at(layer) if job.kind == "mlp" else arch.attn_at(layer)
-                    edits[name].append((slot, clean[layer, job.t].expand(N, 1, -1)))
+                    edits[name].append((slot, clean[layer][job.t].expand(N, 1, -1)))
                 continue
-            known[:, s0] = f.clean_h[job.layer, job.t]
+            known[:, s0] = f.clean_h[job.layer][job.t].to(known.device)
             if job.kind in SEVERED_KINDS:
                 toks = torch.arange(job.t, T if self.sever_all_tokens else job.t + 1, device=dev)
                 for layer in range(job.layer + 1, f.n_layers):
                     name = arch.mlp_at(layer) if job.kind == "hidden_sever_mlp" else arch.attn_at(layer)
-                    edits[name].append((toks - job.t + s0, f.corr_sever[name][:, toks]))
+                    edits[name].append((toks - job.t + s0, f.corr_sever[name][:, toks.to(f.corr_sever[name].device)]))
         merged = {
             name: (torch.cat([s for s, _ in lst]), torch.cat([v for _, v in lst], dim=1)) for name, lst in edits.items()
         }
 
         def put(out: torch.Tensor, name: str) -> torch.Tensor:
             slots, values = merged[name]
-            return out.index_copy(1, slots, values.to(out.dtype))
+            return out.index_copy(1, slots.to(out.device), values.to(out.device, out.dtype))
 
         # From block 0 on, the blocks read the corrupted embeddings of the packed tokens.
         embed = (
             Trace(
-                model, arch.embed, retain_output=False, edit_output=lambda out, name: f.corr_embed[:, pos].to(out.dtype)
+                model,
+                arch.embed,
+                retain_output=False,
+                edit_output=lambda out, name: f.corr_embed[:, pos.to(f.corr_embed.device)].to(out.device, out.dtype),
             )
             if start == 0
             else contextlib.nullcontext()
@@ -159,6 +165,6 @@ class FastTracer:
         ):
             model(input_ids=ids, attention_mask=mask, position_ids=pos.expand(N, -1), cache=cache, use_cache=True)
         last = torch.tensor([s0 + n - 1 for s0, n in zip(first_slot, lengths, strict=True)], device=dev)
-        hidden = fin.output[:, last]  # (N, jobs, d)
+        hidden = fin.output[:, last.to(fin.output.device)]  # (N, jobs, d)
         probs = torch.softmax(lm_logits(model, arch, hidden).float(), dim=-1)[..., self.answer_id]
         return probs.mean(0).cpu().numpy()

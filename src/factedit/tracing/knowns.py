@@ -25,6 +25,7 @@ from factedit.errors import FactEditError
 from factedit.hooks import Trace
 from factedit.integrity import read_with_sidecar, write_with_sidecar
 from factedit.models.architectures import ArchSpec, arch_for
+from factedit.models.placement import input_device
 from factedit.models.runtime import lm_logits
 from factedit.paths import cache_dir, data_dir
 from factedit.progress import Progress, as_progress
@@ -141,7 +142,7 @@ def known_by_model(
     ``progress`` gets one stage, "known facts", counted in facts.
     """
     arch = arch_for(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id(tok)
     out: list[KnownPrediction] = []
     with as_progress(progress).stage("known facts", total=len(facts), unit="fact") as stage:
@@ -165,8 +166,9 @@ def _predict_chunk(
     ids, mask = pad_right(seqs, pad, device)
     with Trace(model, arch.final_norm, stop=True) as fin:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
-    last = mask.sum(1) - 1
-    probs = torch.softmax(lm_logits(model, arch, fin.output[torch.arange(len(chunk)), last]).float(), -1)
+    last = (mask.sum(1) - 1).to(fin.output.device)
+    rows = torch.arange(len(chunk), device=fin.output.device)
+    probs = torch.softmax(lm_logits(model, arch, fin.output[rows, last]).float(), -1)
     top_p, top = probs.max(-1)
     out = []
     for f, p, i in zip(chunk, top_p.tolist(), top.tolist(), strict=True):

@@ -25,6 +25,7 @@ from factedit.errors import FactEditError
 from factedit.hooks import Trace
 from factedit.models.architectures import arch_for
 from factedit.models.fingerprint import model_fingerprint
+from factedit.models.placement import input_device
 from factedit.paths import atomic_write_bytes, cache_dir
 from factedit.text import encode_with_subject, pad_id, pad_right
 from factedit.tracing.inputs import split_prompt
@@ -51,7 +52,7 @@ def embedding_std(
     if not facts:
         raise FactEditError("no facts to measure the embedding spread on")
     arch = arch_for(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id(tok)
     pieces: list[torch.Tensor] = []
     for start in range(0, len(facts), batch_size):

@@ -7,7 +7,8 @@
   ``low_prob``.
 
 Both runs keep what the runners reuse: the clean states to put back, the corrupted
-states, embeddings and keys/values to start restorations from.
+states, embeddings and keys/values to start restorations from. States are kept per
+layer, each on the device its module computed it on (with a device map, layers differ).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from factedit.hooks import Trace, TraceDict
 from factedit.models.architectures import ArchSpec, num_layers
 from factedit.models.cache import cache_states, full_cache
+from factedit.models.placement import input_device
 from factedit.models.runtime import lm_logits
 from factedit.text import SubjectPrompt
 
@@ -48,7 +50,7 @@ class FactRuns:
         keep_corrupted_kv: bool,
     ) -> None:
         self.model, self.arch = model, arch
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # where the ids go
         self.n_layers = num_layers(model)
         self.ids = torch.tensor(encoded.ids, dtype=torch.long, device=self.device)
         self.first, self.last = encoded.subject_first, encoded.subject_last
@@ -65,9 +67,9 @@ class FactRuns:
             Trace(model, arch.final_norm, stop=True) as fin,
         ):
             model(input_ids=self.ids[None], use_cache=False)
-        self.clean_h = torch.stack([td[n].output[0] for n in blocks])  # (L, T, d)
-        self.clean_mlp = torch.stack([td[n].output[0] for n in mlps])
-        self.clean_attn = torch.stack([td[n].output[0] for n in attns])
+        self.clean_h = [td[n].output[0] for n in blocks]  # L x (T, d)
+        self.clean_mlp = [td[n].output[0] for n in mlps]
+        self.clean_attn = [td[n].output[0] for n in attns]
         self.clean_dist = torch.softmax(lm_logits(model, arch, fin.output[0, -1]).float(), dim=-1)
         # Corrupted run: noised copies; keep block outputs, embeddings, keys/values (and severed modules' outputs).
         sever = [n for k, ns in (("hidden_sever_mlp", mlps), ("hidden_sever_attn", attns)) if k in kinds for n in ns]
@@ -81,7 +83,7 @@ class FactRuns:
         ):
             model(input_ids=batch, cache=cache, use_cache=keep_corrupted_kv)
         self.corr_embed = emb.output  # (N, T, d)
-        self.corr_h = torch.stack([td[n].output for n in blocks])  # (L, N, T, d)
+        self.corr_h = [td[n].output for n in blocks]  # L x (N, T, d)
         self.corr_sever = {n: td[n].output for n in sever}  # name -> (N, T, d)
         self.corr_kv = cache_states(cache) if cache is not None else None
         self.corr_dists = torch.softmax(lm_logits(model, arch, fin.output[:, -1]).float(), dim=-1)
@@ -90,5 +92,5 @@ class FactRuns:
         """Add the fixed noise samples at the subject tokens of rows 0..N-1 (or 1..N with a clean row 0)."""
         x = x.clone()
         rows = slice(x.shape[0] - self.samples, x.shape[0])
-        x[rows, self.first : self.last + 1] += self.noise.to(x.dtype)
+        x[rows, self.first : self.last + 1] += self.noise.to(x.device, x.dtype)
         return x

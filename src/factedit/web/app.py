@@ -563,6 +563,7 @@ def create_app(
     @app.post("/api/predict", summary="Top-k next tokens on the current (possibly edited) model")
     async def predict(body: PredictIn) -> dict[str, Any]:
         text, _ = fill_prompt(body.prompt, body.subject)
+        text = session.wrap(text, body.chat)
         top = await predictor.predict(text, body.k)  # queued and batched; never holds a server thread
         return {
             "text": text,
@@ -581,6 +582,7 @@ def create_app(
         _, template = fill_prompt(body.prompt, body.subject)
         if template is None:  # pragma: no cover - the schema requires a subject
             raise FactEditError("a trace needs the subject")
+        template = session.wrap(template, body.chat)
         with session.check_lock:  # tokenization problems are 400s now, not failed jobs later
             generation = session.generation  # the tokenizer's model: the job refuses to run on another
             encoded = encode_with_subject(session.check_tok, template, body.subject)
@@ -619,6 +621,9 @@ def create_app(
         from factedit.models.architectures import num_layers
 
         _, template = fill_prompt(body.prompt, body.subject)
+        template = session.wrap(template, body.chat)
+        paraphrases = [session.wrap(p, body.chat) for p in body.paraphrases]
+        neighbours = [session.wrap(p, body.chat) for p in body.neighbours]
         request = EditRequest(
             prompt=template, subject=body.subject, target_new=body.target, target_true=body.target_true
         )
@@ -631,7 +636,7 @@ def create_app(
             build_value_problem(session.check_tok, request, ["{}"], getattr(hp, "fact_token", "subject_last"))
             prompt_tokens = max(
                 len(session.check_tok(text)["input_ids"])
-                for text in [template.replace("{}", body.subject, 1), *body.paraphrases, *body.neighbours]
+                for text in [template.replace("{}", body.subject, 1), *paraphrases, *neighbours]
             )
             n_layers = num_layers(session.model)
         steps, rows = edit_shape(hp)
@@ -652,8 +657,8 @@ def create_app(
                 request,
                 body.method,
                 hp,
-                list(body.paraphrases),
-                list(body.neighbours),
+                paraphrases,
+                neighbours,
                 body.generate_tokens,
                 p,
                 generation=generation,

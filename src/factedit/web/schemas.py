@@ -86,6 +86,7 @@ class PredictIn(Strict):
     prompt: Prompt
     subject: Word | None = None
     k: int = Field(5, ge=1, le=20)
+    chat: bool = Field(False, description="wrap the prompt in the model's chat template as a user turn")
 
 
 class TraceIn(Strict):
@@ -96,6 +97,7 @@ class TraceIn(Strict):
     answer: Word | None = Field(None, description="token to trace; default: the model's top prediction")
     samples: int = Field(5, ge=1, le=MAX_TRACE_SAMPLES, description="noise samples per corrupted run")
     window: int = Field(10, ge=1, le=64, description="layers restored together for MLP/attention")
+    chat: bool = Field(False, description="wrap the prompt in the model's chat template as a user turn")
 
 
 class EditHyperParamsIn(Strict):
@@ -127,6 +129,7 @@ class EditIn(Strict):
     neighbours: list[PlainPrompt] = Field(default_factory=list, max_length=MAX_NEIGHBOURS)
     generate_tokens: int = Field(20, ge=0, le=MAX_GENERATE_TOKENS)
     hparams: EditHyperParamsIn | None = None
+    chat: bool = Field(False, description="wrap prompt, paraphrases and neighbours in the chat template")
 
 
 class ModelIn(Strict):

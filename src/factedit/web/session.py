@@ -221,6 +221,15 @@ class ModelSession:
             "persistence": dict(self.persistence),
         }
 
+    def wrap(self, text: str, chat: bool) -> str:
+        """``text`` (a prompt or a ``{}`` template) in the loaded model's chat template when ``chat``."""
+        if not chat:
+            return text
+        from factedit.models.chat import chat_format
+
+        with self.check_lock:
+            return chat_format(self.check_tok, f"model {self.name}").wrap(text)
+
     def hparams_for(self, method: str, overrides: dict[str, Any] | None) -> HyperParams:
         """The method's defaults, the server's settings, then the client's (see :func:`resolve_hparams`)."""
         return resolve_hparams(self.model, method, self.hparams_overrides, overrides)
@@ -577,9 +586,15 @@ class ModelSession:
                 model, tok = self._loader(name)
             else:
                 from factedit.models import load_model
+                from factedit.models.placement import device_map_of, input_device
 
-                device = next(self.model.parameters()).device
-                model, tok = load_model(name, device=device, dtype=next(self.model.parameters()).dtype)
+                # a placed model's map names its own modules: the next model is placed by accelerate ("auto")
+                placed = device_map_of(self.model)
+                dtype = next(self.model.parameters()).dtype
+                if placed is not None:
+                    model, tok = load_model(name, device="cpu", dtype=dtype, device_map="auto")
+                else:
+                    model, tok = load_model(name, device=input_device(self.model), dtype=dtype)
             self._detach_store()
             self._set_model(model, tok, name)
             self._attach_store()

@@ -102,7 +102,7 @@ async function waitJob(job, progressEl, statusEl, cancelBtn) {
 
 function fact() {
   const subject = $("#subject").value;
-  return { prompt: $("#prompt").value, subject: subject.trim() ? subject : null };
+  return { prompt: $("#prompt").value, subject: subject.trim() ? subject : null, chat: $("#chat").checked };
 }
 
 function tokenList(top, target) {
@@ -320,7 +320,7 @@ async function edit() {
   btn.disabled = true;
   try {
     const f = fact();
-    const body = { prompt: f.prompt, subject: f.subject, target: $("#target").value, method: $("#method").value,
+    const body = { prompt: f.prompt, subject: f.subject, chat: f.chat, target: $("#target").value, method: $("#method").value,
       paraphrases: lines($("#paraphrases").value), neighbours: lines($("#neighbours").value),
       generate_tokens: numberInput("#generate-tokens", "generate tokens") };
     const hp = hparams();
