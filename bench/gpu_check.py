@@ -59,8 +59,13 @@ def check_device_map(device: str, dtype: str, smoke: bool, rows: list[tuple[str,
 
     whole, tok = load_model(DEFAULT_MODEL, device=device, dtype=dtype)
     n_layers, other = num_layers(whole), ("disk" if device == "cpu" else "cpu")
-    placement = {"model.embed_tokens": device, "model.rotary_emb": device, "model.norm": device, "lm_head": device}
-    placement |= {f"model.layers.{i}": device if i < n_layers // 2 else other for i in range(n_layers)}
+    arch = arch_for(whole)
+    # every module beside the blocks stays on the device (names from the architecture table and the model)
+    parent = arch.blocks.rpartition(".")[0]
+    placement = {f"{parent}.{name}": device for name, _ in whole.get_submodule(parent).named_children()}
+    placement |= {name: device for name, _ in whole.named_children() if name != parent.split(".")[0]}
+    del placement[arch.blocks]
+    placement |= {arch.block(i): device if i < n_layers // 2 else other for i in range(n_layers)}
     label = f"{DEFAULT_MODEL} {dtype}, blocks {n_layers // 2}.. on {other}"
     n_tokens = 5_000 if smoke else 100_000
     hp = ROMEHyperParams.for_model(whole, mom2_n_tokens=n_tokens)
