@@ -3,7 +3,8 @@
     python bench/rome_key_projection.py runs/counterfact_rome [--limit N] [--ids 9 598 ...]
 
 Both averages of k* are measured side by side: every template alike (official ROME, the bare prompt
-is 1 of 21) and every context type alike (official MEMIT's compute_ks, the bare prompt 1 of 3).
+is 1 of 21) and every context type alike (official MEMIT's compute_ks, the bare prompt 1 of 3),
+and, third, the left vector fitted to every template's key (``key_fit="every_template"``).
 
 r-ROME writes the rank-one update for k* (the key averaged over the context templates); a prompt
 whose key k has a smaller projection kᵀu than k*ᵀu receives only that fraction of the change.
@@ -26,7 +27,7 @@ from factedit.data import load_dataset
 from factedit.editing.keys import subject_keys
 from factedit.editing.methods import get_method
 from factedit.editing.resources import EditResources
-from factedit.editing.rome import average_key, left_vector
+from factedit.editing.rome import average_key, fitted_left_vector, left_vector
 from factedit.evaluation.metrics import counterfact_case_scores
 from factedit.evaluation.records import CASES, CaseLog, read_manifest
 from factedit.models import arch_for
@@ -55,6 +56,7 @@ def main() -> None:
     cases = {str(c.case_id): c for c in data.cases}
     ratios = {True: [], False: []}
     by_type = {True: [], False: []}
+    fitted = {True: [], False: []}
     for r in rows:
         req = cases[str(r["case_id"])].request
         keys = subject_keys(model, tok, arch, [layer], req.prompt, req.subject, templates, hp.fact_token)[layer]
@@ -63,17 +65,26 @@ def main() -> None:
         k_types = average_key(keys, templates, hp.replace(key_average="context_types"))
         u_types = left_vector(k_types, moments[layer])
         bare_types = float(keys[0] @ u_types / (k_types @ u_types))
+        u_fit = fitted_left_vector(keys, moments[layer], hp.key_fit_ridge)
+        bare_fit = float(keys[0] @ u_fit / (keys.mean(0) @ u_fit))
         subject_end = len(tok(req.prompt.split("{}")[0] + req.subject)["input_ids"]) - 1
         is_failed = str(r["case_id"]) in failed
         ratios[is_failed].append(bare)
         by_type[is_failed].append(bare_types)
+        fitted[is_failed].append(bare_fit)
         if is_failed:
             print(
                 f"failed case {r['case_id']}: {req.prompt.format(req.subject)!r} -> {req.target_new!r}: "
-                f"kᵀu/k*ᵀu = {bare:.3f} (per context type: {bare_types:.3f}), subject's last token at position "
+                f"kᵀu/k*ᵀu = {bare:.3f} (per context type: {bare_types:.3f}, fitted u: {bare_fit:.3f}), "
+                f"subject's last token at position "
                 f"{subject_end}"
             )
-    for name, table in (("every template alike", ratios), ("every context type alike", by_type)):
+    tables = (
+        ("every template alike", ratios),
+        ("every context type alike", by_type),
+        (f"u fitted to every template (ridge {hp.key_fit_ridge:g})", fitted),
+    )
+    for name, table in tables:
         for is_failed, values in table.items():
             if values:
                 print(

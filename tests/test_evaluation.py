@@ -397,7 +397,9 @@ def test_eval_takes_every_registry_method_rome_original(default_model, tmp_path)
     before = model_fingerprint(model)
     out = tmp_path / "rome_original"
     result = CliRunner().invoke(
-        app, ["eval", "--method", "rome-original", "--dataset", "counterfact", "--n", "2", "--out", str(out)]
+        app,
+        ["eval", "--method", "rome-original", "--dataset", "counterfact", "--n", "2", "--out", str(out)]
+        + ["--set", "mom2_n_tokens=4000", "--set", "v_num_grad_steps=8"],  # dispatch is tested, not efficacy
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())

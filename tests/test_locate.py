@@ -44,9 +44,8 @@ def test_sweep_and_best_layer_rule():
         LocateSettings(sweep_cases=0).check()
 
 
-def test_locate_end_to_end_on_a_tiny_model(tokenizer, data_dir, tmp_path, monkeypatch, one_torch_thread):
-    monkeypatch.setenv("FACTEDIT_HOME", str(tmp_path / "home"))
-    model = tiny_model("llama")
+def _write_knowns(model, tokenizer, path) -> None:
+    """Known facts of this (random) model: each subject's prompt with the model's own top answer."""
     prompts = [f"{s} is located in the city of" for s in SUBJECTS]
     tops = top_next_tokens(model, tokenizer, prompts, 1)
     knowns = [
@@ -54,7 +53,13 @@ def test_locate_end_to_end_on_a_tiny_model(tokenizer, data_dir, tmp_path, monkey
         for i, (s, p, top) in enumerate(zip(SUBJECTS, prompts, tops, strict=True))
         if top[0][0].strip()
     ]
-    (tmp_path / "knowns.json").write_text(json.dumps(knowns))
+    path.write_text(json.dumps(knowns))
+
+
+def test_locate_end_to_end_on_a_tiny_model(tokenizer, data_dir, tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setenv("FACTEDIT_HOME", str(tmp_path / "home"))
+    model = tiny_model("llama")
+    _write_knowns(model, tokenizer, tmp_path / "knowns.json")
     settings = LocateSettings(
         n_facts=3,
         samples=2,
@@ -84,3 +89,20 @@ def test_locate_end_to_end_on_a_tiny_model(tokenizer, data_dir, tmp_path, monkey
     # a rerun resumes: the trace and every sweep layer are already done, and the answer is the same
     again = locate(model, tokenizer, tmp_path / "out", settings)
     assert again.sweep == report.sweep and again.rule_layer == report.rule_layer
+
+
+def test_locate_can_trace_with_first_order_estimates(tokenizer, data_dir, tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setenv("FACTEDIT_HOME", str(tmp_path / "home"))
+    model = tiny_model("qwen2")
+    _write_knowns(model, tokenizer, tmp_path / "knowns.json")
+    common = dict(n_facts=3, samples=2, window=1, radius=0, sweep_cases=1, sweep_start=0)
+    settings = LocateSettings(
+        **common, knowns_path=str(tmp_path / "knowns.json"), overrides={"mom2_n_tokens": 2000}, approx=True
+    )
+    report = locate(model, tokenizer, tmp_path / "approx", settings)
+    assert [row["layer"] for row in report.trace] == [0, 1, 2, 3]
+    assert report.rule_layer == max(report.trace, key=lambda row: row["mean"])["layer"]
+    saved = json.loads((tmp_path / "approx" / "locate.json").read_text())
+    assert saved["settings"]["approx"] is True
+    effects = json.loads(next((tmp_path / "approx" / "trace").rglob("effects.json")).read_text())
+    assert "attribution" in json.dumps(effects)  # the trace says its numbers are estimates

@@ -175,10 +175,15 @@ def eval_command(
         if generation:
             check_corpus(reference_corpus, "--reference-corpus")
         check_output_path(out, "--out")
+        from factedit import distributed  # here, not at the top: --help must not import torch
+
+        distributed.init(choice.device)  # under torchrun: join the group first (on CUDA, cuda = cuda:LOCAL_RANK)
         mdl, tok = choice.load(caches=("models", "stats", "templates", "memit-z", "data"))
         report = run_evaluation(mdl, tok, config, out, model_name=choice.label, progress=progress())
     except FactEditError as exc:
         fail(exc)
+    if not distributed.is_main():  # rank 0 speaks for the run
+        return
     skipped = f"; {report.skipped} malformed records skipped (see the manifest)" if report.skipped else ""
     console.print(
         f"{report.out_dir}: {report.already_done + report.evaluated}/{report.total} cases "
@@ -278,6 +283,9 @@ def locate_command(
     ] = 500,
     samples: Annotated[int, typer.Option(help="noise samples per corrupted run", min=1, metavar="N")] = 10,
     window: Annotated[int, typer.Option(help="MLP layers restored together", min=1, metavar="N")] = 10,
+    approx: Annotated[
+        bool, typer.Option("--approx", help="trace with first-order estimates (attribution patching): faster")
+    ] = False,
     data: Annotated[
         Optional[Path], typer.Option(help="CounterFact file (default: the data folder's)", metavar="FILE")
     ] = None,
@@ -298,6 +306,7 @@ def locate_command(
             sweep_cases=sweep_cases,
             sweep_start=sweep_start,
             data_path=str(data) if data else None,
+            approx=approx,
         )
         settings.check()
         if data is not None and not data.is_file():

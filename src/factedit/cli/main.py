@@ -351,7 +351,11 @@ def stats(
     data_dir: DataDirOpt = None,
     choice: ModelChoice = ModelChoice(),
 ) -> None:
-    """Compute (or load from cache) the second moment E[kkᵀ] of the rewrite module's input."""
+    """Compute (or load from cache) the second moment E[kkᵀ] of the rewrite module's input.
+
+    Started with ``torchrun --nproc-per-node N -m factedit stats ...`` the pass is shared by the N processes
+    (same result, same cache file); see docs/distributed.md."""
+    from factedit import distributed
     from factedit.editing.hparams import check_stats_tokens
     from factedit.stats.second_moment import ACC_DTYPES, second_moments
 
@@ -360,6 +364,7 @@ def stats(
         check_corpus(corpus)
         if dtype_acc not in ACC_DTYPES:
             raise FactEditError(f"--accumulate {dtype_acc!r}: choose one of {', '.join(ACC_DTYPES)}")
+        distributed.init(choice.device)  # before the load: on GPUs each rank takes cuda:LOCAL_RANK
         mdl, tok = choice.load(caches=("models", "stats"))
         check_stats_tokens(mdl, layer, tokens, "--tokens")
         started = time.perf_counter()
@@ -368,9 +373,12 @@ def stats(
         )
     except FactEditError as exc:
         fail(exc)
+    if not distributed.is_main():  # the ranks hold the same matrices: one of them reports
+        return
     for lyr, c in moments.items():
         console.print(f"layer {lyr}: {tuple(c.shape)}  trace {float(c.trace()):.4g}")
-    console.print(f"done in {time.perf_counter() - started:.1f}s")
+    shared = f" by {distributed.world_size()} processes" if distributed.active() else ""
+    console.print(f"done{shared} in {time.perf_counter() - started:.1f}s")
 
 
 def _register_optional() -> None:

@@ -51,6 +51,22 @@ SeverOpt = Annotated[
 FormatsOpt = Annotated[
     str, typer.Option(help="comma-separated figure formats, e.g. png,pdf or png,svg", metavar="LIST")
 ]
+ApproxOpt = Annotated[
+    bool,
+    typer.Option(
+        "--approx",
+        help="estimate the scores to first order (attribution patching: the same noised runs and one backward "
+        "pass) instead of re-running the model per restored state",
+    ),
+]
+VerifyOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="with --approx: re-patch exactly the K cells per kind with the largest estimated effect (and a few "
+        "seeded random ones) and report how well the estimates agree there",
+        metavar="K",
+    ),
+]
 
 
 AutocastOpt = Annotated[
@@ -69,6 +85,17 @@ def _formats(text: str) -> tuple[str, ...]:
     if bad or not formats:
         raise FactEditError(f"unknown figure format(s) {bad or text!r}: choose from png, pdf, svg")
     return formats
+
+
+def _method(method: str, approx: bool, verify: int | None) -> tuple[str, int]:
+    """The method and the number of cells to verify, from ``--method``, ``--approx`` and ``--verify``."""
+    if verify is not None and not approx and method != "attribution":
+        raise FactEditError("--verify re-patches the cells of an estimated trace: give --approx with it")
+    if verify is not None and (isinstance(verify, bool) or verify < 0):
+        raise FactEditError(f"--verify must be a whole number of cells, 0 or more; got {verify}")
+    if approx and method == "straightforward":
+        raise FactEditError("--approx estimates the scores: leave out --method straightforward")
+    return ("attribution" if approx else method), (verify or 0)
 
 
 def _kinds(kind: str, sever: bool) -> list[str]:
@@ -100,8 +127,14 @@ def trace_command(
     window: WindowOpt = 10,
     seed: SeedOpt = 1,
     method: Annotated[
-        str, typer.Option(help="fast or straightforward (the official computation)", metavar="NAME")
+        str,
+        typer.Option(
+            help="fast, straightforward (the official computation) or attribution (the same as --approx)",
+            metavar="NAME",
+        ),
     ] = "fast",
+    approx: ApproxOpt = False,
+    verify: VerifyOpt = None,
     batch_size: BatchOpt = 512,
     out: Annotated[Path, typer.Option(help="folder for trace.json, trace.npz and the heatmaps", metavar="DIR")] = Path(
         "trace"
@@ -120,6 +153,7 @@ def trace_command(
     from factedit.tracing.plots import plot_trace_all
 
     try:  # every setting, the prompt and the output folder are checked before the model is loaded
+        method, n_verify = _method(method, approx, verify)
         kinds = _kinds(kind, sever)
         fmts = _formats(formats)
         template = as_template(prompt, subject)
@@ -134,6 +168,7 @@ def trace_command(
             batch_size=batch_size,
             method=method,
             autocast=autocast,
+            verify=n_verify,
         )
         check_output_path(out, "--out")
         mdl, tok = choice.load(caches=("models", "tracing"))
@@ -153,6 +188,7 @@ def trace_command(
             method=method,
             batch_size=batch_size,
             autocast=autocast,
+            verify=n_verify,
             progress=progress(),
         )
         result.meta["model"] = choice.label
@@ -165,19 +201,38 @@ def trace_command(
         f"{result.prompt!r} → {result.answer!r}: clean p={result.clean_prob:.4f}, corrupted "
         f"p={result.low_prob:.4f} (noise {result.noise:.4g}, {result.samples} samples)"
     )
+    if result.estimated:
+        title += " — first-order estimates (attribution patching)"
     table = Table(title=escape(title))
-    for col in ("kind", "peak token", "peak layer", "p restored", "indirect effect"):
+    columns = ["kind", "peak token", "peak layer", "p restored", "indirect effect"]
+    if result.estimated:
+        columns += ["peak is", "Spearman", f"top-{n_verify} overlap"] if n_verify else ["peak is"]
+    for col in columns:
         table.add_column(col)
     for k in result.kinds:
         t, layer, score = result.peak(k)
-        table.add_row(
-            k, escape(f"{t} {result.tokens[t]!r}"), str(layer), f"{score:.4f}", f"{score - result.low_prob:+.4f}"
-        )
+        row = [k, escape(f"{t} {result.tokens[t]!r}"), str(layer), f"{score:.4f}", f"{score - result.low_prob:+.4f}"]
+        if result.estimated:
+            row.append("exact" if result.exact_mask(k)[t, layer] else "estimated")
+            if n_verify:
+                cert = result.certificate.get(k, {})
+                row += [_number(cert.get("spearman")), _number(cert.get("top_k_overlap"))]
+        table.add_row(*row)
     console.print(table)
-    console.print(
-        f"{result.meta['restorations']} restorations in {result.meta['seconds']:.1f}s; wrote "
-        f"{len(files)} files to {out}"
-    )
+    if result.estimated:
+        console.print(
+            f"map estimated in {result.meta['seconds_estimate']:.1f}s; {result.meta['restorations']} cells "
+            f"re-patched exactly; {result.meta['seconds']:.1f}s in all; wrote {len(files)} files to {out}"
+        )
+    else:
+        console.print(
+            f"{result.meta['restorations']} restorations in {result.meta['seconds']:.1f}s; wrote "
+            f"{len(files)} files to {out}"
+        )
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @with_model_options
@@ -202,6 +257,8 @@ def trace_dataset_command(
     window: WindowOpt = 10,
     seed: SeedOpt = 1,
     batch_size: BatchOpt = 512,
+    approx: ApproxOpt = False,
+    verify: VerifyOpt = None,
     summarize_only: Annotated[
         bool, typer.Option("--summarize-only", help="only summarise the facts already traced in --out (no model)")
     ] = False,
@@ -218,6 +275,7 @@ def trace_dataset_command(
         if summarize_only:
             table = write_summary(out)
         else:  # settings, data file and output folder checked before the model is loaded
+            method, n_verify = _method("fast", approx, verify)
             check_trace_settings(
                 samples=samples,
                 noise=noise,
@@ -225,6 +283,8 @@ def trace_dataset_command(
                 window=window,
                 batch_size=batch_size,
                 autocast=autocast,
+                method=method,
+                verify=n_verify,
             )
             if data is not None and not data.is_file():
                 raise FactEditError(f"--data {data} {'is a folder: give the file' if data.is_dir() else 'not found'}")
@@ -244,6 +304,8 @@ def trace_dataset_command(
                 seed=seed,
                 batch_size=batch_size,
                 autocast=autocast,
+                method=method,
+                verify=n_verify,
                 progress=progress(),
             )
     except FactEditError as exc:
@@ -258,7 +320,31 @@ def trace_dataset_command(
         ci = f"[{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]"
         summary.add_row(k, p["bucket"], str(p["layer"]), f"{p['mean']:.4f}", ci)
     console.print(summary)
+    _print_agreement(out)
     console.print(escape(f"table: {out / 'effects.csv'}, plots: {out}"))
+
+
+def _print_agreement(out: Path) -> None:
+    """The certificates averaged over the facts, when the run estimated and verified them."""
+    import json
+
+    try:
+        agreement = json.loads((out / "effects.json").read_text()).get("certificate")
+    except (OSError, ValueError):
+        return
+    if not agreement:
+        return
+    table = Table(title="estimates against exact re-patching at the verified cells (median over facts)")
+    for col in ("kind", "facts", "K", "Spearman", "top-K overlap", "largest |error|"):
+        table.add_column(col)
+    for kind, row in agreement.items():
+        table.add_row(
+            kind,
+            str(row["n_facts"]),
+            str(row["k"]),
+            *(_number(row[m]["median"]) for m in ("spearman", "top_k_overlap", "max_abs_error")),
+        )
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -76,6 +76,7 @@ LIMITS: dict[str, Range] = {
     "lr": Range(0, 1, low_open=True),  # FT 5e-4
     "weight_decay": Range(0, 100),  # FT 0
     "norm_constraint": Range(0, 10, low_open=True),  # FT-L 5e-4
+    "key_fit_ridge": Range(0, 1e6, low_open=True),  # ROME key_fit="every_template": 0.01
 }
 TEMPLATE_LENGTH = Range(1, 256)  # tokens per generated context template (ROME 5 and 10)
 TEMPLATE_COUNT = Range(1, 100)  # templates of one length (ROME 10, MEMIT 5 per start)
@@ -358,6 +359,16 @@ class ROMEHyperParams(ValueOptimizationParams):
     # ROME's compute_u: the bare prompt is 1 of 21); "context_types" = within each context type, then over
     # the types (official MEMIT's compute_ks: the bare prompt is 1 of 3 types).
     key_average: Literal["templates", "context_types"] = "templates"
+    # What the v* optimisation adds at each prompt's subject: "injected" = the same change at every prompt
+    # (ROME, r-ROME); "applied" = the change the rank-one update will really make there, which scales with
+    # that prompt's key (k_iᵀu / kᵀu), so v* is fitted to the edit that is applied (factedit, see rome.py).
+    value_objective: Literal["injected", "applied"] = "injected"
+    # Which direction u the rank-one update reads keys along: "mean" = C⁻¹k* (ROME); "every_template" =
+    # the least-C-norm u with uᵀkᵢ ≈ uᵀk* for every template's key kᵢ (ridge ``key_fit_ridge``, relative to
+    # the mean of diag(KᵀC⁻¹K)), so that every context, the bare prompt included, gets the change v* was
+    # optimised for (factedit, see rome.py). As the ridge grows, u tends to ROME's direction.
+    key_fit: Literal["mean", "every_template"] = "mean"
+    key_fit_ridge: float = 0.01
 
     @classmethod
     def method(cls) -> str:

@@ -6,6 +6,13 @@
    residual R = z − (current last-layer output), spread as R / (n_layers − i), and
    ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ solved in float64; later layers see earlier updates.
 The statistics C, keys, templates and value optimisation are the core's, shared with ROME.
+
+Several processes (every rank of a torchrun job calling :func:`compute_memit` with the same requests,
+:mod:`factedit.distributed`): the z chunks (``batch_size`` requests each, the same chunks as one process)
+are shared out by rank, each rank optimising every ``world``-th chunk (and keeping it in ``z_cache``), and
+gathered in order; the statistics are computed together. The keys and the solve, a small part of the time,
+are then done by every rank on the same inputs, so every rank returns the same patch as one process
+(within float tolerance: docs/distributed.md); the caller writes it once (rank 0).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from factedit import distributed
 from factedit.editing.hparams import MEMITHyperParams
 from factedit.editing.keys import lookup_position, mean_keys, module_inputs_at
 from factedit.editing.patch import Patch, PatchEntry
@@ -151,8 +159,18 @@ def compute_memit(
     started = time.perf_counter()
     zs = []
     histories: list[list[dict[str, float]]] = []
-    z_stage = progress.stage(f"{method} z vectors", total=len(problems), unit="req")
-    for start in range(0, len(problems), hp.batch_size):
+    starts = list(range(0, len(problems), hp.batch_size))
+    sharded = distributed.collective()
+    own = set(distributed.shard(starts)) if sharded else set(starts)
+    z_stage = progress.stage(
+        f"{method} z vectors" + (f" (rank {distributed.rank()} of {distributed.world_size()})" if sharded else ""),
+        total=sum(len(problems[i : i + hp.batch_size]) for i in own),
+        unit="req",
+    )
+    by_start: dict[int, tuple[torch.Tensor, list[list[dict[str, float]]]]] = {}
+    for start in starts:
+        if start not in own:
+            continue
         chunk = problems[start : start + hp.batch_size]
         path = None
         if z_cache is not None:
@@ -171,21 +189,32 @@ def compute_memit(
                 z = cached.get("z")
                 if z is None or z.ndim != 2 or z.shape[0] != len(chunk):
                     raise FactEditError(f"MEMIT z cache file {path} does not fit this chunk; delete it to recompute")
-                zs.append(z.to(module_device(model, arch.block(z_layer))))  # where optimised z's live
-                histories.extend([{"total": 0.0, "cached": 1.0}] for _ in chunk)
+                # where optimised z's live
+                by_start[start] = (
+                    z.to(module_device(model, arch.block(z_layer))),
+                    [[{"total": 0.0, "cached": 1.0}] for _ in chunk],
+                )
                 z_stage.advance(len(chunk))
                 continue
         values = optimize_values(
             model, arch, chunk, site=arch.block(z_layer), layer=z_layer, hparams=hp, pad=pad_id(tok), progress=progress
         )
         z = values.targets
-        histories.extend(values.losses)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, save_signed({"z": z}, {"format": "factedit-memit-z-v1"}))
-        zs.append(z)
+        by_start[start] = (z, values.losses)
         z_stage.advance(len(chunk))
     z_stage.close()
+    if sharded:  # every rank gets every chunk's z (and its losses), in order
+        z_device = module_device(model, arch.block(z_layer))
+        shared = distributed.all_gather_objects(
+            {i: (z.cpu(), h) for i, (z, h) in by_start.items()}, f"gathering the {method} z vectors"
+        )
+        by_start = {i: (z.to(z_device), h) for part in shared for i, (z, h) in part.items()}
+    for start in starts:
+        zs.append(by_start[start][0])
+        histories.extend(by_start[start][1])
     zs = torch.cat(zs)  # (n, d)
     timings["z"] = time.perf_counter() - started
 

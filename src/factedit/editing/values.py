@@ -25,7 +25,7 @@ rewrite layer's); logits and states are moved there, never the other way round.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -57,6 +57,17 @@ class ValueProblem:
     kl_prompts: list[list[int]]
     kl_lookup: list[int]
     target: list[int]
+    kl_prompt_texts: tuple[str, ...] = (KL_PROMPT,)  # the KL prompts before encoding ("{}" = the subject)
+    # Optional (ROME's "applied" objective): what each prompt sees of the change is
+    # ``gain[i] * (delta + offset)`` instead of ``delta``; gains for the rewrite prompts, then the KL prompts.
+    gains: list[float] | None = None
+    offset: torch.Tensor | None = None  # (d,)
+
+    def with_response(self, gains: list[float], offset: torch.Tensor) -> ValueProblem:
+        """The same problem, with each prompt's response to the change set (see ``gains``)."""
+        if len(gains) != len(self.rewrite_prompts) + len(self.kl_prompts):
+            raise ValueError(f"{len(gains)} gains for {len(self.rewrite_prompts) + len(self.kl_prompts)} prompts")
+        return replace(self, gains=list(gains), offset=offset)
 
 
 def build_value_problem(
@@ -81,6 +92,7 @@ def build_value_problem(
         kl_prompts=[p.ids for p in kl],
         kl_lookup=[lookup_position(p, fact_token) for p in kl],
         target=target,
+        kl_prompt_texts=tuple(kl_prompts),
     )
 
 
@@ -112,13 +124,29 @@ class _Rows:
     kl_rows: torch.Tensor  # (K,)
     kl_problem: torch.Tensor  # (K,)
     first_rows: torch.Tensor  # (n,) first rewrite row of each problem
+    gain: torch.Tensor | None = None  # (B,) each row's share of the change; None = every row gets delta
+    offset: torch.Tensor | None = None  # (B, d) gain * offset of the row's problem
+
+    def injected(self, delta: torch.Tensor) -> torch.Tensor:
+        """(B, d): what is added at each row's lookup, from the per-problem ``delta`` (n, d)."""
+        per_row = delta[self.problem]
+        if self.gain is None:
+            return per_row
+        return self.gain[:, None] * per_row + self.offset
 
 
 def _flatten(problems: list[ValueProblem], device: torch.device) -> _Rows:
     ids, lookup, problem = [], [], []
     rw_rows, rw_pos, rw_ids, rw_tok_row, rw_problem, rw_len = [], [], [], [], [], []
     kl_rows, kl_problem, first_rows = [], [], []
+    gains, offsets = [], []
+    responsive = any(p.gains is not None for p in problems)
     for p_idx, prob in enumerate(problems):
+        if responsive:
+            n_rows = len(prob.rewrite_prompts) + len(prob.kl_prompts)
+            row_gains = prob.gains if prob.gains is not None else [1.0] * n_rows
+            gains.extend(row_gains)
+            offsets.extend([(g, prob.offset) for g in row_gains])
         first_rows.append(len(ids))
         for prompt, look, length in zip(prob.rewrite_prompts, prob.rewrite_lookup, prob.prompt_lengths, strict=True):
             row = len(ids)
@@ -142,6 +170,16 @@ def _flatten(problems: list[ValueProblem], device: torch.device) -> _Rows:
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)
 
+    gain = offset = None
+    if responsive:
+        gain = torch.tensor(gains, dtype=torch.float32, device=device)
+        width = next(p.offset.numel() for p in problems if p.offset is not None)
+        offset = torch.stack(
+            [
+                g * o.to(device, torch.float32) if o is not None else torch.zeros(width, device=device)
+                for g, o in offsets
+            ]
+        )
     return _Rows(
         ids,
         t(lookup),
@@ -155,6 +193,8 @@ def _flatten(problems: list[ValueProblem], device: torch.device) -> _Rows:
         t(kl_rows),
         t(kl_problem),
         t(first_rows),
+        gain,
+        offset,
     )
 
 
@@ -262,6 +302,12 @@ def optimize_values(
 
     active = torch.arange(n, device=device)
     sub_rows, sub_prefix = rows, prefix
+
+    def forward(rows_: _Rows, prefix_: _PrefixCache, injected: torch.Tensor):
+        if hparams.prefix_cache:
+            return _fast_forward(model, arch, site, rows_, prefix_, injected)
+        return _plain_forward(model, arch, site, rows_, injected, pad)
+
     with (
         frozen(model),
         as_progress(progress).stage("value optimisation", total=hparams.v_num_grad_steps, unit="step") as stage,
@@ -275,10 +321,7 @@ def optimize_values(
                 sub_rows = _flatten([problems[i] for i in active.tolist()], device)
                 sub_prefix = prefix.select(torch.isin(rows.problem, active).nonzero().squeeze(1))
             d = delta[active]
-            if hparams.prefix_cache:
-                rw_logits, kl_logits = _fast_forward(model, arch, site, sub_rows, sub_prefix, d)
-            else:
-                rw_logits, kl_logits = _plain_forward(model, arch, site, sub_rows, d, pad)
+            rw_logits, kl_logits = forward(sub_rows, sub_prefix, sub_rows.injected(d))
             rw_logp = torch.log_softmax(rw_logits.float(), dim=-1).gather(1, sub_rows.rw_ids[:, None]).squeeze(1)
             per_row = torch.zeros(len(sub_rows.rw_problem), device=device).index_add(
                 0, sub_rows.rw_row_of_token, rw_logp
@@ -286,8 +329,13 @@ def optimize_values(
             nll_each = -per_row / sub_rows.rw_target_len
             nll = _per_problem_mean(nll_each, sub_rows.rw_problem, m)
             kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()  # first step: every request active, delta = 0
+            if kl_init is None:  # first step: every request active, delta = 0
+                if rows.gain is None:  # nothing is added yet: these are the unedited distributions
+                    kl_init = kl_logp.detach().clone()
+                else:  # at delta = 0 the applied change is gain * offset: read the unedited model apart
+                    with torch.no_grad():
+                        _, kl_clean = forward(rows, prefix, torch.zeros(len(rows.ids), d.shape[1], device=device))
+                    kl_init = torch.log_softmax(kl_clean.float(), dim=-1)
             kl_ref = kl_init[torch.isin(rows.kl_problem, active)]
             kl_each = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)  # = F.kl_div(init, cur, log_target=True)
             kl = hparams.kl_factor * _per_problem_mean(kl_each, sub_rows.kl_problem, m)
@@ -322,28 +370,31 @@ def optimize_values(
     return ValueResult(target_init=target_init, delta=delta.detach(), steps=steps, losses=history)
 
 
-def _plain_forward(model, arch, site, rows: _Rows, delta, pad):
-    """The official computation: every prompt, every layer, logits everywhere (returned on delta's device)."""
+def _plain_forward(model, arch, site, rows: _Rows, injected, pad):
+    """The official computation: every prompt, every layer, logits everywhere (returned on delta's device).
+
+    ``injected`` (B, d): what is added at each row's lookup.
+    """
     ids, mask = pad_right(rows.ids, pad, input_device(model))
-    b = torch.arange(len(rows.ids), device=delta.device)
+    b = torch.arange(len(rows.ids), device=injected.device)
 
     def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
         where = (b.to(out.device), rows.lookup.to(out.device))
-        return out.index_put(where, delta[rows.problem].to(out.device, out.dtype), accumulate=True)
+        return out.index_put(where, injected.to(out.device, out.dtype), accumulate=True)
 
     with Trace(model, site, retain_output=False, edit_output=add_delta):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     at = logits.device
     rw = logits[rows.rw_rows.to(at), rows.rw_pos.to(at)]
     kl = logits[rows.kl_rows.to(at), rows.lookup[rows.kl_rows].to(at)]
-    return rw.to(delta.device), kl.to(delta.device)
+    return rw.to(injected.device), kl.to(injected.device)
 
 
-def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, delta):
+def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, injected):
     """Only the edited block and above, only from the lookup token on, logits only where read."""
 
     def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
-        first = out[:, :1] + delta[rows.problem].to(out.device, out.dtype)[:, None]
+        first = out[:, :1] + injected.to(out.device, out.dtype)[:, None]
         return torch.cat([first, out[:, 1:]], dim=1)
 
     with (
@@ -362,5 +413,5 @@ def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, delta):
     at = hidden.device
     rw_hidden = hidden[rows.rw_rows.to(at), (rows.rw_pos - rows.lookup[rows.rw_rows]).to(at)]
     kl_hidden = hidden[rows.kl_rows.to(at), 0]
-    logits = lm_logits(model, arch, torch.cat([rw_hidden, kl_hidden])).to(delta.device)
+    logits = lm_logits(model, arch, torch.cat([rw_hidden, kl_hidden])).to(injected.device)
     return logits[: len(rows.rw_rows)], logits[len(rows.rw_rows) :]

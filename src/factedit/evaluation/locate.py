@@ -62,6 +62,9 @@ class LocateSettings:
     data_path: str | None = None  # CounterFact file (default: the data folder's)
     knowns_path: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # ROME hyper-parameters of the sweep (not layers)
+    # Trace with first-order (attribution-patching) estimates instead of exact restorations: minutes
+    # instead of hours on a deep model; a window's estimate sums its layers' (docs/tracing.md).
+    approx: bool = False
 
     def check(self) -> None:
         for name, low in (("n_facts", 1), ("samples", 1), ("window", 1), ("sweep_cases", 1)):
@@ -139,6 +142,7 @@ def locate(
         samples=settings.samples,
         window=settings.window,
         seed=settings.seed,
+        method="attribution" if settings.approx else "fast",
         plots=True,
         progress=progress,
     )

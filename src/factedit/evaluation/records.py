@@ -3,6 +3,10 @@
 ``cases.jsonl`` is an append-only log, one JSON line per finished case; each line starts with the
 case's header (:func:`case_header`) and, for an edited case, a few numbers about the edit
 (:func:`edit_info`). Both drivers write it, so it lives here rather than in either of them.
+
+A run started with torchrun writes one log per rank instead, ``cases.rank<r>.jsonl`` (each rank appends
+only to its own); a run may mix them (started alone, resumed on two processes, or the other way round), so
+whatever reads a run reads all its logs with :func:`read_cases`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CASES = "cases.jsonl"
+RANK_CASES = "cases.rank{rank}.jsonl"
+_RANK_LOG = re.compile(r"cases\.rank(\d+)\.jsonl")
 # scores only the edited model gets (generation is slow and the unedited model's comes from a 'none' run)
 GENERATION_KEYS = ("ngram_entropy", "reference_score", "text")
 
@@ -72,6 +79,35 @@ class CaseLog:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def case_log_name(rank: int | None = None) -> str:
+    """The log a process appends to: ``cases.jsonl`` alone, ``cases.rank<r>.jsonl`` as rank ``r`` of several."""
+    return CASES if rank is None else RANK_CASES.format(rank=rank)
+
+
+def case_logs(folder: str | Path) -> list[Path]:
+    """Every case log of a run folder: ``cases.jsonl`` first, then the rank logs by rank."""
+    folder = Path(folder)
+    ranked = sorted(
+        (int(m.group(1)), p) for p in folder.glob("cases.rank*.jsonl") if (m := _RANK_LOG.fullmatch(p.name))
+    )
+    plain = [folder / CASES] if (folder / CASES).is_file() else []
+    return plain + [p for _, p in ranked]
+
+
+def read_cases(folder: str | Path, *, repair: bool = False) -> dict[str, dict[str, Any]]:
+    """All finished cases of a run, merged over its logs (the first line of a case wins, as within a log).
+
+    ``repair`` cuts a torn last line off each log (only for the process that owns the folder's logs)."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in case_logs(folder):
+        for key, record in CaseLog(path).load(repair=repair).items():
+            if key in done:
+                log.warning("%s: case %s is also in another log of the run; keeping the first", path, key)
+                continue
+            done[key] = record
+    return done
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

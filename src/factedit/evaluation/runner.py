@@ -21,6 +21,15 @@ Batch and sequential runs save each chunk's patch under ``patches/`` as soon as 
 so a resumed run re-applies them instead of recomputing (and AlphaEdit's kept keys beside them).
 The unedited model's scores (``pre``) may be taken from an earlier run of the same model and data
 (``pre_from``), since they do not depend on the method.
+
+Several processes (``torchrun ... -m factedit eval ...``, :mod:`factedit.distributed`): the cases still to do
+are shared out by rank (whole groups of ``group``, in data-set order: rank ``r`` takes every ``world``-th),
+each rank appends to its own log ``cases.rank<r>.jsonl`` in the same folder, and a case's line is the
+line one process would write (the same edit from the same unedited model). Rank 0 checks and writes the
+manifest (which records the world size), repairs torn lines and decides what is done, from all the logs,
+so a run resumes per rank and after a change of world size (alone or on any number of processes). A rank
+that fails ends the run (torchrun stops the others); every line written before is kept: run again to
+resume. Batch and sequential runs are not shared out (their chunks depend on one another's saved state).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from factedit import distributed
 from factedit.data import load_dataset
 from factedit.data.counterfact import CounterFactCase
 from factedit.errors import FactEditError
@@ -48,12 +58,14 @@ from factedit.evaluation.cases import GenerationSettings, evaluate_counterfact, 
 from factedit.evaluation.config import RunConfig, RunReport
 from factedit.evaluation.edits import RunMethod
 from factedit.evaluation.records import (
-    CASES,
     GENERATION_KEYS,
     MANIFEST,
     CaseLog,
     case_header,
+    case_log_name,
+    case_logs,
     edit_info,
+    read_cases,
     read_manifest,
 )
 from factedit.evaluation.reference import reference_texts
@@ -70,19 +82,22 @@ FORMAT = "factedit-eval-run-v1"
 
 
 @contextlib.contextmanager
-def _run_lock(folder: Path) -> Iterator[None]:
-    """Refuse two processes writing the same run folder."""
+def _run_lock(folder: Path, rank: int = 0) -> Iterator[None]:
+    """Refuse two runs writing the same run folder: one process, or rank 0 of several, holds ``.lock``
+    (so a second run of either kind is refused); the other ranks hold one lock each beside it."""
     try:
         import fcntl
     except ImportError:  # not on POSIX: no lock
         yield
         return
-    fh = open(folder / ".lock", "w")
+    fh = open(folder / (".lock" if rank == 0 else f".lock.rank{rank}"), "w")
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise FactEditError(f"run folder {folder} is in use by another process") from exc
+            locked = True
+        except OSError:
+            locked = False
+        distributed.agree(locked, f"run folder {folder} is in use by another process", "locking the run folder")
         yield
     finally:
         fh.close()
@@ -190,9 +205,16 @@ def run_evaluation(
         dataset.cases = [case.in_formats(formats["edit"], formats["eval"]) for case in dataset.cases]
     method = RunMethod(model, tok, config.method, config.hparams, config.overrides or None, progress=progress)
     mode = _mode(config, method)
+    distributed.init(next(model.parameters()).device)  # joins the ranks when started by torchrun; else nothing
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and mode["kind"] != "single":
+        raise FactEditError(
+            f"{mode['kind']} runs are not shared between processes (each chunk depends on saved state): "
+            "run them in one process, or drop --batch/--sequential"
+        )
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    with _run_lock(out):
+    with _run_lock(out, rank):
         # generation metrics (slow) only for the first gen_cases cases, when limited
         gen_ids = (
             None if config.gen_cases is None else frozenset(str(c.case_id) for c in dataset.cases[: config.gen_cases])
@@ -241,91 +263,151 @@ def run_evaluation(
             # absent (None) for raw/raw, so runs made before chat prompts existed still resume
             "prompts": _prompts_manifest(config, formats),
             "torch_threads": torch.get_num_threads(),
+            "world_size": world,  # processes that share the cases (each rank its own cases.rank<r>.jsonl)
             "notes": _notes(config, reference),
         }
-        path = out / MANIFEST
-        if path.is_file():
-            old = read_manifest(out)
-            _check_resumable(old, manifest, out)
-            manifest["created"] = old.get("created")
-        else:
-            manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-        manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-        atomic_write_bytes(path, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
-
-        caselog = CaseLog(out / CASES)
-        done = caselog.load()
+        if world > 1:
+            _check_same_run(manifest)
+        done = distributed.on_main(lambda: _start(out, manifest), "checking and writing the run's manifest")
+        distributed.agree(
+            (out / MANIFEST).is_file(),
+            f"rank {rank} does not see the run folder {out} rank 0 wrote: with several machines it must be on "
+            "a shared file system",
+            "checking the run folder is shared",
+        )
+        # a full run's ``done`` is everything: the records themselves stay on disk (a rank never needs them)
+        done = {key: {} for key in done} if isinstance(done, list) else done
+        caselog = CaseLog(out / case_log_name(rank if world > 1 else None))
         todo = [c for c in dataset.cases if str(c.case_id) not in done]
         already = len(dataset) - len(todo)
-        if already:
+        if already and distributed.is_main():
             log.info("resuming %s: %d of %d cases already done", out, already, len(dataset))
         errors = 0
-        stage = progress.stage("evaluating", total=len(dataset), unit="case")
-        if already:
-            stage.advance(already)
+        evaluated = 0
+        if world > 1:
+            groups = distributed.shard(list(_groups(dataset.cases, todo, _group_size(config, method))))
+            mine = [case for group in groups for case in group]
+            log.info("rank %d of %d: %d of the %d cases still to do", rank, world, len(mine), len(todo))
+            stage = progress.stage(f"evaluating (rank {rank} of {world})", total=len(mine), unit="case")
+        else:
+            mine = todo
+            stage = progress.stage("evaluating", total=len(dataset), unit="case")
+            if already:
+                stage.advance(already)
 
         def finished(case, record: dict[str, Any]) -> None:
-            nonlocal errors
+            nonlocal errors, evaluated
             errors += "error" in record
+            evaluated += 1
             caselog.append(record)
             stage.advance(1, errors=errors)
             if on_case is not None:
                 on_case(str(case.case_id), record)
 
         try:
-            pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
-            if mode["kind"] == "single":
-                each = method.capabilities.each
-                if config.group > 1 and method.name != "none" and not each:
-                    log.warning("%s computes one edit at a time; group=%d is ignored", method.name, config.group)
-                for group in _groups(dataset.cases, todo, config.group if each else 1):
-                    edits = _compute_each(model, tok, method, group) if len(group) > 1 else {}
-                    for case in group:
-                        finished(
-                            case,
-                            _evaluate_case(
-                                model,
-                                tok,
-                                method,
+            with distributed.independent():  # ranks are at different cases: nothing waits for the others
+                pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
+                if mode["kind"] == "single":
+                    each = method.capabilities.each
+                    if config.group > 1 and method.name != "none" and not each and distributed.is_main():
+                        log.warning("%s computes one edit at a time; group=%d is ignored", method.name, config.group)
+                    for group in _groups(dataset.cases, mine, _group_size(config, method)):
+                        edits = _compute_each(model, tok, method, group) if len(group) > 1 else {}
+                        for case in group:
+                            finished(
                                 case,
-                                config,
-                                gen,
-                                reference,
-                                base_fp,
-                                pre_known.get(str(case.case_id)),
-                                gen_ids,
-                                edits.get(str(case.case_id)),
-                            ),
-                        )
-            else:
-                run_chunks(
-                    model,
-                    tok,
-                    method,
-                    dataset.cases,
-                    done,
-                    config,
-                    mode,
-                    out,
-                    evaluate=lambda case, with_generation: _evaluate(
-                        model, tok, case, config, gen, reference, with_generation, gen_ids
-                    ),
-                    pre_known=pre_known,
-                    finished=finished,
-                    base_fp=base_fp,
-                    progress=progress,
-                )
+                                _evaluate_case(
+                                    model,
+                                    tok,
+                                    method,
+                                    case,
+                                    config,
+                                    gen,
+                                    reference,
+                                    base_fp,
+                                    pre_known.get(str(case.case_id)),
+                                    gen_ids,
+                                    edits.get(str(case.case_id)),
+                                ),
+                            )
+                else:
+                    run_chunks(
+                        model,
+                        tok,
+                        method,
+                        dataset.cases,
+                        done,
+                        config,
+                        mode,
+                        out,
+                        evaluate=lambda case, with_generation: _evaluate(
+                            model, tok, case, config, gen, reference, with_generation, gen_ids
+                        ),
+                        pre_known=pre_known,
+                        finished=finished,
+                        base_fp=base_fp,
+                        progress=progress,
+                    )
         finally:
             stage.close()
+        if world > 1:  # every rank reports the whole run, once all are done
+            counts = distributed.all_gather_objects((evaluated, errors), "waiting for the other ranks to finish")
+            evaluated, errors = sum(c[0] for c in counts), sum(c[1] for c in counts)
     return RunReport(
         out_dir=out,
         total=len(dataset),
         already_done=already,
-        evaluated=len(todo),
+        evaluated=len(todo) if world == 1 else evaluated,
         errors=errors,
         seconds=time.perf_counter() - started,
         skipped=len(dataset.skipped),
     )
+
+
+def _start(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]] | list[str]:
+    """Check a resumed run's manifest, write the manifest, repair torn lines of every log and read what
+    is done (one process, or rank 0 of several while the others wait: nobody writes meanwhile).
+
+    Several processes get the ids only (a list; they need to know what to skip, not the records)."""
+    path = out / MANIFEST
+    if path.is_file():
+        old = read_manifest(out)
+        _check_resumable(old, manifest, out)
+        manifest["created"] = old.get("created")
+        if old.get("world_size", 1) != manifest["world_size"]:
+            log.info(
+                "resuming %s on %d process(es); it ran on %d before",
+                out,
+                manifest["world_size"],
+                old.get("world_size", 1),
+            )
+    else:
+        manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+    atomic_write_bytes(path, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+    logs = case_logs(out)
+    if len(logs) > 1:
+        log.info("%s: reading %d case logs (%s)", out, len(logs), ", ".join(p.name for p in logs))
+    done = read_cases(out, repair=True)
+    return list(done) if manifest["world_size"] > 1 else done
+
+
+def _check_same_run(manifest: dict[str, Any]) -> None:
+    """Every rank must run the same evaluation: same weights, method, data and settings as rank 0."""
+    mine = {k: _get(manifest, k) for k in _MUST_MATCH + ("selection.n",)}
+    views = distributed.all_gather_objects(mine, "comparing the ranks' settings")
+    for other, view in enumerate(views):
+        diffs = [k for k in mine if json.dumps(view[k], sort_keys=True) != json.dumps(views[0][k], sort_keys=True)]
+        if diffs:
+            raise FactEditError(
+                f"rank {other} runs another evaluation than rank 0 ({', '.join(diffs)} differ): "
+                "start every rank with the same model, data and options"
+            )
+
+
+def _group_size(config: RunConfig, method: RunMethod) -> int:
+    """Cases computed together (``group``), for methods that compute independent edits at once."""
+    return config.group if method.capabilities.each else 1
 
 
 def _prompts_manifest(config: RunConfig, formats: dict[str, Any]) -> dict[str, Any] | None:
@@ -396,7 +478,7 @@ def _read_pre(folder: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]
                 f"--pre-from {folder}: its {key} ({_get(other, key)!r}) differs from this run's "
                 f"({_get(manifest, key)!r}); its unedited scores cannot be reused"
             )
-    cases = CaseLog(Path(folder) / CASES).load(repair=False)
+    cases = read_cases(folder)
     return {k: v["pre"] for k, v in cases.items() if "pre" in v}
 
 

@@ -28,7 +28,7 @@ from factedit.evaluation.metrics import (
     mean_ci,
     zsre_case_scores,
 )
-from factedit.evaluation.records import CASES, CaseLog, read_manifest
+from factedit.evaluation.records import read_cases, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Run:
 def load_run(path: str | Path) -> Run:
     folder = Path(path)
     manifest = read_manifest(folder)
-    records = CaseLog(folder / CASES).load(repair=False)
+    records = read_cases(folder)  # every log: one per rank when the run was sharded
     cases = {k: r for k, r in records.items() if "error" not in r}
     errors = {k: r["error"] for k, r in records.items() if "error" in r}
     return Run(path=folder, manifest=manifest, cases=cases, errors=errors)

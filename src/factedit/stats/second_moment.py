@@ -21,6 +21,16 @@ the difference between two samples of the corpus; half-precision passes on a CPU
 Never the other way: aliases are written only for float32 weights and read only by bfloat16/float16
 ones, so a float32 model always gets statistics computed on exactly its weights. Whether two models
 hold "the same weights" is decided by content (the cast fingerprint), never by name.
+
+Several processes (started with torchrun, :mod:`factedit.distributed`): the pass is sharded by document.
+Every rank tokenizes its own documents (positions ``rank, rank + world, ...`` of the corpus order), the ranks
+exchange the documents' token counts, and all of them replay the single-process pass's choice of text on
+those counts alone (:class:`SamplePlan`: the same pools, the same length sort, the same cut at ``n_tokens``),
+so the union of what the ranks count is exactly the one-process sample; each rank runs the model on its
+own documents of that sample only. The sums are added up in float64 over ranks, the first rank of each
+machine writes the cache file (atomically, under the same key as one process, so later single-process edits
+read it) and the others read it after a barrier. The matrices equal one process's up to float rounding
+(measured on tiny models: docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -39,6 +49,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from factedit import distributed
 from factedit.errors import FactEditError
 from factedit.hooks import TraceDict
 from factedit.integrity import dumps_signed_json, load_signed, loads_signed_json, save_signed
@@ -56,6 +67,9 @@ FORMAT = "factedit-mom2-v2"  # v1 plus the content checksum
 _REMEDY = "delete it to recompute"
 ACC_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ALIAS_FORMAT = "factedit-mom2-alias-v1"
+BATCH_TOKENS = 8192  # padded tokens per forward pass
+POOL_BATCHES = 16  # a pool holds text for this many batches before it is sorted by length and run
+ROUND_DOCUMENTS = 64  # documents each rank tokenizes between two exchanges of token counts (sharded pass)
 ALIAS_SUFFIX = ".alias.json"
 SHARED_FROM = torch.float32  # statistics computed on weights of this dtype ...
 SHARED_TO = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # ... also serve their casts to these
@@ -251,6 +265,18 @@ def load_second_moment(path: str | Path, key: StatsKey | None = None, dim: int |
     return moment
 
 
+def length_batches(pool: list[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
+    """Length-sorted batches of at most ``batch_tokens`` padded tokens (little padding waste)."""
+    batch: list[list[int]] = []
+    for ids in sorted(pool, key=len):
+        if batch and len(ids) * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(ids)
+    if batch:
+        yield batch
+
+
 def collect_second_moments(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -260,7 +286,7 @@ def collect_second_moments(
     n_tokens: int,
     max_length: int = 1024,
     dtype: str = "float32",
-    batch_tokens: int = 8192,
+    batch_tokens: int = BATCH_TOKENS,
     shuffle_seed: int | None = None,
     progress: Progress | bool | None = None,
 ) -> tuple[dict[int, torch.Tensor], int]:
@@ -296,17 +322,6 @@ def collect_second_moments(
         seen += take
         bar.advance(take)
 
-    def batches(pool: list[list[int]]):
-        """Length-sorted batches of at most ``batch_tokens`` padded tokens (little padding waste)."""
-        batch: list[list[int]] = []
-        for ids in sorted(pool, key=len):
-            if batch and len(ids) * (len(batch) + 1) > batch_tokens:
-                yield batch
-                batch = []
-            batch.append(ids)
-        if batch:
-            yield batch
-
     pool: list[list[int]] = []
     pool_tokens = 0
     docs = corpus.iter_documents(shuffle_seed)
@@ -318,8 +333,8 @@ def collect_second_moments(
                 pool.append(ids)
                 pool_tokens += len(ids)
         # Sort and run a pool once it holds enough text for the remaining sample (or the corpus ends).
-        if pool and (doc is None or pool_tokens >= min(n_tokens - seen, 16 * batch_tokens)):
-            for batch in batches(pool):
+        if pool and (doc is None or pool_tokens >= min(n_tokens - seen, POOL_BATCHES * batch_tokens)):
+            for batch in length_batches(pool, batch_tokens):
                 if seen >= n_tokens:
                     break
                 run_batch(batch)
@@ -334,6 +349,186 @@ def collect_second_moments(
     return {
         layer: (s / seen).to(torch.float32 if dtype == "float32" else torch.float64) for layer, s in sums.items()
     }, seen
+
+
+class SamplePlan:
+    """Which tokens :func:`collect_second_moments` counts, decided from the documents' token counts alone.
+
+    Fed ``(position, length)`` of each document in corpus order, it keeps the same pools (flushed once they
+    hold enough text for the rest of the sample, or :data:`POOL_BATCHES` batches), sorts a pool by length
+    the same stable way and cuts at ``n_tokens`` the same way (whole documents, then the first tokens of
+    one), and returns each flushed pool's choice as ``(position, tokens taken)``. Since the model is causal,
+    the first ``t`` tokens of a document have the same keys whether or not the rest follows, so these
+    pieces are exactly the one-process sample.
+    """
+
+    def __init__(self, n_tokens: int, batch_tokens: int = BATCH_TOKENS) -> None:
+        self.n_tokens, self.batch_tokens = n_tokens, batch_tokens
+        self.seen = 0
+        self.done = False
+        self._pool: list[tuple[int, int]] = []
+        self._pool_tokens = 0
+
+    def add(self, position: int, length: int) -> list[tuple[int, int]]:
+        if self.done:
+            return []
+        if length > 0:
+            self._pool.append((position, length))
+            self._pool_tokens += length
+        if self._pool and self._pool_tokens >= min(self.n_tokens - self.seen, POOL_BATCHES * self.batch_tokens):
+            return self._flush()
+        return []
+
+    def end(self) -> list[tuple[int, int]]:
+        """The corpus has no more documents."""
+        chosen = self._flush() if self._pool and not self.done else []
+        self.done = True
+        return chosen
+
+    def _flush(self) -> list[tuple[int, int]]:
+        chosen = []
+        for position, length in sorted(self._pool, key=lambda item: item[1]):
+            if self.seen >= self.n_tokens:
+                break
+            take = min(length, self.n_tokens - self.seen)
+            chosen.append((position, take))
+            self.seen += take
+        self._pool, self._pool_tokens = [], 0
+        self.done = self.seen >= self.n_tokens
+        return chosen
+
+
+def collect_second_moments_sharded(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    layers: Iterable[int],
+    corpus: TextCorpus,
+    *,
+    n_tokens: int,
+    max_length: int = 1024,
+    dtype: str = "float32",
+    batch_tokens: int = BATCH_TOKENS,
+    shuffle_seed: int | None = None,
+    progress: Progress | bool | None = None,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """:func:`collect_second_moments` shared by all ranks (module docstring): the same sample, each rank's
+    documents on that rank, the sums added up in float64. Every rank must call it with the same arguments;
+    every rank gets the same result."""
+    arch = arch_for(model)
+    layers = sorted({check_layer(model, layer) for layer in layers})
+    names = [arch.rewrite_at(layer) for layer in layers]
+    acc_dtype = ACC_DTYPES[dtype]
+    device = input_device(model)
+    me, world = distributed.rank(), distributed.world_size()
+    sums: dict[int, torch.Tensor] = {}
+    counted = 0
+    pid = pad_id(tok)
+    plan = SamplePlan(n_tokens, batch_tokens)
+    bar = as_progress(progress).stage(
+        f"second moments of layer(s) {','.join(map(str, layers))} on {corpus.name}, rank {me} of {world} "
+        "(computed once, then cached)",
+        total=n_tokens,
+        unit="tok",
+    )
+
+    def run(pieces: list[list[int]]) -> None:
+        nonlocal counted
+        for batch in length_batches(pieces, batch_tokens):
+            ids, mask = pad_right(batch, pid, device)
+            with torch.no_grad(), TraceDict(model, names, retain_input=True, retain_output=False, stop=True) as tr:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            keep = mask.bool()
+            for layer, name in zip(layers, names):
+                inp = tr[name].input
+                k = inp[keep.to(inp.device)].to(acc_dtype)
+                sums[layer] = sums.get(layer, 0) + k.T @ k
+            counted += int(keep.sum())
+
+    mine: dict[int, list[int]] = {}  # position -> token ids of this rank's documents in the open pool
+    docs = corpus.iter_documents(shuffle_seed)
+    position = 0
+    while not plan.done:
+        lengths: list[tuple[int, int]] = []
+        start = position
+        for doc in docs:
+            if position % world == me:
+                ids = tok(doc, truncation=True, max_length=max_length)["input_ids"]
+                mine[position] = ids
+                lengths.append((position, len(ids)))
+            position += 1
+            if position - start == ROUND_DOCUMENTS * world:
+                break
+        ended = position - start < ROUND_DOCUMENTS * world  # every rank reads the same documents
+        merged = sorted(
+            item for part in distributed.all_gather_objects(lengths, "exchanging document lengths") for item in part
+        )
+        for pos, length in merged:
+            chosen = plan.add(pos, length)
+            if chosen or plan.done:
+                before = plan.seen - sum(take for _, take in chosen)
+                run([mine[p][:take] for p, take in chosen if p % world == me])
+                mine = {p: ids for p, ids in mine.items() if p > pos}
+                bar.advance(plan.seen - before)
+            if plan.done:
+                break
+        if ended and not plan.done:
+            before = plan.seen
+            chosen = plan.end()
+            run([mine[p][:take] for p, take in chosen if p % world == me])
+            bar.advance(plan.seen - before)
+    bar.close()
+    seen = plan.seen
+    dims = {layer: int(s.shape[0]) for layer, s in sums.items()}
+    for part in distributed.all_gather_objects(dims, "exchanging statistics shapes"):
+        dims.update(part)
+    total = int(distributed.all_reduce_sum(torch.tensor(float(counted)), "adding up token counts"))
+    if total != seen:  # every rank replays the same plan: a mismatch is a bug, never silently averaged
+        raise FactEditError(f"ranks counted {total} tokens for a sample of {seen}: the shards disagree; run again")
+    if seen == 0:
+        raise FactEditError(f"corpus {corpus.name} produced no tokens")
+    if seen < n_tokens:
+        log.warning("corpus %s has only %d tokens (asked for %d)", corpus.name, seen, n_tokens)
+    out_dtype = torch.float32 if dtype == "float32" else torch.float64
+    result = {}
+    for layer, name in zip(layers, names):
+        local = sums.get(layer)
+        if local is None or isinstance(local, int):
+            dim = dims.get(layer)
+            if dim is None:
+                raise FactEditError(f"no rank saw any token for layer {layer}")
+            local = torch.zeros(dim, dim, dtype=acc_dtype, device=module_device(model, name))
+        result[layer] = (distributed.all_reduce_sum(local, f"adding up the statistics of layer {layer}") / seen).to(
+            out_dtype
+        )
+    return result, seen
+
+
+def _check_same_keys(keys: dict[int, StatsKey]) -> None:
+    """Every rank must be about to compute the same statistics (same weights, corpus and settings)."""
+    views = distributed.all_gather_objects(keys, "comparing the statistics settings of the ranks")
+    for other, view in enumerate(views):
+        if view != views[0]:
+            detail = "; ".join(
+                _differing(view[layer], views[0][layer]) for layer in views[0] if view.get(layer) != views[0][layer]
+            )
+            raise FactEditError(
+                f"rank {other} asks for other statistics than rank 0 ({detail or 'other layers'}): "
+                "start every rank with the same model, corpus and options"
+            )
+
+
+def _share_cached(result: dict[int, torch.Tensor], layers: list[int], missing: list[int]) -> list[int]:
+    """Rank 0's view of the cache decides what is computed (so all ranks do the same passes); a layer
+    cached on rank 0's disk but not on another machine's is sent to it. Returns the layers to compute."""
+    missing = distributed.broadcast_object(missing, what="sharing which statistics are cached")
+    held = distributed.all_gather_objects(sorted(result), "sharing which statistics are cached")
+    for layer in layers:
+        if layer in missing:
+            result.pop(layer, None)
+        elif any(layer not in have for have in held):
+            moment = distributed.broadcast_tensor(result.get(layer), what=f"sending the statistics of layer {layer}")
+            result.setdefault(layer, moment)
+    return missing
 
 
 def second_moments(
@@ -370,6 +565,10 @@ def second_moments(
         )
         for layer in layers
     }
+    distributed.init(input_device(model))  # joins the process group when started by torchrun; else nothing
+    sharded = distributed.collective()
+    if sharded:
+        _check_same_keys(keys)
     result: dict[int, torch.Tensor] = {}
     if cache:
         reads_aliases = weights_dtype(model) in SHARED_TO.values()  # downward only: never for float32 weights
@@ -380,6 +579,8 @@ def second_moments(
             elif reads_aliases and (shared := load_aliased(key, cache_folder)) is not None:
                 result[layer] = shared
     missing = [layer for layer in layers if layer not in result]
+    if sharded:
+        missing = _share_cached(result, layers, missing)
     if result:
         log.info("second moments for layer(s) %s read from the cache (corpus %s)", sorted(result), text.source)
     if missing:
@@ -391,7 +592,8 @@ def second_moments(
             cache_folder or cache_dir("stats"),
         )
         started = time.perf_counter()
-        computed, seen = collect_second_moments(
+        collect = collect_second_moments_sharded if sharded else collect_second_moments
+        computed, seen = collect(
             model,
             tok,
             missing,
@@ -403,11 +605,19 @@ def second_moments(
             progress=progress,
         )
         log.info("second moments for layers %s: %d tokens in %.1fs", missing, seen, time.perf_counter() - started)
+        writes = not sharded or distributed.local_rank() == 0  # one writer per machine (its own disk)
         for layer, moment in computed.items():
-            if cache:
+            if cache and writes:
                 save_second_moment(stats_path(keys[layer], cache_folder), moment, keys[layer], seen)
             result[layer] = moment
-        if cache:
+        if cache and writes:
             write_aliases(model, [keys[layer] for layer in computed], cache_folder)
+        if sharded:
+            distributed.barrier("waiting for the statistics to be written")
+            if cache and not writes:  # the others read what was written: the very file later runs will read
+                for layer in computed:
+                    path = stats_path(keys[layer], cache_folder)
+                    if path.is_file():
+                        result[layer] = load_second_moment(path, keys[layer])
     # each matrix goes where its layer computes (layers of a placed model may sit on different devices)
     return {layer: result[layer].to(module_device(model, arch.rewrite_at(layer))) for layer in layers}

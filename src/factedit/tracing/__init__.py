@@ -1,6 +1,8 @@
 """Causal tracing: locate the states that carry a fact (ROME paper §2, Figs. 1–3).
 
-``causal_trace(model, tokenizer, prompt, subject)`` traces one fact;
+``causal_trace(model, tokenizer, prompt, subject)`` traces one fact (``method="attribution"``:
+first-order estimates, :mod:`factedit.tracing.attribution`, with ``verify=K`` exact re-patching of the
+top cells);
 ``trace_dataset(model, tokenizer, out_dir)`` averages effects over the known facts;
 ``plot_trace_all`` / ``plot_average_effects`` draw paper-style figures (matplotlib,
 imported only when plotting).
@@ -12,7 +14,13 @@ from factedit.tracing.effects import BUCKETS, EffectTable, summarize
 from factedit.tracing.kinds import ALL_KINDS, KINDS, SEVERED_KINDS, window_layers
 from factedit.tracing.knowns import KnownFact, KnownPrediction, known_by_model, load_known_facts
 from factedit.tracing.noise import embedding_std, make_noise, noise_scale
-from factedit.tracing.plots import plot_average_effects, plot_trace, plot_trace_all, plot_trace_combined
+from factedit.tracing.plots import (
+    plot_average_effects,
+    plot_certificate,
+    plot_trace,
+    plot_trace_all,
+    plot_trace_combined,
+)
 from factedit.tracing.result import TraceResult
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "embedding_std",
     "noise_scale",
     "plot_average_effects",
+    "plot_certificate",
     "plot_trace",
     "plot_trace_all",
     "plot_trace_combined",

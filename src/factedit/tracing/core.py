@@ -9,6 +9,9 @@ state and the layer windows are in :mod:`factedit.tracing.kinds`.
 Two runners give the same numbers: ``method="straightforward"``
 (:mod:`factedit.tracing.straightforward`, the official way) and ``method="fast"``
 (default, :mod:`factedit.tracing.fast`), which skips the work that cannot change.
+``method="attribution"`` (:mod:`factedit.tracing.attribution`) estimates the scores to first order
+from the same runs and one backward pass; ``verify=K`` then re-patches the top ``K`` cells (and a few
+random ones) exactly with the fast runner and records how well the estimates agree.
 
 This module is the entry point (:func:`causal_trace`); it also re-exports the names
 callers have always imported from it.
@@ -33,6 +36,7 @@ from factedit.models.placement import module_device
 from factedit.models.runtime import embedding_width
 from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject
+from factedit.tracing.attribution import AttributionTracer, certificate, choose_cells
 from factedit.tracing.fast import FastTracer
 from factedit.tracing.inputs import answer_token, layer_positions, split_prompt, token_positions
 from factedit.tracing.kinds import (
@@ -80,6 +84,7 @@ MAX_SAMPLES = 1000
 MAX_WINDOW = 1000
 MAX_BATCH_SIZE = 65_536
 MAX_NOISE = 1e4
+MAX_VERIFY = 100_000
 
 
 def check_trace_settings(
@@ -92,12 +97,19 @@ def check_trace_settings(
     batch_size: int = DEFAULT_BATCH_SIZE,
     method: str = "fast",
     autocast: str | None = None,
+    verify: int = 0,
 ) -> list[str]:
     """Check a trace's settings without a model (the CLI calls it before loading one); returns the kinds."""
     kinds = check_kinds(kinds)
     precision.autocast_dtype(autocast)
     if method not in METHODS:
         raise FactEditError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(verify, bool) or not isinstance(verify, int) or not 0 <= verify <= MAX_VERIFY:
+        raise FactEditError(
+            f"verify (cells to re-patch exactly) must be a whole number from 0 to {MAX_VERIFY:,}, got {verify!r}"
+        )
+    if verify and method != "attribution":
+        raise FactEditError("verify re-patches the cells of an estimated trace: it needs method 'attribution'")
     for name, value, high in (("samples", samples, MAX_SAMPLES), ("window", window, MAX_WINDOW)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
             raise FactEditError(f"{name} must be a whole number from 1 to {high:,}, got {value!r}")
@@ -132,6 +144,7 @@ def causal_trace(
     layers: Sequence[int] | None = None,
     sever_all_tokens: bool = False,
     autocast: str | None = None,
+    verify: int = 0,
     progress: Progress | bool | None = None,
 ) -> TraceResult:
     """Trace one fact: which hidden states / MLP / attention outputs carry it to the answer.
@@ -145,7 +158,12 @@ def causal_trace(
     from ``t`` on (default: at token ``t`` only, the official notebook's convention).
     ``autocast``: "bfloat16" runs the forward passes under ``torch.autocast`` (much faster on
     CPUs with AMX; scores then differ from float32 ones by bfloat16 rounding).
-    ``progress`` gets one stage, ``trace (<method>)``, counted in restorations.
+    ``method="attribution"``: first-order estimates (:mod:`factedit.tracing.attribution`); the result's
+    ``estimates`` hold them everywhere. ``verify=K`` (attribution only): re-patch the top ``K`` cells per
+    kind by estimated effect and a few seeded random ones exactly; ``scores`` then hold the exact values
+    there (listed in ``exact_cells``) and ``certificate`` the agreement per kind.
+    ``progress`` gets one stage, ``trace (<method>)``, counted in restorations (in backward passes for
+    attribution, followed by a ``verify`` stage counted in restorations).
     """
     started = time.perf_counter()
     kinds = check_trace_settings(  # refuse a bad option before any work
@@ -157,6 +175,7 @@ def causal_trace(
         batch_size=batch_size,
         method=method,
         autocast=autocast,
+        verify=verify,
     )
     arch = arch_for(model)
     template = split_prompt(prompt, subject)
@@ -178,7 +197,8 @@ def causal_trace(
     device = module_device(model, arch.embed)  # the noise is added to the embedding's output
     noise_t = make_noise(samples, n_subj, embedding_width(model, arch), scale, seed).to(device=device, dtype=dtype)
     with precision.autocast(model, autocast):
-        fact = FactRuns(model, arch, encoded, noise_t, kinds, keep_corrupted_kv=(method == "fast"))
+        keep_kv = method == "fast" or (method == "attribution" and verify > 0)  # the fast runner's prefix cache
+        fact = FactRuns(model, arch, encoded, noise_t, kinds, keep_corrupted_kv=keep_kv)
 
     predicted_id = int(fact.clean_dist.argmax())
     if answer_id is None:
@@ -201,24 +221,50 @@ def causal_trace(
 
     scores = {k: np.full((T, L), np.nan) for k in kinds}
     jobs: list[Restoration] = []
-    if method == "fast":
-        tracer: FastTracer | StraightTracer = FastTracer(fact, answer_id, window, batch_size, sever_all_tokens)
+    estimates: dict[str, np.ndarray] = {}
+    exact_cells: dict[str, list[tuple[int, int]]] = {}
+    certificates: dict[str, dict] = {}
+    extra_meta: dict = {}
+    progress = as_progress(progress)
+    if method == "straightforward":
+        tracer: FastTracer | StraightTracer = StraightTracer(fact, answer_id, window, sever_all_tokens)
     else:
-        tracer = StraightTracer(fact, answer_id, window, sever_all_tokens)
-    for kind in kinds:
-        for t in wanted[kind]:
-            if method == "fast" and t < encoded.subject_first:
-                scores[kind][t, layer_list] = low_prob  # nothing differs from the clean run before the subject
-                continue
-            for layer in layer_list:
-                jobs.append(Restoration(kind, t, layer, tracer.start_layer(kind, layer)))
-    with (
-        as_progress(progress).stage(f"trace ({method})", total=len(jobs), unit="restore") as stage,
-        precision.autocast(model, autocast),
-    ):
-        values = tracer.run(jobs, stage)
-    for job, value in zip(jobs, values, strict=True):
-        scores[job.kind][job.t, job.layer] = value
+        tracer = FastTracer(fact, answer_id, window, batch_size, sever_all_tokens)
+    if method == "attribution":
+        estimator = AttributionTracer(fact, answer_id, window, sever_all_tokens)
+        with (
+            progress.stage("trace (attribution)", total=estimator.passes(kinds, wanted), unit="pass") as stage,
+            precision.autocast(model, autocast),
+        ):
+            effects = estimator.effects(kinds, wanted, layer_list, stage)
+        estimates = {k: low_prob + m for k, m in effects.items()}
+        scores = {k: m.copy() for k, m in estimates.items()}
+        extra_meta["seconds_estimate"] = round(time.perf_counter() - started, 3)
+        chosen = choose_cells(effects, encoded.subject_first, verify, seed) if verify else {}
+        for kind, cells in chosen.items():
+            jobs += [Restoration(kind, t, layer, tracer.start_layer(kind, layer)) for t, layer, _ in cells]
+    else:
+        for kind in kinds:
+            for t in wanted[kind]:
+                if method == "fast" and t < encoded.subject_first:
+                    scores[kind][t, layer_list] = low_prob  # nothing differs from the clean run before the subject
+                    continue
+                for layer in layer_list:
+                    jobs.append(Restoration(kind, t, layer, tracer.start_layer(kind, layer)))
+    stage_name = "verify" if method == "attribution" else f"trace ({method})"
+    if jobs or method != "attribution":
+        with (
+            progress.stage(stage_name, total=len(jobs), unit="restore") as stage,
+            precision.autocast(model, autocast),
+        ):
+            values = tracer.run(jobs, stage)
+        for job, value in zip(jobs, values, strict=True):
+            scores[job.kind][job.t, job.layer] = value
+    if method == "attribution" and verify:
+        for kind, cells in chosen.items():
+            exact = [scores[kind][t, layer] for t, layer, _ in cells]
+            exact_cells[kind] = [(t, layer) for t, layer, _ in cells]
+            certificates[kind] = certificate(cells, estimates[kind], exact, verify)
     elapsed = time.perf_counter() - started
     log.info("traced %r (%d tokens, %d restorations, %s) in %.1fs", encoded.text, T, len(jobs), method, elapsed)
     return TraceResult(
@@ -241,14 +287,19 @@ def causal_trace(
         seed=seed,
         method=method,
         sever_all_tokens=sever_all_tokens,
+        estimates=estimates,
+        exact_cells=exact_cells,
+        certificate=certificates,
         meta={
             "seconds": round(elapsed, 3),
             "restorations": len(jobs),
+            **extra_meta,
             "answer_given": answer_given,
             "model_type": getattr(model.config, "model_type", None),
             "num_layers": L,
             "noise_factor": noise_factor if noise is None else None,
             "batch_size": batch_size,
             "autocast": str(precision.autocast_dtype(autocast)).replace("torch.", "") if autocast else None,
+            **({"verify": verify} if method == "attribution" else {}),
         },
     )

@@ -4,6 +4,11 @@ Each fact's trace is appended as one JSON line to ``results.jsonl`` as soon as i
 is done, so an interrupted run resumes where it stopped and partial results can
 be summarised at any time (:mod:`factedit.tracing.effects` averages them,
 :mod:`factedit.tracing.plots` draws them).
+
+``method="attribution"`` traces each fact to first order (:mod:`factedit.tracing.attribution`); the
+averages, buckets and intervals are computed exactly as for the exact traces. With ``verify=K`` each
+fact's top cells are re-patched exactly, its line holds the agreement (``certificate``), and
+``effects.json`` the agreement averaged over the facts.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -39,7 +45,9 @@ __all__ = [  # the summary's names are re-exported: callers import them from her
     "RUN",
     "SELECTION",
     "EffectTable",
+    "agreement_summary",
     "bucket_rows",
+    "known_selection",
     "read_results",
     "summarize",
     "t_quantile_975",
@@ -86,7 +94,7 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def _selection(
+def known_selection(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
     facts: list[KnownFact],
@@ -94,7 +102,7 @@ def _selection(
     fingerprint: str,
     progress: Progress,
 ) -> list[dict[str, Any]]:
-    """Which facts the model predicts (cached in the output folder for resumed runs)."""
+    """Which facts the model predicts, as ``KnownPrediction`` dicts (cached in ``out`` for resumed runs)."""
     path = out / SELECTION
     if path.is_file():
         try:
@@ -130,12 +138,16 @@ def trace_dataset(
     seed: int = trace_kinds.DEFAULT_SEED,
     batch_size: int = trace_kinds.DEFAULT_BATCH_SIZE,
     autocast: str | None = None,
+    method: str = "fast",
+    verify: int = 0,
     plots: bool = True,
     progress: Progress | bool | None = None,
 ) -> EffectTable:
     """Trace the first ``n`` known facts the model predicts; resumable; writes table, JSON and plots.
 
     ``severed``: also trace the paper's Fig. 3 severed paths, at the last subject token only.
+    ``method``: ``"fast"`` (exact) or ``"attribution"`` (first-order estimates, ``verify`` cells per kind
+    and fact re-patched exactly; see :func:`~factedit.tracing.core.causal_trace`).
     ``progress`` gets the stages "known facts" (which facts the model predicts, first run only)
     and "tracing facts".
     """
@@ -150,7 +162,11 @@ def trace_dataset(
         window=window,
         batch_size=batch_size,
         autocast=autocast,
+        method=method,
+        verify=verify,
     )
+    if method == "straightforward":
+        raise FactEditError("trace_dataset traces with the fast method or 'attribution', not 'straightforward'")
     out = check_output_path(out_dir, "trace output folder")
     facts = load_known_facts(data)  # a bad data file fails before the output folder exists
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +185,9 @@ def trace_dataset(
     }
     if precision.autocast_dtype(autocast) is not None:  # only when set: older runs stay resumable
         config["autocast"] = str(precision.autocast_dtype(autocast)).replace("torch.", "")
+    if method != "fast":  # likewise: an exact run's settings keep their old shape
+        config["method"] = method
+        config["verify"] = verify
     run_path = out / RUN
     if run_path.is_file():
         previous = json.loads(run_path.read_text())
@@ -186,7 +205,7 @@ def trace_dataset(
     else:
         atomic_write_bytes(run_path, json.dumps(config, indent=1).encode())
 
-    preds = _selection(model, tokenizer, facts, out, fingerprint, progress)
+    preds = known_selection(model, tokenizer, facts, out, fingerprint, progress)
     by_id = {f.known_id: f for f in facts}
     chosen = [by_id[p["known_id"]] for p in preds if p["correct"]]
     log.info("the model predicts %d of %d known facts", len(chosen), len(facts))
@@ -216,6 +235,8 @@ def trace_dataset(
                         batch_size=batch_size,
                         tokens=tokens,
                         autocast=autocast,
+                        method=method,
+                        verify=verify,
                     )
                 except FactEditError as exc:
                     log.warning("skipping known fact %d (%s)", fact.known_id, exc)
@@ -236,6 +257,9 @@ def trace_dataset(
                     }
                 )
                 rec["seconds"] = res.meta["seconds"]
+                if res.estimated:
+                    rec["method"] = res.method
+                    rec["certificate"] = {k: {m: c[m] for m in _AGREEMENT} for k, c in res.certificate.items()}
                 _append_line(results, rec)
                 stage.advance(1)
     except KeyboardInterrupt:
@@ -246,15 +270,43 @@ def trace_dataset(
     return write_summary(out, plots=plots)
 
 
+_AGREEMENT = ("k", "n_random", "spearman", "top_k_overlap", "max_abs_error")
+
+
+def agreement_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kind, the certificates of estimated facts: how many, and the mean and median of each measure."""
+    out: dict[str, dict[str, Any]] = {}
+    kinds = list(dict.fromkeys(k for r in records for k in (r.get("certificate") or {})))
+    for kind in kinds:
+        certs = [r["certificate"][kind] for r in records if kind in (r.get("certificate") or {})]
+        row: dict[str, Any] = {"n_facts": len(certs), "k": certs[0]["k"]}
+        for measure in ("spearman", "top_k_overlap", "max_abs_error"):
+            values = [c[measure] for c in certs if c.get(measure) is not None]
+            row[measure] = {
+                "mean": float(np.mean(values)) if values else None,
+                "median": float(np.median(values)) if values else None,
+                "n": len(values),
+            }
+        out[kind] = row
+    return out
+
+
 def write_summary(out_dir: str | Path, *, plots: bool = True) -> EffectTable:
     """Summarise whatever ``results.jsonl`` holds into ``effects.csv``, ``effects.json`` and plots."""
     out = Path(out_dir)
     if not (out / RESULTS).is_file():
         raise FactEditError(f"{out} holds no traced facts ({RESULTS} is missing): run trace-dataset first")
     check_output_path(out, "trace output folder")
-    table = summarize(read_results(out))
+    records = read_results(out)
+    table = summarize(records)
+    summary = table.to_json()
+    methods = sorted({r.get("method", "fast") for r in records})
+    if methods != ["fast"]:  # an estimated run says so (an exact run's summary keeps its old shape)
+        summary["method"] = methods[0] if len(methods) == 1 else methods
+    if any(r.get("certificate") for r in records):
+        summary["certificate"] = agreement_summary(records)
     atomic_write_bytes(out / "effects.csv", table.to_csv().encode())
-    atomic_write_bytes(out / "effects.json", json.dumps(table.to_json(), indent=1).encode())
+    atomic_write_bytes(out / "effects.json", json.dumps(summary, indent=1).encode())
     if plots:
         plot_average_effects(table, out)
     return table

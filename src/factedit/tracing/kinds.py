@@ -16,7 +16,8 @@ from factedit.errors import FactEditError
 KINDS: tuple[str, ...] = ("hidden", "mlp", "attn")
 SEVERED_KINDS: tuple[str, ...] = ("hidden_sever_mlp", "hidden_sever_attn")
 ALL_KINDS: tuple[str, ...] = KINDS + SEVERED_KINDS
-METHODS: tuple[str, ...] = ("fast", "straightforward")
+# fast and straightforward compute the same exact scores; attribution estimates them to first order.
+METHODS: tuple[str, ...] = ("fast", "straightforward", "attribution")
 DEFAULT_SAMPLES = 10
 DEFAULT_WINDOW = 10
 DEFAULT_NOISE_FACTOR = 3.0

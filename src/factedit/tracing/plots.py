@@ -3,6 +3,10 @@
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend
 switch), so plotting works headless and does not disturb a user's interactive
 session. Every file is written atomically.
+
+An estimated trace (``method="attribution"``) is drawn from its scores (estimates, exact at the
+re-patched cells); each re-patched cell carries a black dot, the titles say "estimated", and
+:func:`plot_certificate` draws estimate against exact value at those cells.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ def _xlabel(kind: str, window: int) -> str:
 
 def _draw_heatmap(fig: Figure, ax, result: TraceResult, kind: str, title: bool = True) -> None:
     scores = result.scores[kind]
+    exact = result.exact_cells.get(kind, []) if result.estimated else []
     T, L = scores.shape
     labels = [repr(t)[1:-1] for t in result.tokens]
     for i in range(*result.subject_range):
@@ -98,8 +103,17 @@ def _draw_heatmap(fig: Figure, ax, result: TraceResult, kind: str, title: bool =
     ax.set_xticks(np.arange(0, L, step) + 0.5)
     ax.set_xticklabels(range(0, L, step))
     ax.set_xlabel(_xlabel(kind, result.window))
+    if exact:  # the cells re-patched exactly: a dot at each cell's centre
+        ax.scatter([layer + 0.5 for _, layer in exact], [t + 0.5 for t, _ in exact], s=9, c="black", marker="o", lw=0)
     if title:
-        ax.set_title(TITLES[kind], fontsize=9)
+        note = ""
+        if result.estimated:
+            note = (
+                f"\n(first-order estimate; • = {len(exact)} cells re-patched exactly)"
+                if exact
+                else "\n(first-order estimate)"
+            )
+        ax.set_title(TITLES[kind] + note, fontsize=9)
     cbar = fig.colorbar(mesh, ax=ax)
     cbar.ax.set_title(f"p({result.answer.strip()})", fontsize=8, y=-0.08)
     cbar.set_label("probability", fontsize=8)
@@ -126,15 +140,49 @@ def plot_trace_combined(result: TraceResult, stem: str | Path, formats: Sequence
     return save_figure(fig, stem, formats)
 
 
+def plot_certificate(result: TraceResult, stem: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Per kind, estimated against exact restored probability at the re-patched cells (top-K and random)."""
+    kinds = [k for k in result.kinds if result.certificate.get(k, {}).get("cells")]
+    fig = _new_figure(3.4 * max(1, len(kinds)), 3.3)
+    for i, kind in enumerate(kinds):
+        cert = result.certificate[kind]
+        ax = fig.add_subplot(1, len(kinds), i + 1)
+        for pick, marker in (("top", "o"), ("random", "x")):
+            cells = [c for c in cert["cells"] if c["pick"] == pick]
+            ax.scatter(
+                [c["exact"] for c in cells],
+                [c["estimate"] for c in cells],
+                marker=marker,
+                color=COLOURS[kind],
+                label=f"top {cert['k']}" if pick == "top" else "random",
+                s=18,
+            )
+        values = [v for c in cert["cells"] for v in (c["exact"], c["estimate"])]
+        low, high = min(values), max(values)
+        ax.plot([low, high], [low, high], color="0.6", lw=0.8)
+        rho = "n/a" if cert["spearman"] is None else f"{cert['spearman']:.2f}"
+        overlap = "n/a" if cert["top_k_overlap"] is None else f"{cert['top_k_overlap']:.2f}"
+        ax.set_title(f"{NAMES[kind]}\nSpearman {rho}, top-{cert['k']} overlap {overlap}", fontsize=8)
+        ax.set_xlabel("exact p(answer) after restoring", fontsize=8)
+        ax.set_ylabel("estimated p(answer)", fontsize=8)
+        ax.locator_params(nbins=4)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, stem, formats)
+
+
 def plot_trace_all(
     result: TraceResult, out_dir: str | Path, stem: str = "trace", formats: Sequence[str] = FORMATS
 ) -> list[Path]:
-    """One heatmap per kind plus the combined figure."""
+    """One heatmap per kind plus the combined figure (and the certificate's scatter when cells were re-patched)."""
     out = Path(out_dir)
     paths = []
     for kind in result.kinds:
         paths += plot_trace(result, kind, out / f"{stem}_{kind}", formats)
     paths += plot_trace_combined(result, out / f"{stem}_all", formats)
+    if result.estimated and any(c.get("cells") for c in result.certificate.values()):
+        paths += plot_certificate(result, out / f"{stem}_certificate", formats)
     return paths
 
 

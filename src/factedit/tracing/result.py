@@ -1,4 +1,9 @@
-"""The result of tracing one fact: score matrices plus what produced them; JSON/NPZ round trips."""
+"""The result of tracing one fact: score matrices plus what produced them; JSON/NPZ round trips.
+
+An estimated trace (``method="attribution"``) also holds the estimates everywhere (``estimates``), the
+cells re-patched exactly (``exact_cells``; ``scores`` holds the exact values there, the estimates
+elsewhere) and the agreement at those cells (``certificate``, per kind).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from factedit.paths import atomic_write_bytes
 
 @dataclass
 class TraceResult:
-    """Scores of one fact: ``scores[kind][token, layer]`` is the mean answer probability after restoring."""
+    """Scores of one fact: ``scores[kind][token, layer]`` is the mean answer probability after restoring
+    (estimated, for ``method="attribution"``, except at ``exact_cells``)."""
 
     prompt: str
     subject: str
@@ -40,6 +46,24 @@ class TraceResult:
     method: str
     sever_all_tokens: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    estimates: dict[str, np.ndarray] = field(default_factory=dict)  # attribution: the estimated scores
+    exact_cells: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # (token, layer) re-patched
+    certificate: dict[str, dict[str, Any]] = field(default_factory=dict)  # per kind: agreement at those cells
+
+    @property
+    def estimated(self) -> bool:
+        """Whether the scores are first-order estimates (exact only at ``exact_cells``)."""
+        return self.method == "attribution"
+
+    def exact_mask(self, kind: str) -> np.ndarray:
+        """Boolean (tokens, layers): where ``scores[kind]`` is exact (everywhere for an exact trace)."""
+        shape = self.scores[kind].shape
+        if not self.estimated:
+            return np.ones(shape, dtype=bool)
+        mask = np.zeros(shape, dtype=bool)
+        for t, layer in self.exact_cells.get(kind, []):
+            mask[t, layer] = True
+        return mask
 
     @property
     def kinds(self) -> list[str]:
@@ -60,19 +84,28 @@ class TraceResult:
         return int(t), int(layer), float(m[t, layer])
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; the estimate fields only for an estimated trace (exact ones keep their shape)."""
         d = asdict(self)
         d["subject_range"] = list(self.subject_range)
         d["scores"] = {k: _nan_to_none(v) for k, v in self.scores.items()}
+        if self.estimated:
+            d["estimates"] = {k: _nan_to_none(v) for k, v in self.estimates.items()}
+            d["exact_cells"] = {k: [list(c) for c in cells] for k, cells in self.exact_cells.items()}
+        else:
+            for key in ("estimates", "exact_cells", "certificate"):
+                d.pop(key)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TraceResult:
         d = dict(d)
         d["subject_range"] = tuple(d["subject_range"])
-        d["scores"] = {
-            k: np.array([[np.nan if x is None else x for x in row] for row in v], dtype=np.float64)
-            for k, v in d["scores"].items()
+        d["scores"] = {k: _matrix(v) for k, v in d["scores"].items()}
+        d["estimates"] = {k: _matrix(v) for k, v in (d.get("estimates") or {}).items()}
+        d["exact_cells"] = {
+            k: [(int(t), int(layer)) for t, layer in v] for k, v in (d.get("exact_cells") or {}).items()
         }
+        d["certificate"] = dict(d.get("certificate") or {})
         return cls(**d)
 
     def save(self, out_dir: str | Path, stem: str = "trace") -> list[Path]:
@@ -88,6 +121,8 @@ class TraceResult:
             subject_range=np.array(self.subject_range),
             token_ids=np.array(self.token_ids),
             **{f"scores_{k}": v for k, v in self.scores.items()},
+            **{f"estimates_{k}": v for k, v in self.estimates.items()},
+            **{f"exact_{k}": self.exact_mask(k) for k in self.exact_cells},
         )
         atomic_write_bytes(npz_path, buf.getvalue())
         return [json_path, npz_path]
@@ -101,6 +136,10 @@ class TraceResult:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FactEditError(f"cannot read a trace result from {path}: {exc}") from exc
+
+
+def _matrix(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if x is None else x for x in row] for row in rows], dtype=np.float64)
 
 
 def _nan_to_none(m: np.ndarray) -> list[list[float | None]]:
