@@ -39,24 +39,11 @@ from factedit.paths import atomic_write_bytes
 from factedit.progress import as_progress
 from factedit.tracing import KINDS, causal_trace, load_known_facts
 from factedit.tracing.attribution import spearman, top_overlap
-from factedit.tracing.dataset import known_selection, summarize
+from factedit.tracing.dataset import known_selection, read_jsonl, summarize
 
 log = logging.getLogger("bench_atp")
 FACTS = "facts.jsonl"
 RUNS = ("exact", "approx", "approx_verify")
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a JSONL file (a torn last line from a crash is ignored)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            log.warning("ignoring an incomplete line in %s", path)
-    return out
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
@@ -245,7 +232,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     facts_path = args.out / FACTS
     if args.summary_only:
-        lines = read_lines(facts_path)
+        lines = read_jsonl(facts_path)
         if not lines:
             raise SystemExit(f"{facts_path} holds no facts yet")
         s = summary(lines)
@@ -259,7 +246,7 @@ def main() -> None:
     preds = known_selection(model, tok, facts, args.out, model_fingerprint(model), as_progress(None))
     by_id = {f.known_id: f for f in facts}
     chosen = [by_id[p["known_id"]] for p in preds if p["correct"]][: args.n]
-    done = {r["known_id"] for r in read_lines(facts_path)}
+    done = {r["known_id"] for r in read_jsonl(facts_path)}
     todo = [f for f in chosen if f.known_id not in done]
     log.info("%d of %d facts to trace (%d done before)", len(todo), len(chosen), len(chosen) - len(todo))
     session = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
@@ -279,7 +266,7 @@ def main() -> None:
             sec["approx_verify"]["wall_s"],
             " ".join(f"{k}={_fmt(record['map'][k]['spearman'], '.2f')}" for k in KINDS),
         )
-    lines = [r for r in read_lines(facts_path) if r["known_id"] in {f.known_id for f in chosen}]
+    lines = [r for r in read_jsonl(facts_path) if r["known_id"] in {f.known_id for f in chosen}]
     if not lines:
         raise SystemExit("no fact traced: the model predicts none of the known facts")
     s = summary(lines)

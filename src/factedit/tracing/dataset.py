@@ -64,7 +64,11 @@ SELECTION = "selection.json"
 
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     """The complete lines of ``results.jsonl`` (a torn last line from a crash is ignored)."""
-    path = Path(out_dir) / RESULTS
+    return read_jsonl(Path(out_dir) / RESULTS)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file, [] when it is missing (a torn last line is ignored)."""
     if not path.is_file():
         return []
     records = []
