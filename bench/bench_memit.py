@@ -1,7 +1,7 @@
-"""Benchmark MEMIT on CounterFact: wall time with a breakdown (z, keys, solve), the batched-z
+"""Benchmark one batch of CounterFact edits: wall time with a breakdown (z, keys, solve), the batched-z
 speed-up over one request at a time, and the edit's scores.
 
-    python bench/bench_memit.py --n 1000 [--compare-z 32] [--method memit|alphaedit]
+    python bench/bench_memit.py --n 1000 [--compare-z 32] [--method memit|alphaedit|emmet|ultraedit] [--set K=V]
 
 Statistics are computed (or read from the cache) before timing starts.
 """
@@ -15,7 +15,8 @@ import time
 from common import counterfact, machine, score_case
 
 from factedit import load_model
-from factedit.editing.methods import get_method
+from factedit.cli.options import parse_overrides
+from factedit.editing.methods import batch_method_names, get_method
 from factedit.editing.resources import EditResources
 from factedit.editing.values import build_value_problem, optimize_values
 from factedit.models import arch_for
@@ -25,7 +26,9 @@ from factedit.text import pad_id
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--method", default="memit", choices=["memit", "alphaedit"])
+    ap.add_argument("--method", default="memit", choices=batch_method_names())
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyper-parameter override")
+    ap.add_argument("--start", type=int, default=0, help="skip this many CounterFact dev records first")
     ap.add_argument("--compare-z", type=int, default=0, help="time z for this many requests batched vs alone")
     ap.add_argument("--score", type=int, default=100, help="score this many of the edited records")
     ap.add_argument("--out", default=None)
@@ -33,19 +36,21 @@ def main() -> None:
     print(machine(), flush=True)
     model, tok = load_model()
     method = get_method(args.method)
-    hp = method.hparams(model)
+    hp = method.hparams(model, None, parse_overrides(args.set) or None)
     resources = EditResources(model, tok)
     _, templates = resources.for_hparams(hp, progress=True)  # statistics and templates before timing starts
-    records = counterfact(args.n)
+    records = counterfact(args.n, start=args.start)
     requests = [case.request for case in records]
     result: dict = {
         "method": args.method,
         "n": len(requests),
+        "start": args.start,
         "layers": hp.layers,
-        "mom2_update_weight": hp.mom2_update_weight,
+        "overrides": args.set,
+        "machine": machine(),
     }
 
-    if args.compare_z:
+    if args.compare_z and method.name != "ultraedit":  # UltraEdit optimises no z
         arch = arch_for(model)
         problems = [build_value_problem(tok, r, templates, hp.fact_token) for r in requests[: args.compare_z]]
         kw = dict(site=arch.block(hp.layers[-1]), layer=hp.layers[-1], hparams=hp, pad=pad_id(tok))

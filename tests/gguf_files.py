@@ -96,6 +96,22 @@ def write_tiny_gguf(
     return expected
 
 
+def byte_level_tokenizer(folder: Path, family: str = "llama"):
+    """The small byte-level tokenizer of a tiny GGUF file written to ``folder`` (no real weights, no lock)."""
+    from transformers import AutoTokenizer
+
+    write_tiny_gguf(folder / "m.gguf", family)
+    return AutoTokenizer.from_pretrained(folder, gguf_file="m.gguf")
+
+
+def wide_tiny_model(tok, family: str = "llama", layers: int = 2) -> PreTrainedModel:
+    """A tiny random model sized to ``tok``'s vocabulary, its weights spread wide enough (init 0.5) that
+    argmax ties, float noise deciding a token, do not happen."""
+    model = tiny_model(family, init=0.5, layers=layers)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    return model.eval()
+
+
 def chat_template(family: str) -> str | None:
     """The chat template written into a ``family`` file (ChatML for the instruct-style Llama and Qwen2 ones;
     Gemma 3's pretrained model has none)."""

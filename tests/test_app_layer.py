@@ -26,6 +26,8 @@ OVERRIDES = {
     "alphaedit": dict(layers=[1, 2], mom2_update_weight=1.0, L2=1e-3, **VALUE),  # threshold set in the test
     "ft": dict(layers=[1], num_steps=40, lr=5e-2),
     "ft-l": dict(layers=[1], num_steps=40, lr=5e-2, norm_constraint=5e-2),
+    "emmet": dict(layers=[1, 2], mom2_update_weight=1.0, **VALUE),
+    "ultraedit": dict(layers=[1, 2], lr=1e-3),  # no value optimisation: VALUE's keys do not apply
 }
 EIFFEL = EditRequest("The {} is located in the city of", "Eiffel Tower", target="Rome", target_true="Paris")
 LEBRON = EditRequest("{} plays the sport of", "LeBron James", target="football", target_true="basketball")
@@ -65,10 +67,17 @@ def _same(model, weights) -> bool:
 
 
 def test_one_registry_names_every_method_with_its_capabilities():
-    assert method_names() == ["none", "rome", "rome-original", "memit", "alphaedit", "ft", "ft-l"]
-    assert [m for m in method_names() if get_method(m).capabilities.batch] == ["none", "memit", "alphaedit"]
-    assert [m for m in method_names() if get_method(m).capabilities.state] == ["alphaedit"]
+    assert method_names() == ["none", "rome", "rome-original", "memit", "alphaedit", "ft", "ft-l", "emmet", "ultraedit"]
+    assert [m for m in method_names() if get_method(m).capabilities.batch] == [
+        "none",
+        "memit",
+        "alphaedit",
+        "emmet",
+        "ultraedit",
+    ]
+    assert [m for m in method_names() if get_method(m).capabilities.state] == ["alphaedit", "ultraedit"]
     assert [m for m in method_names() if get_method(m).capabilities.each] == ["ft", "ft-l"]
+    assert [m for m in method_names() if get_method(m).capabilities.sharded] == ["memit", "alphaedit", "emmet"]
     with pytest.raises(FactEditError, match="unknown method 'banana'.*rome-original"):
         get_method("banana")
 
@@ -114,7 +123,7 @@ def test_every_method_edits_through_one_report_and_reverts_bit_exact(tiny, resou
     kinds = [r.kind for r in report.rows]
     assert kinds == (["prompt", "prompt"] if batch else ["prompt", "paraphrase", "neighbour"])
     assert all(row.after is not None for row in report.rows)
-    if name in ("rome", "rome-original", "memit", "alphaedit", "ft"):
+    if name in ("rome", "rome-original", "memit", "alphaedit", "ft", "emmet", "ultraedit"):
         assert all(report.landed), (name, report.summary_line())
     # (convergence is judged by the target's probability, which stays tiny on a random model's flat
     # distribution even when the target becomes top-1: tests/test_rome_default.py checks it on a real model)

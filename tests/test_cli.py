@@ -83,10 +83,15 @@ def test_every_option_has_help_and_no_bool_metavars():
     for command in commands:
         text = _help(*command)
         assert "<bool>" not in text and "--no-no-" not in text, command
-        options = [line for line in text.splitlines() if line.strip().startswith("-")]
+        lines = text.splitlines()
+        options = [i for i, line in enumerate(lines) if line.strip().startswith("-")]
         assert options, command
-        for line in options:  # "  --flag METAVAR   help text": a help text beside every option
-            assert len(line.strip().split("  ")) >= 2 or line.rstrip().endswith(("]",)), (command, line)
+        for i in options:  # "  --flag METAVAR   help text": a help text beside every option (or, for a long
+            line = lines[i]  # option name, on the next line, indented further)
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            beside = len(line.strip().split("  ")) >= 2 or line.rstrip().endswith(("]",))
+            below = bool(nxt.strip()) and not nxt.strip().startswith("-") and len(nxt) - len(nxt.lstrip()) > 4
+            assert beside or below, (command, line)
     assert "--pre / --no-pre" in _help("summarize")
     for command in ("edit", "predict", "generate", "stats", "trace", "trace-dataset", "eval", "serve"):
         assert "--threads N" in _help(command), command

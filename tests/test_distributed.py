@@ -18,10 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from typer.testing import CliRunner
 
 from factedit import EditRequest, distributed
-from factedit.editing.hparams import MEMITHyperParams
+from factedit.cli.main import app
+from factedit.editing.alphaedit import AlphaEditState, compute_alphaedit
+from factedit.editing.hparams import AlphaEditHyperParams, MEMITHyperParams, ROMEHyperParams
 from factedit.editing.memit import compute_memit
+from factedit.editing.patch import Patch
+from factedit.editing.resources import EditResources
 from factedit.errors import FactEditError
 from factedit.evaluation import RunConfig, run_evaluation
 from factedit.evaluation.records import CASES, MANIFEST, read_cases
@@ -229,7 +234,7 @@ def test_sharded_evaluation_matches_one_process_and_resumes_after_a_rank_dies(gg
     assert len(load_run(run).cases) == 7  # summaries read every log
 
 
-# -- MEMIT --------------------------------------------------------------------------------------------------
+# -- MEMIT / AlphaEdit --------------------------------------------------------------------------------------
 # tiny random models need these settings (tests/test_memit.py); one request per z chunk: 2 chunks per rank
 MEMIT_SETTINGS = dict(
     fact_token="last", v_weight_decay=0.0, clamp_norm_factor=100.0, v_num_grad_steps=6, mom2_update_weight=1.0,
@@ -241,29 +246,64 @@ MEMIT_REQUESTS = [
     EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
     EditRequest("{} is a citizen of", "Toko Yasuda", "Japan"),
 ]
+TEMPLATES = ["{}", "Hello. {}", "In short, {}"]
+# forward batches of 2 prompts: the 12 key prompts and the 4 current values of each layer are read in
+# batches shared by both ranks, a request's templates split between ranks
+KEY_BATCH = 2
 
 
-def _memit(model, tok, corpus: str):
-    hp = MEMITHyperParams.for_model(model, layers=[0, 1], **MEMIT_SETTINGS)
-    return compute_memit(model, tok, MEMIT_REQUESTS, hp, templates=["{}", "Hello. {}"], corpus=corpus)
+def _batch_edits(model, tok, corpus: str) -> dict:
+    """A MEMIT batch and an AlphaEdit batch (its state committed, as a sequence would) on the same requests."""
+    hp = MEMITHyperParams.for_model(model, layers=LAYERS, **MEMIT_SETTINGS)
+    memit = compute_memit(model, tok, MEMIT_REQUESTS, hp, templates=TEMPLATES, corpus=corpus, key_batch_size=KEY_BATCH)
+    resources = EditResources(model, tok, corpus=corpus)
+    moments = resources.second_moments(LAYERS, hp.stats_spec)
+    threshold = max(float(torch.linalg.eigvalsh(c.double()).median()) for c in moments.values())
+    ahp = AlphaEditHyperParams.for_model(
+        model, layers=LAYERS, nullspace_threshold=threshold, L2=1e-3, **MEMIT_SETTINGS
+    )  # fmt: skip
+    state = AlphaEditState(moments, ahp)
+    alpha = compute_alphaedit(
+        model, tok, MEMIT_REQUESTS, ahp, state=state, templates=TEMPLATES, resources=resources,
+        key_batch_size=KEY_BATCH,
+    )  # fmt: skip
+    state.commit()
+    return {
+        "memit": [e.delta() for e in memit.patch.entries],
+        "losses": memit.losses,
+        "alphaedit": [e.delta() for e in alpha.patch.entries],
+        "state": state.state_dict(),
+    }
 
 
 def _memit_worker(rank: int, model_path: str, corpus: str, out: str) -> None:
     model, tok = load_model(model_path)
-    result = _memit(model, tok, corpus)
-    torch.save({"deltas": [e.delta() for e in result.patch.entries], "losses": result.losses}, Path(out, f"m{rank}.pt"))
+    torch.save({**_batch_edits(model, tok, corpus), "world": distributed.world_size()}, Path(out, f"m{rank}.pt"))
 
 
-def test_sharded_memit_batch_gives_the_same_patch(gguf_model, corpus_text, tmp_path):
+def test_sharded_memit_and_alphaedit_batches_give_the_same_patch(gguf_model, corpus_text, tmp_path):
     spawn(_memit_worker, str(gguf_model), str(corpus_text), str(tmp_path))
     ranks = [torch.load(tmp_path / f"m{r}.pt") for r in range(WORLD)]
     model, tok = load_model(str(gguf_model))
-    alone = _memit(model, tok, str(corpus_text))  # reads the statistics the ranks computed together
-    assert ranks[0]["losses"] == ranks[1]["losses"] == alone.losses  # every z optimised exactly as alone
-    # the same chunks, the same statistics: bit for bit the patch of one process (with statistics computed
-    # apart instead, float rounding in C moves the patch by ~2e-5 relative: docs/distributed.md)
-    for entry, d0, d1 in zip(alone.patch.entries, ranks[0]["deltas"], ranks[1]["deltas"]):
-        assert torch.equal(d0, d1) and torch.equal(d0, entry.delta())
+    alone = _batch_edits(model, tok, str(corpus_text))  # reads the statistics the ranks computed together
+    assert ranks[0]["world"] == ranks[1]["world"] == WORLD  # compute_memit joined the ranks
+    assert ranks[0]["losses"] == ranks[1]["losses"] == alone["losses"]  # every z optimised exactly as alone
+    # z, keys and current values computed in the batches one process runs, the solve on rank 0, the same
+    # statistics: bit for bit the patch of one process, on both ranks (with statistics computed apart instead,
+    # float rounding in C moves the patch by ~2e-5 relative: docs/distributed.md)
+    for kind in ("memit", "alphaedit"):
+        for mine, d0, d1 in zip(alone[kind], ranks[0][kind], ranks[1][kind], strict=True):
+            assert torch.equal(d0, d1) and torch.equal(d0, mine), kind
+    # rank 1 did not solve, yet holds the same AlphaEdit state (the keys of the committed batch)
+    assert alone["state"].keys() == ranks[1]["state"].keys() == {f"previous.{layer}" for layer in LAYERS}
+    assert all(
+        torch.equal(ranks[1]["state"][k], v) and torch.equal(ranks[0]["state"][k], v) for k, v in alone["state"].items()
+    )
+    # the batch size of the key passes only regroups the same prompts: float rounding (measured 2e-7 to 4e-6)
+    hp = MEMITHyperParams.for_model(model, layers=LAYERS, **MEMIT_SETTINGS)
+    one_pass = compute_memit(model, tok, MEMIT_REQUESTS, hp, templates=TEMPLATES, corpus=str(corpus_text))
+    for entry, sharded in zip(one_pass.patch.entries, alone["memit"], strict=True):
+        assert _relative_error(sharded, entry.delta()) < RTOL
 
 
 # -- failure ------------------------------------------------------------------------------------------------
@@ -317,3 +357,66 @@ def test_torchrun_stats_command_fills_the_cache_one_process_reads(gguf_model, co
     )
     for layer in LAYERS:
         assert _relative_error(reread[layer], fresh[layer]) < RTOL
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+    return subprocess.run(
+        [*command, "-m", "factedit", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def test_torchrun_edit_command_writes_one_patch_equal_to_one_process(gguf_model, corpus_text, tmp_path):
+    model, _ = load_model(str(gguf_model))
+    hparams = tmp_path / "memit.json"
+    hparams.write_text(MEMITHyperParams.for_model(model, layers=LAYERS, **MEMIT_SETTINGS).model_dump_json())
+    # 12 requests x 6 generated templates: two forward batches of keys per layer, six z chunks per rank
+    requests = tmp_path / "requests.json"
+    requests.write_text(
+        json.dumps(
+            [
+                {"prompt": f"{{}} number {i} is a citizen of", "subject": f"Person {i}", "target": "Japan"}
+                for i in range(12)
+            ]
+        )
+    )
+    options = ["--model", str(gguf_model), "--method", "memit", "--requests", str(requests), "--hparams", str(hparams)]
+    options += ["--corpus", str(corpus_text)]
+    done = _torchrun("edit", *options, "--save", str(tmp_path / "shared"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("patch saved to") == 1 and done.stdout.count("12 edits") == 1  # rank 0 reports
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["patch.safetensors"]  # written once, no leftovers
+
+    alone = CliRunner().invoke(app, ["edit", *options, "--save", str(tmp_path / "alone")])
+    assert alone.exit_code == 0, alone.output
+    shared, single = (Patch.load(tmp_path / f / "patch.safetensors") for f in ("shared", "alone"))
+    assert [e.name for e in shared.entries] == [e.name for e in single.entries] and len(shared.entries) == len(LAYERS)
+    for mine, one in zip(shared.entries, single.entries, strict=True):
+        assert torch.equal(mine.delta(), one.delta())
+    assert shared.requests == single.requests and shared.base_fingerprint == single.base_fingerprint
+
+
+def test_torchrun_edit_with_a_method_that_does_not_share_edits_on_rank_zero(gguf_model, corpus_text, tmp_path):
+    model, _ = load_model(str(gguf_model))
+    hparams = tmp_path / "rome.json"
+    hparams.write_text(ROMEHyperParams.for_model(model, **ROME_FAST, mom2_dataset=str(corpus_text)).model_dump_json())
+    options = [
+        "--model",
+        str(gguf_model),
+        "--method",
+        "rome",
+        "--hparams",
+        str(hparams),
+        "--prompt",
+        "{} is a citizen of",
+    ]
+    options += ["--subject", "Toko Yasuda", "--target", "Japan", "--true-target", "Canada"]
+    done = _torchrun("edit", *options, "--save", str(tmp_path / "shared"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("patch saved to") == 1
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["patch.safetensors"]
+    alone = CliRunner().invoke(app, ["edit", *options, "--save", str(tmp_path / "alone")])
+    assert alone.exit_code == 0, alone.output
+    shared, single = (Patch.load(tmp_path / f / "patch.safetensors") for f in ("shared", "alone"))
+    assert len(shared.entries) == 1 and torch.equal(shared.entries[0].delta(), single.entries[0].delta())

@@ -308,6 +308,7 @@ def _config(ref: str, **kw) -> RunConfig:
         max_out_len=12,
         seed=7,
         reference_corpus=ref,
+        answer_tokens=8,  # the generative answers are resumed too, on a short budget
     )
     return RunConfig(**{**base, **kw})
 
@@ -399,7 +400,7 @@ def test_eval_takes_every_registry_method_rome_original(default_model, tmp_path)
     result = CliRunner().invoke(
         app,
         ["eval", "--method", "rome-original", "--dataset", "counterfact", "--n", "2", "--out", str(out)]
-        + ["--set", "mom2_n_tokens=4000", "--set", "v_num_grad_steps=8"],  # dispatch is tested, not efficacy
+        + ["--set", "mom2_n_tokens=4000", "--set", "v_num_grad_steps=8", "--no-generative"],  # dispatch, not efficacy
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())
@@ -520,12 +521,16 @@ def test_grouped_run_matches_one_at_a_time(default_model, tmp_path):
     model, tok = default_model
     overrides = {"num_steps": 3}
     one = run_evaluation(
-        model, tok, RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides), tmp_path / "one", progress=False
+        model,
+        tok,
+        RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides, generative=False),
+        tmp_path / "one",
+        progress=False,
     )
     cut = run_evaluation(
         model,
         tok,
-        RunConfig(method="ft", dataset="zsre", n=1, overrides=overrides, group=2),
+        RunConfig(method="ft", dataset="zsre", n=1, overrides=overrides, group=2, generative=False),
         tmp_path / "grouped",
         progress=False,
     )
@@ -533,7 +538,7 @@ def test_grouped_run_matches_one_at_a_time(default_model, tmp_path):
     rest = run_evaluation(
         model,
         tok,
-        RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides, group=2),
+        RunConfig(method="ft", dataset="zsre", n=4, overrides=overrides, group=2, generative=False),
         tmp_path / "grouped",
         progress=False,
     )

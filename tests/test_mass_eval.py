@@ -33,7 +33,7 @@ def _cases(folder) -> dict[str, dict]:
 def test_memit_batches_score_every_case_and_resume_identically(default_model, tmp_path):
     model, tok = default_model
     before = model_fingerprint(model)
-    config = RunConfig(method="memit", dataset="counterfact", n=3, batch=2, overrides=FAST)
+    config = RunConfig(method="memit", dataset="counterfact", n=3, batch=2, overrides=FAST, generative=False)
     full = run_evaluation(model, tok, config, tmp_path / "full", progress=False)
     assert (full.total, full.errors) == (3, 0)
     assert model_fingerprint(model) == before

@@ -8,9 +8,7 @@ to ``out/web/screenshot.png`` (a test artifact; ``docs/img/web_app.png`` is a co
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,25 +23,10 @@ from factedit.web.app import create_app  # noqa: E402
 from factedit.web.edits import edit_method_names  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
+from .headless_chromium import chromium_driver  # noqa: E402
 from .test_web_api import restore_model, web_overrides  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOT = REPO / "out" / "web" / "screenshot.png"
-# Without the networking switches Chromium stalls on this offline machine.
-FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1440,1000",
-    "--hide-scrollbars",
-]
 
 
 def _free_port() -> int:
@@ -74,21 +57,7 @@ def server(default_model, corpus_file):
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver; .ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="factedit-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield from chromium_driver("1440,1000", "factedit-chromium-")
 
 
 def wait_for(driver, condition, timeout: float, what: str):

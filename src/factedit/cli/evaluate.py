@@ -16,6 +16,7 @@ from factedit.cli.options import (
     check_corpus,
     console,
     fail,
+    parse_overrides,
     progress,
     with_model_options,
 )
@@ -116,6 +117,70 @@ def eval_command(
             metavar="N",
         ),
     ] = 1,
+    generative: Annotated[
+        bool,
+        typer.Option(
+            "--generative/--no-generative",
+            help="WILD's generative metrics (greedy answers, no teacher forcing): Gen ES/PS/NS; about as slow again "
+            "as the teacher-forced metrics",
+        ),
+    ] = True,
+    answer_tokens: Annotated[
+        int, typer.Option(help="token budget of a greedy answer (WILD: 50)", min=1, max=512, metavar="N")
+    ] = 50,
+    capability: Annotated[
+        bool,
+        typer.Option(
+            "--capability",
+            help="with --batch or --sequential: perplexity (WikiText-2, held-out Wikipedia), known-fact accuracy "
+            "and generation entropy before/after editing and at drift points (capability.jsonl, drift.jsonl)",
+        ),
+    ] = False,
+    capability_windows: Annotated[
+        int, typer.Option(help="perplexity windows of 256 tokens per text", min=1, metavar="N")
+    ] = 8,
+    capability_facts: Annotated[
+        int, typer.Option(help="known facts (of those the unedited model predicts)", min=1, metavar="N")
+    ] = 200,
+    capability_prompts: Annotated[int, typer.Option(help="fluency samples", min=1, metavar="N")] = 10,
+    guard: Annotated[
+        bool,
+        typer.Option(
+            "--guard",
+            help="with --sequential: after each edit, probe neighbourhood prompts, unrelated known facts and "
+            "held-out perplexity; roll back (bit-exact) and record as refused an edit that crosses a limit",
+        ),
+    ] = False,
+    guard_max_neighbour_drop: Annotated[
+        Optional[float],
+        typer.Option(help="refuse an edit losing more than this share of probe neighbours (default 0.05)", metavar="X"),
+    ] = None,
+    guard_max_known_drop: Annotated[
+        Optional[float],
+        typer.Option(help="refuse an edit losing more than this share of known facts (default 0.04)", metavar="X"),
+    ] = None,
+    guard_max_ppl_rise: Annotated[
+        Optional[float],
+        typer.Option(
+            help="refuse an edit raising held-out perplexity by more than this (default 0.02 = 2%)", metavar="X"
+        ),
+    ] = None,
+    guard_max_total_neighbour_drop: Annotated[
+        Optional[float], typer.Option(help="the same since the unedited model (default 0.10)", metavar="X")
+    ] = None,
+    guard_max_total_known_drop: Annotated[
+        Optional[float], typer.Option(help="the same since the unedited model (default 0.10)", metavar="X")
+    ] = None,
+    guard_max_total_ppl_rise: Annotated[
+        Optional[float], typer.Option(help="the same since the unedited model (default 0.10)", metavar="X")
+    ] = None,
+    guard_cases: Annotated[
+        Optional[int],
+        typer.Option(help="cases whose neighbour prompts the guard probes (default 20)", min=0, metavar="N"),
+    ] = None,
+    guard_facts: Annotated[
+        Optional[int], typer.Option(help="known facts the guard probes (default 50)", min=1, metavar="N")
+    ] = None,
     chat: ChatOpt = False,
     prompts_edit: Annotated[
         Optional[str],
@@ -148,7 +213,7 @@ def eval_command(
             download=download,
             zsre_target=zsre_target,
             hparams=str(hparams) if hparams else None,
-            overrides={**_settings(setting or []), **({"layers": layer} if layer else {})},
+            overrides={**parse_overrides(setting or []), **({"layers": layer} if layer else {})},
             generation=generation,
             n_gen=n_gen,
             max_out_len=max_out_len,
@@ -160,8 +225,25 @@ def eval_command(
             drift_every=drift_every,
             pre_from=str(pre_from) if pre_from else None,
             group=group,
+            generative=generative,
+            answer_tokens=answer_tokens,
+            capability=capability,
+            capability_windows=capability_windows,
+            capability_facts=capability_facts,
+            capability_prompts=capability_prompts,
             prompts_edit=prompts_edit or ("chat" if chat else "raw"),
             prompts_eval=prompts_eval or ("chat" if chat else "raw"),
+            guard=_guard_settings(
+                guard,
+                max_neighbour_drop=guard_max_neighbour_drop,
+                max_known_drop=guard_max_known_drop,
+                max_ppl_rise=guard_max_ppl_rise,
+                max_total_neighbour_drop=guard_max_total_neighbour_drop,
+                max_total_known_drop=guard_max_total_known_drop,
+                max_total_ppl_rise=guard_max_total_ppl_rise,
+                neighbour_cases=guard_cases,
+                known_facts=guard_facts,
+            ),
         )
         config.check()
         if setting:  # unknown names fail now, not after the model is loaded
@@ -185,6 +267,11 @@ def eval_command(
     if not distributed.is_main():  # rank 0 speaks for the run
         return
     skipped = f"; {report.skipped} malformed records skipped (see the manifest)" if report.skipped else ""
+    if config.guard is not None:
+        from factedit.evaluation.records import read_cases
+
+        refused = sum((r.get("guard") or {}).get("verdict") == "refused" for r in read_cases(report.out_dir).values())
+        skipped += f"; the guard refused {refused} edit(s) (rolled back; see guard.jsonl)"
     console.print(
         f"{report.out_dir}: {report.already_done + report.evaluated}/{report.total} cases "
         f"({report.evaluated} now, {report.errors} failed){skipped} in {report.seconds:.0f}s",
@@ -193,18 +280,16 @@ def eval_command(
     )
 
 
-def _settings(pairs: list[str]) -> dict[str, object]:
-    """``--set KEY=VALUE`` pairs as overrides (checked with the method's hyper-parameters before loading)."""
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise FactEditError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set key_average=context_types")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
+def _guard_settings(on: bool, **given: float | int | None):
+    """``--guard`` and its limits as GuardSettings (None without ``--guard``; a limit without it is refused)."""
+    from factedit.evaluation.config import GuardSettings
+
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if not on:
+        if chosen:
+            raise FactEditError("the --guard-* options set the guard's limits and probe: add --guard")
+        return None
+    return GuardSettings(**chosen)
 
 
 def summarize_command(
@@ -264,6 +349,34 @@ def summarize_command(
             console.print(f"plot written to {plot(summary, plot_out)}")
     except FactEditError as exc:
         fail(exc)
+
+
+def report_command(
+    runs: Annotated[list[Path], typer.Argument(help="run folders written by 'factedit eval'", metavar="RUN")],
+    out: Annotated[Path, typer.Option(help="folder for index.html and its figures", metavar="DIR")],
+    cases: Annotated[
+        int, typer.Option(help="sample cases shown with their answers before/after", min=0, max=1000, metavar="N")
+    ] = 10,
+    all_cases: Annotated[
+        bool,
+        typer.Option("--all-cases/--common-cases", help="use every run's own cases, or only the cases every run has"),
+    ] = False,
+    pre: Annotated[bool, typer.Option("--pre/--no-pre", help="include the unedited model's row")] = True,
+) -> None:
+    """One self-contained HTML page (no scripts, nothing from the network) about runs: the summary table,
+    bar plots per metric, drift curves and sample cases before/after."""
+    from factedit.evaluation.report import write_report
+    from factedit.paths import check_output_path
+
+    try:
+        for run in runs:
+            if not run.is_dir():
+                raise FactEditError(f"run folder {run} {'is a file' if run.exists() else 'not found'}")
+        check_output_path(out, "--out")
+        page = write_report(runs, out, cases=cases, common=not all_cases, pre=pre)
+    except FactEditError as exc:
+        fail(exc)
+    console.print(f"report written to {page}", highlight=False, markup=False)
 
 
 @with_model_options
@@ -341,7 +454,8 @@ def locate_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``eval``, ``summarize`` and ``locate`` to the ``factedit`` command."""
+    """Add ``eval``, ``summarize``, ``report`` and ``locate`` to the ``factedit`` command."""
     app.command("eval")(eval_command)
     app.command("summarize")(summarize_command)
+    app.command("report")(report_command)
     app.command("locate")(locate_command)

@@ -7,8 +7,10 @@ A thin front end: commands parse options, call the core and render what it retur
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ from factedit.cli.options import (  # noqa: F401 - re-exported for code that imp
 )
 from factedit.cli.render import METHOD_CHOICES, batch_table, probe_table
 from factedit.errors import FactEditError
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(
     cls=FactEditGroup,
@@ -123,6 +127,22 @@ def edit(
     save: Annotated[
         Optional[Path], typer.Option(help="folder to write the patch (or one per step) to", metavar="DIR")
     ] = None,
+    z_cache: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="MEMIT-based methods, one batch: folder keeping each chunk's z vectors, so the same command "
+            "again (after an interruption, or a failed torchrun rank) skips the chunks already done",
+            metavar="DIR",
+        ),
+    ] = None,
+    guard: Annotated[
+        bool,
+        typer.Option(
+            "--guard",
+            help="after the edit, probe unrelated known facts, held-out perplexity and the --neighbour prompts; "
+            "if they moved past the limits of docs/evaluation.md ('Guarded edits'), undo the edit and save nothing",
+        ),
+    ] = False,
     chat: ChatOpt = False,
     as_json: JsonOpt = False,
     data_dir: DataDirOpt = None,
@@ -133,7 +153,11 @@ def edit(
     Any method: ROME for one fact, MEMIT/AlphaEdit for a batch, FT/FT-L, or 'none' to only probe. Prints
     the top next tokens and p(new)/p(true) on the prompt, paraphrases and neighbours before and after,
     then whether the edit converged and whether the new target is now the top prediction.
-    """
+
+    Started with ``torchrun --nproc-per-node N -m factedit edit ...``: MEMIT/AlphaEdit share the batch's work
+    between the N processes (the same patch); other methods edit on rank 0 alone once the statistics are
+    computed together. Rank 0 alone prints and writes the patch; see docs/distributed.md."""
+    from factedit import distributed
     from factedit.editing.methods import get_method
     from factedit.editing.report import check_probe_texts, edit_and_compare
     from factedit.editing.requests import load_requests
@@ -161,31 +185,59 @@ def edit(
             _check_input_file(stats, "--stats")
         if save is not None:
             check_output_path(save, "--save")
+        if z_cache is not None:
+            _check_z_cache(edit_method, sequential)
+            check_output_path(z_cache, "--z-cache")
+        if guard and sequential:
+            raise FactEditError(
+                "--guard judges one edit: for a guarded sequence use `factedit eval --sequential --guard`"
+            )
+        if guard and distributed.launched():
+            raise FactEditError("--guard runs in one process: start factedit edit --guard without torchrun")
+        distributed.init(choice.device)  # before the load: on GPUs each rank takes cuda:LOCAL_RANK
         mdl, tok = choice.load(caches=("models", "stats", "templates"))
         hp = edit_method.hparams(mdl, hparams, {"layers": layer} if layer else None)
         moments = _given_second_moment(mdl, hp, stats) if stats is not None else None
         resources = EditResources(mdl, tok, corpus=corpus, second_moment=moments)
-        report = edit_and_compare(
-            mdl,
-            tok,
-            batch_requests,
-            edit_method,
-            hp,
-            resources=resources,
-            paraphrases=paraphrase or (),
-            neighbours=neighbour or (),
-            sequential=sequential,
-            batch_size=batch or 1,
-            prompt_format=chat_or_raw(tok, chat, choice.label),
-            progress=progress(),
-        )
-        saved = _save_patches(report.patches, save) if save else None
+        main_rank = distributed.is_main()
+        alone = distributed.active() and not _shares_batch(edit_method)
+        if alone:  # the statistics (if any) by every rank together, the edit by rank 0 alone
+            if hp is not None and hp.stats_spec is not None:
+                resources.moments_with(hp, moments, progress() if main_rank else False)
+            if not main_rank:
+                return
+            log.info("%s does not share its work between processes: rank 0 edits alone", edit_method.name)
+        edit_guard = _edit_guard(mdl, tok, batch_requests, neighbour or ()) if guard else None
+        with distributed.independent() if alone else contextlib.nullcontext():
+            report = edit_and_compare(
+                mdl,
+                tok,
+                batch_requests,
+                edit_method,
+                hp,
+                resources=resources,
+                paraphrases=paraphrase or (),
+                neighbours=neighbour or (),
+                sequential=sequential,
+                batch_size=batch or 1,
+                prompt_format=chat_or_raw(tok, chat, choice.label),
+                progress=progress() if main_rank else False,
+                **({"z_cache": z_cache} if z_cache is not None else {}),
+            )
+        verdict = edit_guard.check_applied(mdl, tok, report.applied) if edit_guard is not None else None
+        saved = _save_patches(report.patches, save) if save and (verdict is None or verdict.accepted) else None
     except FactEditError as exc:
         fail(exc)
+    if not main_rank:  # every rank holds the same edited model and report: rank 0 reports it
+        return
     if as_json:
         out = report.to_dict()
         out = {"request": out.pop("request"), **out, "patch": saved[0] if saved and len(saved) == 1 else saved}
+        if verdict is not None:
+            out["guard"] = verdict.record()
         sys.stdout.write(json.dumps(out) + "\n")
+        if verdict is not None and not verdict.accepted:
+            raise typer.Exit(3)
         return
     layers = ",".join(map(str, report.layers or [])) or "-"
     if len(report.requests) == 1:
@@ -209,10 +261,33 @@ def edit(
             + " ".join(f"{d['edits_holding']:.2f}" for d in report.drift if d["edits_holding"] is not None)
         )
     console.print(report.summary_line())
+    if verdict is not None and not verdict.accepted:
+        console.print("the guard refused the edit and undid it (nothing saved): " + "; ".join(verdict.reasons))
+        raise typer.Exit(3)
+    if verdict is not None:
+        console.print("the guard accepted the edit: " + _guard_change(verdict))
     if saved:
         console.print(f"patch saved to {', '.join(saved) if len(saved) < 4 else saved[0] + ' ...'}")
     elif save:
         console.print("no patch to save: the method made no edit")
+
+
+def _edit_guard(mdl, tok, requests, neighbours):
+    """The guard of ``edit --guard``, measured on the model before the edit."""
+    from factedit.evaluation.guard import EditGuard
+
+    return EditGuard.for_requests(mdl, tok, requests, neighbours)
+
+
+def _guard_change(verdict) -> str:
+    """One line: how the guard's measures moved."""
+    parts = []
+    for key, label, scale in (("neighbour_kept", "neighbours kept", 100), ("known_acc", "known facts", 100)):
+        if verdict.before.get(key) is not None and verdict.after.get(key) is not None:
+            parts.append(f"{label} {scale * verdict.before[key]:.0f}% -> {scale * verdict.after[key]:.0f}%")
+    if verdict.before.get("ppl") is not None and verdict.after.get("ppl") is not None:
+        parts.append(f"perplexity {verdict.before['ppl']:.2f} -> {verdict.after['ppl']:.2f}")
+    return ", ".join(parts) or "nothing to measure"
 
 
 def _given_second_moment(mdl, hp, path: Path) -> dict:
@@ -222,7 +297,7 @@ def _given_second_moment(mdl, hp, path: Path) -> dict:
 
     if hp is None or hp.stats_spec is None:
         raise FactEditError(
-            "--stats applies to methods that use second moments (rome, rome-original, memit, alphaedit)"
+            "--stats applies to methods that use second moments (rome, rome-original, memit, alphaedit, emmet)"
         )
     if len(hp.layers) != 1:
         raise FactEditError("--stats gives one matrix: use it with a single --layer")
@@ -251,7 +326,29 @@ def _check_input_file(path: Path, option: str) -> None:
         raise FactEditError(f"{option} {path} not found")
 
 
+def _shares_batch(edit_method) -> bool:
+    """Whether the method shares one batch's work between torchrun's processes (its ``sharded`` capability);
+    under torchrun the others edit on rank 0 alone."""
+    return edit_method.capabilities.sharded
+
+
+def _check_z_cache(edit_method, sequential: bool) -> None:
+    """``--z-cache`` keeps MEMIT's z vectors of one batch (a sequence's are computed on ever-changing weights)."""
+    from factedit.editing.methods import METHODS
+
+    if not _shares_batch(edit_method):
+        names = ", ".join(name for name, m in METHODS.items() if _shares_batch(m))
+        raise FactEditError(f"--z-cache applies to the methods built on MEMIT ({names}), not {edit_method.name}")
+    if sequential:
+        raise FactEditError("--z-cache applies to one batch, not to --sequential (each step edits other weights)")
+
+
 def _save_patches(patches, folder: Path) -> list[str]:
+    """Write the patch (or one per step); under torchrun rank 0 alone writes (every rank holds the same)."""
+    from factedit import distributed
+
+    if not distributed.is_main():
+        return []
     if len(patches) == 1:
         return [str(patches[0].save(folder))]
     return [str(p.save(folder / f"step{i:04d}")) for i, p in enumerate(patches)]

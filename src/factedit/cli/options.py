@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 import sys
@@ -329,3 +330,17 @@ def with_model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     run.__signature__ = signature.replace(parameters=kept + added)
     return run
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` pairs as overrides (checked with the method's hyper-parameters before loading)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FactEditError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set key_average=context_types")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out

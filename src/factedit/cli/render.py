@@ -15,7 +15,17 @@ from rich.table import Table
 # The names of factedit.editing.methods.METHODS, in its order. Listed here because importing the registry
 # imports torch and transformers (seconds), and option help must be instant; tests/test_cli.py checks
 # that this tuple and method_names() agree. Names are validated by the registry (get_method) itself.
-METHOD_CHOICES: tuple[str, ...] = ("none", "rome", "rome-original", "memit", "alphaedit", "ft", "ft-l")
+METHOD_CHOICES: tuple[str, ...] = (
+    "none",
+    "rome",
+    "rome-original",
+    "memit",
+    "alphaedit",
+    "ft",
+    "ft-l",
+    "emmet",
+    "ultraedit",
+)
 
 
 def _top(probe: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ Everything else (z, keys, statistics, templates) is MEMIT's, i.e. the core's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,10 +49,17 @@ class AlphaEditState:
     def null_space_dim(self, layer: int) -> int:
         return int(round(float(torch.trace(self.projection[layer]))))
 
+    def observe(self, layer: int, keys: torch.Tensor) -> None:
+        """Keep K Kᵀ of the batch being computed (added to the edits already made by :meth:`commit`).
+
+        Called by the solve itself, and under torchrun by the ranks that do not solve (rank 0 does), with
+        the same keys: every rank's state stays the same."""
+        self._pending[layer] = keys @ keys.T
+
     def __call__(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         p = self.projection[layer].to(keys.device)  # on the layer's device, like the keys
-        kk = keys @ keys.T
-        self._pending[layer] = kk
+        self.observe(layer, keys)
+        kk = self._pending[layer]
         prev = self.previous[layer].to(kk.device) if layer in self.previous else torch.zeros_like(kk)
         eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
         return torch.linalg.solve(p @ (kk + prev) + self.hparams.L2 * eye, p @ keys)
@@ -87,10 +95,14 @@ def compute_alphaedit(
     corpus: str | None = None,
     resources: EditResources | None = None,
     progress: Progress | bool | None = None,
+    z_cache: str | Path | None = None,
+    key_batch_size: int = 64,
 ) -> EditResult:
     """One AlphaEdit batch. ``state`` carries the projections and the keys of earlier batches of a
     sequence: pass the same object to every batch and call ``state.commit()`` once a batch's patch is
-    applied (without ``state``, a fresh one is made: a single batch)."""
+    applied (without ``state``, a fresh one is made: a single batch). ``z_cache`` and ``key_batch_size``
+    are :func:`~factedit.editing.memit.compute_memit`'s. Under torchrun (every rank calling with the same
+    requests and the same ``state``) the work is shared as MEMIT's; every rank's ``state`` stays the same."""
     hp = hparams or AlphaEditHyperParams.for_model(model)
     resources = resources or EditResources(model, tok, corpus=corpus)
     second_moment = resources.moments_with(hp, second_moment, progress)
@@ -106,4 +118,6 @@ def compute_alphaedit(
         progress=progress,
         solver=state,
         method="alphaedit",
+        z_cache=z_cache,
+        key_batch_size=key_batch_size,
     )

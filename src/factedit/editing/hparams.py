@@ -77,6 +77,10 @@ LIMITS: dict[str, Range] = {
     "weight_decay": Range(0, 100),  # FT 0
     "norm_constraint": Range(0, 10, low_open=True),  # FT-L 5e-4
     "key_fit_ridge": Range(0, 1e6, low_open=True),  # ROME key_fit="every_template": 0.01
+    "emmet_lambda": Range(0, 1e9),  # EMMET 0.1 (added to Kᵀ C⁻¹ K)
+    "update_norm_lambda": Range(0, 1e9),  # EMMET 0 (added to C)
+    "value_norm_anchor": Range(0, 1e6, low_open=True),  # NAS: the measured mean |v*| (off by default)
+    "value_norm_skip_factor": Range(1, 1e6),  # NAS 2 (MEMIT, AlphaEdit), 5 (ROME)
 }
 TEMPLATE_LENGTH = Range(1, 256)  # tokens per generated context template (ROME 5 and 10)
 TEMPLATE_COUNT = Range(1, 100)  # templates of one length (ROME 10, MEMIT 5 per start)
@@ -341,6 +345,14 @@ class ValueOptimizationParams(HyperParams):
     early_stop_loss: float = Field(5e-2, ge=0)
     # Reuse the unchanged prefix of every prompt and compute logits only where the loss reads them.
     prefix_cache: bool = True
+    # NAS, Norm-Anchor Scaling (Liu et al. 2026, arXiv 2602.02543; SasyaTitech/NAS): once optimised, the
+    # value vector (the edited layer's MLP output v* = v₀ + δ) is rescaled to this norm, the mean |v*| of
+    # edits solved on the *unedited* model (measure it with ``values.reference_value_norm``), which breaks
+    # the norm feedback loop of long edit sequences. None = off (the methods as published).
+    value_norm_anchor: float | None = Field(None, gt=0)
+    # NAS drops an edit (δ = 0) whose solved |v*| exceeds this many anchors (official: 2 for MEMIT and
+    # AlphaEdit, 5 for ROME); None = rescale every edit. Read only when value_norm_anchor is set.
+    value_norm_skip_factor: float | None = Field(2.0, ge=1)
 
 
 class ROMEHyperParams(ValueOptimizationParams):
@@ -369,6 +381,7 @@ class ROMEHyperParams(ValueOptimizationParams):
     # optimised for (factedit, see rome.py). As the ridge grows, u tends to ROME's direction.
     key_fit: Literal["mean", "every_template"] = "mean"
     key_fit_ridge: float = 0.01
+    value_norm_skip_factor: float | None = Field(5.0, ge=1)  # NAS's ROME threshold (official compute_v)
 
     @classmethod
     def method(cls) -> str:
@@ -405,3 +418,33 @@ class AlphaEditHyperParams(MEMITHyperParams):
     @classmethod
     def method(cls) -> str:
         return "alphaedit"
+
+
+class EMMETHyperParams(MEMITHyperParams):
+    """EMMET (Gupta et al. 2024, arXiv 2403.14236; scalable-model-editing/unified-model-editing
+    ``hparams/EMMET/*.json``): MEMIT's z, keys and layer spreading, with every edit an equality constraint."""
+
+    mom2_update_weight: float = Field(1.0, gt=0)  # C is scaled by this (official: 1, gpt2-xl 1000)
+    emmet_lambda: float = Field(0.1, ge=0)  # added to D = Kᵀ C⁻¹ K when the batch has more than one edit
+    update_norm_lambda: float = Field(0.0, ge=0)  # added to C (a penalty on the update's norm)
+
+    @classmethod
+    def method(cls) -> str:
+        return "emmet"
+
+
+class UltraEditHyperParams(HyperParams):
+    """UltraEdit (Gu et al., TMLR 2026, arXiv 2505.14679; XiaojieGu/UltraEdit ``config/editor/ultraedit.yaml``):
+    one gradient per fact, lifelong-normalised, turned into a weight change by ridge regression."""
+
+    layers: Layers  # the rewrite module (MLP output projection) of each layer is edited
+    # Keys are read where the target is predicted: the prompt's last token and the target's own tokens,
+    # so requests conflict as with MEMIT's fact_token="last" (the same prompt, different targets).
+    fact_token: Literal["last"] = "last"
+    lr: float = Field(1e-6, gt=0)  # scales the pseudo value: v = -lr · |k̂|² · ĝ
+    L2: float = Field(1.0, gt=0)  # ridge term of (KᵀK + L2 I); the official code adds the identity
+    batch_size: int = Field(10, ge=1)  # requests per forward/backward (official dataset.batch_size 10)
+
+    @classmethod
+    def method(cls) -> str:
+        return "ultraedit"

@@ -10,20 +10,24 @@ The statistics C, keys, templates and value optimisation are the core's, shared 
 Several processes (every rank of a torchrun job calling :func:`compute_memit` with the same requests,
 :mod:`factedit.distributed`): the z chunks (``batch_size`` requests each, the same chunks as one process)
 are shared out by rank, each rank optimising every ``world``-th chunk (and keeping it in ``z_cache``), and
-gathered in order; the statistics are computed together. The keys and the solve, a small part of the time,
-are then done by every rank on the same inputs, so every rank returns the same patch as one process
-(within float tolerance: docs/distributed.md); the caller writes it once (rank 0).
+gathered in order; the statistics are computed together. At each layer the keys and the current values
+are read in forward batches of ``key_batch_size`` prompts (the batches one process runs), shared out the
+same way and gathered in order; rank 0 alone solves for ΔW and sends the patch entry to the others, and
+every rank applies that entry before the next layer's keys, so all ranks hold the same weights throughout.
+Every rank returns the same patch, equal to one process's (bit for bit at the same statistics and thread
+count: docs/distributed.md); the caller writes it once (rank 0).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -96,12 +100,75 @@ class KeySolver(Protocol):
     def __call__(self, layer: int, keys: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class KeyObserver(Protocol):
+    """A solver that keeps state from the keys it solves for (AlphaEdit's K Kᵀ of a sequence). Under torchrun
+    only rank 0 solves; the other ranks show it the same keys instead, so every rank holds the same state."""
+
+    def observe(self, layer: int, keys: torch.Tensor) -> None: ...
+
+
 def memit_solver(second_moment: dict[int, torch.Tensor], weight: float) -> KeySolver:
     def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
         moment = second_moment[layer].to(keys.device).double()  # C moved to the layer's device
         return torch.linalg.solve(weight * moment + keys @ keys.T, keys)
 
     return solve
+
+
+def _layer_entry(
+    solver: KeySolver,
+    layer: int,
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    name: str,
+    weight: torch.Tensor,
+    transposed: bool,
+) -> PatchEntry:
+    """One layer's ΔW = R Aᵀ (keys ``(n, d_in)``, residuals ``(n, d_out)``), low rank while that is smaller."""
+    adj = solver(layer, keys.double().T)  # (d_in, n), on the layer's device (keys and C are there)
+    left, right = resid.T.to(adj.device), adj.T  # ΔW (out, in) = resid.T @ adj.T
+    out_dim, in_dim = left.shape[0], right.shape[1]
+    dense = left.shape[1] > min(out_dim, in_dim) // 2
+    entry = PatchEntry(
+        name=name,
+        shape=tuple(weight.shape),
+        transposed=transposed,
+        base_sha256=tensor_sha256(weight),
+        dense=(left @ right).float().cpu() if dense else None,
+        left=None if dense else left.float().cpu(),
+        right=None if dense else right.float().cpu(),
+    )
+    log.info("layer %d: |resid| %.3f, |ΔW| %.3f", layer, float(resid.norm(dim=1).mean()), float(entry.delta().norm()))
+    return entry
+
+
+def _alone(fn: functools.partial[PatchEntry]) -> PatchEntry:
+    """Run ``fn`` on this rank alone: anything it would share (statistics a solver looks up) is not waited for
+    by ranks that are not there."""
+    with distributed.independent():
+        return fn()
+
+
+def _same_batch_on_every_rank(
+    fingerprint: str, hp: MEMITHyperParams, requests: Sequence[EditRequest], templates: list[str], method: str
+) -> list[str]:
+    """Under torchrun: refuse (on every rank, in one line) a rank given other weights, requests or settings
+    than rank 0; return rank 0's context templates, which every rank then uses."""
+    mine = {
+        "weights": fingerprint,
+        "requests": hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest(),
+        "hyper-parameters": json.dumps(hp.model_dump(mode="json"), sort_keys=True),
+    }
+    views = distributed.all_gather_objects((mine, templates), f"comparing the ranks' {method} batches")
+    for other, (view, _) in enumerate(views):
+        differ = [key for key in mine if view[key] != views[0][0][key]]
+        if differ:
+            raise FactEditError(
+                f"rank {other} computes another {method} batch than rank 0 ({', '.join(differ)} differ): every "
+                "rank must edit the same model with the same requests and settings"
+            )
+    return list(views[0][1])
 
 
 def compute_memit(
@@ -118,6 +185,7 @@ def compute_memit(
     solver: KeySolver | None = None,
     method: str = "memit",
     z_cache: str | Path | None = None,
+    key_batch_size: int = 64,
 ) -> EditResult:
     """Compute one MEMIT patch for a whole batch of requests; the model is left unchanged.
 
@@ -125,7 +193,11 @@ def compute_memit(
     ``z_cache``: a folder where each chunk's target vectors are kept (keyed by the weights, the
     requests, the templates and the hyper-parameters), so an interrupted 1,000-edit batch does
     not redo the z optimisation, by far its longest part.
+    ``key_batch_size``: prompts per forward pass when reading keys (lower it if that pass runs out of
+    memory); under torchrun, the unit of work shared out between the ranks.
     """
+    if isinstance(key_batch_size, bool) or not isinstance(key_batch_size, int) or key_batch_size < 1:
+        raise FactEditError(f"key_batch_size must be a whole number of at least 1 (got {key_batch_size!r})")
     hp = hparams or MEMITHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
@@ -135,9 +207,12 @@ def compute_memit(
     for r in requests:  # bad subjects/targets refused before statistics or templates are made
         build_value_problem(tok, r, ["{}"], hp.fact_token)
     base_fp = model_fingerprint(model)
+    distributed.init(module_device(model, arch.block(hp.layers[-1])))  # under torchrun: join the ranks; else nothing
     resources = resources or EditResources(model, tok, corpus=corpus)
     if templates is None:
         templates = resources.templates(hp.template_spec, progress)
+    if distributed.collective():  # rank 0's templates for all (sampled text could differ between machines)
+        templates = _same_batch_on_every_rank(base_fp, hp, requests, templates, method)
     check_templates(templates)
     groups = template_group_sizes(hp.context_template_length_params, hp.template_starts)
     groups = groups if templates[0] == "{}" else None  # given templates not laid out like generated ones
@@ -224,40 +299,37 @@ def compute_memit(
     entries: list[PatchEntry] = []
     originals: dict[str, torch.Tensor] = {}
     timings["keys"] = timings["solve"] = 0.0
+    name_z = arch.block(z_layer)
     try:
         for i, layer in enumerate(hp.layers):
             t0 = time.perf_counter()
-            keys = mean_keys(model, tok, arch, layer, requests, templates, weights_tw, hp.fact_token)  # (n, d_in)
-            name_z = arch.block(z_layer)
-            cur = module_inputs_at(model, [name_z], [b.ids for b in bare], bare_pos, pad=pad_id(tok), output=True)[
-                name_z
-            ]
+            keys = mean_keys(  # (n, d_in)
+                model, tok, arch, layer, requests, templates, weights_tw, hp.fact_token,
+                batch_size=key_batch_size, shared=sharded,
+            )  # fmt: skip
+            cur = module_inputs_at(
+                model, [name_z], [b.ids for b in bare], bare_pos,
+                pad=pad_id(tok), batch_size=key_batch_size, output=True, shared=sharded,
+            )[name_z]  # fmt: skip
             t1 = time.perf_counter()
-            resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out)
-            adj = solver(layer, keys.double().T)  # (d_in, n), on the layer's device (keys and C are there)
-            left, right = resid.T.to(adj.device), adj.T  # ΔW (out, in) = resid.T @ adj.T
             name = arch.rewrite_weight_at(layer)
             weight = get_parameter(model, name)
-            out_dim, in_dim = left.shape[0], right.shape[1]
-            dense = left.shape[1] > min(out_dim, in_dim) // 2  # low rank only while it is smaller
-            entry = PatchEntry(
-                name=name,
-                shape=tuple(weight.shape),
-                transposed=arch.conv1d,
-                base_sha256=tensor_sha256(weight),
-                dense=(left @ right).float().cpu() if dense else None,
-                left=None if dense else left.float().cpu(),
-                right=None if dense else right.float().cpu(),
-            )
+            resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out)
+            solve = functools.partial(_layer_entry, solver, layer, keys, resid, name, weight, arch.conv1d)
+            if sharded:  # rank 0 solves; every rank applies its entry (the same weights for the next layer)
+                entry = distributed.on_main(
+                    functools.partial(_alone, solve), f"solving {method}'s update of layer {layer}"
+                )
+                if not distributed.is_main() and isinstance(solver, KeyObserver):
+                    solver.observe(layer, keys.double().T)
+            else:
+                entry = solve()
             entries.append(entry)
             with torch.no_grad():
                 originals.setdefault(name, weight.detach().clone())
                 weight.copy_((weight.float() + entry.delta().to(weight.device)).to(weight.dtype))
             timings["keys"] += t1 - t0
             timings["solve"] += time.perf_counter() - t1
-            log.info(
-                "layer %d: |resid| %.3f, |ΔW| %.3f", layer, float(resid.norm(dim=1).mean()), float(entry.delta().norm())
-            )
     finally:
         with torch.no_grad():
             for name, original in originals.items():

@@ -20,7 +20,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from factedit.editing.ft import FTHyperParams, FTLHyperParams
-from factedit.editing.hparams import AlphaEditHyperParams, HyperParams, MEMITHyperParams, ROMEHyperParams
+from factedit.editing.hparams import (
+    AlphaEditHyperParams,
+    EMMETHyperParams,
+    HyperParams,
+    MEMITHyperParams,
+    ROMEHyperParams,
+    UltraEditHyperParams,
+)
 from factedit.editing.requests import EditRequest
 from factedit.editing.resources import EditResources
 from factedit.editing.result import EditResult
@@ -34,12 +41,15 @@ HParamsSource = str | Path | dict[str, Any] | HyperParams | None
 class Capabilities:
     """``batch``: many requests in one patch; ``sequential``: can edit batch after batch an edited model;
     ``state``: carries state from one step of a sequence to the next (saved with ``state_dict``);
-    ``each``: computes the independent single edits of several requests together (faster, same result)."""
+    ``each``: computes the independent single edits of several requests together (faster, same result);
+    ``sharded``: under torchrun, splits one batch's work (z, keys) between the processes (docs/distributed.md);
+    the other methods edit on rank 0 alone."""
 
     batch: bool = False
     sequential: bool = True
     state: bool = False
     each: bool = False
+    sharded: bool = False
 
 
 class MethodState(Protocol):
@@ -119,7 +129,7 @@ class EditMethod:
         if not self.capabilities.batch and len(requests) != 1:
             raise FactEditError(
                 f"{self.name} edits one request at a time (got {len(requests)}): use a batch method "
-                f"({', '.join(n for n, m in METHODS.items() if m.capabilities.batch)}) or a sequence"
+                f"({', '.join(batch_method_names())}) or a sequence"
             )
         return requests
 
@@ -195,7 +205,7 @@ class Memit(EditMethod):
     name = "memit"
     description = "MEMIT: a batch of edits spread over several layers"
     hparams_class = MEMITHyperParams
-    capabilities = Capabilities(batch=True)
+    capabilities = Capabilities(batch=True, sharded=True)
 
     def check_requests(self, requests, hp):
         from factedit.editing.memit import check_batch
@@ -216,7 +226,7 @@ class AlphaEdit(Memit):
     name = "alphaedit"
     description = "AlphaEdit: MEMIT projected onto the null space of preserved knowledge (sequences)"
     hparams_class = AlphaEditHyperParams
-    capabilities = Capabilities(batch=True, state=True)
+    capabilities = Capabilities(batch=True, state=True, sharded=True)
 
     def new_state(self, hp, resources, progress=None):
         from factedit.editing.alphaedit import AlphaEditState
@@ -235,6 +245,52 @@ class AlphaEdit(Memit):
             resources=resources,
             progress=progress,
             **options,
+        )
+
+
+class Emmet(Memit):
+    """EMMET (arXiv 2403.14236): MEMIT's z and keys, every edit of the batch an equality constraint."""
+
+    name = "emmet"
+    description = "EMMET: batched ROME, every edit of the batch an equality constraint"
+    hparams_class = EMMETHyperParams
+    capabilities = Capabilities(batch=True, sharded=True)
+
+    def compute(self, model, tok, requests, hp, *, resources=None, state=None, progress=None, **options):
+        from factedit.editing.emmet import compute_emmet
+
+        return compute_emmet(
+            model, tok, self.check_requests(requests, hp), hp, resources=resources, progress=progress, **options
+        )
+
+
+class UltraEdit(EditMethod):
+    """UltraEdit (arXiv 2505.14679): one normalised gradient per fact, closed-form update, lifelong statistics."""
+
+    name = "ultraedit"
+    description = "UltraEdit: one gradient pass per batch, lifelong-normalised closed-form update (sequences)"
+    hparams_class = UltraEditHyperParams
+    capabilities = Capabilities(batch=True, state=True)
+    # what other methods take and UltraEdit has no use for: no templates, statistics or z vectors
+    UNUSED_OPTIONS = ("templates", "second_moment", "z_cache", "corpus")
+
+    def check_requests(self, requests, hp):
+        from factedit.editing.memit import check_batch
+
+        return check_batch(list(requests), "last")
+
+    def new_state(self, hp, resources, progress=None):
+        from factedit.editing.ultraedit import UltraEditState
+
+        return UltraEditState()
+
+    def compute(self, model, tok, requests, hp, *, resources=None, state=None, progress=None, **options):
+        from factedit.editing.ultraedit import compute_ultraedit
+
+        for unused in self.UNUSED_OPTIONS:
+            options.pop(unused, None)
+        return compute_ultraedit(
+            model, tok, self.check_requests(requests, hp), hp, state=state, progress=progress, **options
         )
 
 
@@ -287,12 +343,19 @@ for _method in (
     AlphaEdit(),
     FineTune(constrained=False),
     FineTune(constrained=True),
+    Emmet(),
+    UltraEdit(),
 ):
     register(_method)
 
 
 def method_names() -> list[str]:
     return list(METHODS)
+
+
+def batch_method_names() -> list[str]:
+    """The methods that edit many requests in one patch (for error messages that suggest one)."""
+    return [n for n, m in METHODS.items() if m.capabilities.batch and n != "none"]
 
 
 def get_method(name: str) -> EditMethod:

@@ -12,6 +12,10 @@ Two factedit options (not in ROME or r-ROME; defaults off) for prompts whose key
 (:func:`fitted_left_vector`; the update stays rank one and consistent, ΔW k* = v* − W k*), and
 ``value_objective="applied"`` optimises v* through the update as it will be applied
 (:func:`_applied_problem`).
+
+NAS (``value_norm_anchor``, off by default; arXiv 2602.02543) rescales v* to a norm measured on the unedited
+model, and drops an edit whose v* is over ``value_norm_skip_factor`` (5, the official ROME value) anchors
+(:mod:`factedit.editing.values`). The anchor is one layer's, so NAS edits a single ROME layer.
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ def compute_rome(
     """
     hp = hparams or ROMEHyperParams.for_model(model)
     hp.check_model(model)
+    if hp.value_norm_anchor is not None and len(hp.layers) > 1:
+        raise FactEditError(
+            f"value_norm_anchor is the norm measured at one layer, and ROME would edit layers {hp.layers}: "
+            "edit one layer with NAS (or leave value_norm_anchor unset)"
+        )
     arch = arch_for(model)
     require_resident(model, [arch.rewrite_weight_at(layer) for layer in hp.layers], "edit with ROME")
     progress = as_progress(progress)

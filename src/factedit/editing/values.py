@@ -17,6 +17,19 @@ stores their keys/values and the hidden state entering the edited block; each
 step then runs only the edited block and those above it, only on the tokens from
 the subject's last one on, and applies the LM head only where the loss reads.
 
+NAS (``value_norm_anchor``, off by default; Liu et al. 2026, "Norm Anchors Make Model Edits Last",
+arXiv 2602.02543, official code SasyaTitech/NAS ``util/vstar_stats.py`` and ``*/compute_z.py``): in a long
+sequence the solved value vectors and the edited weights amplify each other's norms until the model
+collapses (AlphaEdit: from about 4K to over 21K single edits with NAS, by the paper). Once δ is optimised,
+the value the edit writes, the edited layer's MLP output v* = v₀ + δ (v₀: the MLP's current output at the
+first prompt's lookup, ROME's target itself), is rescaled to a fixed norm measured on the unedited model
+(:func:`reference_value_norm`), and an edit whose |v*| exceeds ``value_norm_skip_factor`` anchors is
+dropped (δ = 0). The returned delta is then s·v* − v₀: MEMIT's z = (h − v₀) + s·v*, ROME's v* = s·v*.
+It is a rescaling after the optimisation, not a constraint or a loss term (as the official code).
+Deviations: v₀ is read in the no-grad pass that starts the optimisation (on the same model, so the same
+vector the official code reads after it); the MLP output is the module ``arch.mlp_at(layer)`` (for a family
+with a norm after the MLP, Gemma's, v* is rescaled before that norm); see :func:`reference_value_norm`.
+
 Devices: with a device map, the input ids go to the embedding's device, while delta, the
 index tensors and the loss live on the device of the module whose output is edited (the
 rewrite layer's); logits and states are moved there, never the other way round.
@@ -25,6 +38,7 @@ rewrite layer's); logits and states are moved there, never the other way round.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -34,13 +48,14 @@ from transformers import PreTrainedTokenizerBase
 from factedit.editing.hparams import ValueOptimizationParams
 from factedit.editing.keys import lookup_position
 from factedit.editing.requests import EditRequest
+from factedit.errors import FactEditError
 from factedit.hooks import Trace, frozen, known_blocks
-from factedit.models.architectures import ArchSpec
+from factedit.models.architectures import ArchSpec, arch_for, check_layer
 from factedit.models.cache import Cache, cache_states, full_cache, gather_positions, select_rows
 from factedit.models.placement import input_device, module_device
 from factedit.models.runtime import lm_logits
 from factedit.progress import Progress, as_progress
-from factedit.text import encode_with_subject, pad_right, target_ids
+from factedit.text import encode_with_subject, pad_id, pad_right, target_ids
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +117,9 @@ class ValueResult:
     delta: torch.Tensor  # (n, d)
     steps: int
     losses: list[list[dict[str, float]]] = field(default_factory=list)  # per problem, per evaluated step
+    # Under NAS (or when asked): |v*| = |v₀ + δ| of each problem before anchoring, and which edits NAS dropped.
+    value_norms: torch.Tensor | None = None  # (n,)
+    anchor_skipped: torch.Tensor | None = None  # (n,) bool
 
     @property
     def targets(self) -> torch.Tensor:
@@ -216,12 +234,23 @@ class _PrefixCache:
     layers so that sliding-window layers keep their whole prefix.
     """
 
-    def __init__(self, model: nn.Module, arch: ArchSpec, site: str, layer: int, rows: _Rows, pad: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchSpec,
+        site: str,
+        layer: int,
+        rows: _Rows,
+        pad: int,
+        value_site: str | None = None,
+    ) -> None:
         device = input_device(model)  # the ids and what is built from them; rows' tensors are on the site's device
         lookup = rows.lookup.to(device)
         ids, mask = pad_right(rows.ids, pad, device)
         cache = full_cache()  # full layers keep every position (a sliding layer would not)
         names = [site] + ([arch.block(layer - 1)] if layer > 0 else [])
+        if value_site is not None and value_site not in names:  # NAS's v₀ (the MLP output), read in this pass
+            names.append(value_site)
         traces = {name: Trace(model, name, retain_output=True) for name in names}
         try:
             with torch.no_grad(), Trace(model, arch.final_norm, retain_output=False, stop=True):
@@ -232,6 +261,10 @@ class _PrefixCache:
         site_out = traces[site].output
         b = torch.arange(len(rows.ids), device=site_out.device)
         self.site_at_lookup = site_out[b, rows.lookup.to(site_out.device)]
+        self.value_at_lookup = None
+        if value_site is not None:
+            value_out = traces[value_site].output
+            self.value_at_lookup = value_out[b.to(value_out.device), rows.lookup.to(value_out.device)]
         self.layer = layer
         self.past = int(rows.lookup.max())
         lengths = mask.sum(1)
@@ -259,9 +292,10 @@ class _PrefixCache:
         """The same cache for a subset of rows (requests that stopped early drop out of the batch)."""
         sub = object.__new__(_PrefixCache)
         sub.__dict__.update(self.__dict__)
-        for name in ("suffix_ids", "position_ids", "suffix_len", "mask", "site_at_lookup"):
+        for name in ("suffix_ids", "position_ids", "suffix_len", "mask", "site_at_lookup", "value_at_lookup"):
             value = getattr(self, name)
-            setattr(sub, name, value[row_ids.to(value.device)])
+            if value is not None:
+                setattr(sub, name, value[row_ids.to(value.device)])
         sub.below = self.below[row_ids.to(self.below.device)] if self.below is not None else None
         sub.kv = select_rows(self.kv, row_ids)
         return sub
@@ -281,16 +315,21 @@ def optimize_values(
     hparams: ValueOptimizationParams,
     pad: int,
     progress: Progress | bool | None = None,
+    report_value_norms: bool = False,
 ) -> ValueResult:
     """Optimise one delta per problem at the output of module ``site`` (inside block ``layer``).
 
     ``progress`` gets one stage, "value optimisation", advanced once per step with the mean loss.
-    Delta and the loss live on the device ``site`` computes on.
+    Delta and the loss live on the device ``site`` computes on. With ``hparams.value_norm_anchor`` set,
+    the optimised deltas are anchored (NAS, see the module docstring); ``report_value_norms`` fills
+    ``value_norms`` without NAS too (what :func:`reference_value_norm` measures).
     """
+    anchored = hparams.value_norm_anchor is not None
     device = module_device(model, site)
     rows = _flatten(problems, device)
     n = len(problems)
-    prefix = _PrefixCache(model, arch, site, layer, rows, pad)
+    value_site = _value_site(arch, site, layer) if anchored or report_value_norms else None
+    prefix = _PrefixCache(model, arch, site, layer, rows, pad, value_site)
     target_init = prefix.site_at_lookup.to(device)[rows.first_rows].float()
     delta = torch.zeros_like(target_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
@@ -367,7 +406,120 @@ def optimize_values(
                 delta[over] = delta[over] * (max_norm[over] / norms[over])[:, None]
             active = (~done).nonzero().squeeze(1)
     log.debug("value optimisation: %d problems, %d steps", n, steps)
-    return ValueResult(target_init=target_init, delta=delta.detach(), steps=steps, losses=history)
+    result = ValueResult(target_init=target_init, delta=delta.detach(), steps=steps, losses=history)
+    if value_site is None:
+        return result
+    v0 = target_init if value_site == site else prefix.value_at_lookup.to(device)[rows.first_rows].float()
+    result.value_norms = (v0 + result.delta).norm(dim=1)
+    if anchored:
+        result.delta, result.anchor_skipped = anchor_value_norms(
+            v0, result.delta, hparams.value_norm_anchor, hparams.value_norm_skip_factor
+        )
+        for i in range(n):
+            history[i][-1].update(
+                value_norm=float(result.value_norms[i]), anchor_skipped=float(result.anchor_skipped[i])
+            )
+        if bool(result.anchor_skipped.any()):
+            log.warning(
+                "NAS: %d of %d edits dropped: their value norm exceeds %g x the anchor %g",
+                int(result.anchor_skipped.sum()), n, hparams.value_norm_skip_factor, hparams.value_norm_anchor,
+            )  # fmt: skip
+    return result
+
+
+def _value_site(arch: ArchSpec, site: str, layer: int) -> str:
+    """The module whose output NAS anchors: the site itself when it is the MLP's output projection
+    (ROME's v*), else the MLP of block ``layer`` (MEMIT's z is the block's output; v* = v₀ + δ is its MLP's)."""
+    return site if site == arch.rewrite_at(layer) else arch.mlp_at(layer)
+
+
+def anchor_value_norms(
+    v0: torch.Tensor, delta: torch.Tensor, anchor: float, skip_factor: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NAS on a batch: the deltas (n, d) that make each v* = v₀ + δ exactly ``anchor`` long, and which edits
+    were dropped (δ = 0) because |v*| > ``skip_factor`` · ``anchor`` (None: none is dropped).
+
+    The official rule (``scale_vector_to_norm``): v* · anchor / |v*|, both up and down; a zero v* is left as is.
+    """
+    v_star = v0 + delta
+    norms = v_star.norm(dim=1)
+    scale = torch.where(norms > 0, anchor / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.ones_like(norms))
+    skipped = norms > skip_factor * anchor if skip_factor is not None else torch.zeros_like(norms, dtype=torch.bool)
+    anchored = v_star * scale[:, None] - v0
+    return torch.where(skipped[:, None], torch.zeros_like(delta), anchored), skipped
+
+
+def upper_trimmed_mean(values: list[float], upper_quantile: float) -> tuple[float, int]:
+    """The mean without the largest ⌊(1 − upper_quantile)·n⌋ values (official ``_upper_trimmed_mean``),
+    and how many were left out."""
+    dropped = math.floor((1 - upper_quantile) * len(values))  # < n, as upper_quantile > 0
+    kept = sorted(values)[: len(values) - dropped]
+    return sum(kept) / len(kept), dropped
+
+
+@dataclass
+class ReferenceNorm:
+    """NAS's anchor for one layer: the upper-trimmed mean of the solved |v*| of a reference sample."""
+
+    anchor: float
+    norms: list[float]  # every solved |v*|, in request order
+    dropped: int  # the largest norms left out of the mean
+    refused: int  # requests that could not be posed (e.g. subject not found in the prompt)
+
+
+def reference_value_norm(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    hparams: ValueOptimizationParams,
+    *,
+    layer: int,
+    upper_quantile: float = 0.95,
+    batch_size: int = 16,
+    progress: Progress | bool | None = None,
+) -> ReferenceNorm:
+    """NAS's anchor at ``layer``, measured on ``model`` (which must be the unedited model).
+
+    As the official ``get_or_compute_mean_vstar_norm``: each request's δ is optimised at the output of block
+    ``layer`` (MEMIT's z) on its bare prompt alone (no context templates) with the KL prompt, v* = v₀ + δ
+    (v₀: that block's MLP output), and the anchor is the mean |v*| without the largest
+    ⌊(1 − ``upper_quantile``)·n⌋ norms. The official sample is 1,000 CounterFact rewrites (seed 0) with the
+    model's MEMIT settings, the same anchor serving ROME at its layer; pass such requests and settings.
+    Deviations: requests that stop early leave their batch one by one (official: a batch stops as one, on its
+    mean loss), and requests that cannot be posed are counted and left out instead of failing the run.
+    """
+    if not requests:
+        raise FactEditError("reference_value_norm needs at least one request")
+    if not 0 < upper_quantile <= 1:
+        raise FactEditError(f"upper_quantile must be in (0, 1], got {upper_quantile!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FactEditError(f"batch_size must be a whole number of at least 1 (got {batch_size!r})")
+    check_layer(model, layer)
+    arch = arch_for(model)
+    fact_token = getattr(hparams, "fact_token", "subject_last")
+    plain = hparams.model_copy(update={"value_norm_anchor": None})  # the anchor is measured without NAS
+    problems = []
+    for request in requests:
+        try:
+            problems.append(build_value_problem(tok, request, ["{}"], fact_token))
+        except FactEditError as exc:
+            log.info("NAS reference: %r left out: %s", request.text, exc)
+    if not problems:
+        raise FactEditError(f"none of the {len(requests)} reference requests can be posed")
+    stage = as_progress(progress).stage("NAS reference norms", total=len(problems), unit="req")
+    norms: list[float] = []
+    with stage:
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            result = optimize_values(
+                model, arch, chunk, site=arch.block(layer), layer=layer, hparams=plain, pad=pad_id(tok),
+                report_value_norms=True,
+            )  # fmt: skip
+            norms.extend(float(x) for x in result.value_norms)
+            stage.advance(len(chunk))
+    anchor, dropped = upper_trimmed_mean(norms, upper_quantile)
+    log.info("NAS anchor at layer %d: %.4f (%d norms, %d largest left out)", layer, anchor, len(norms), dropped)
+    return ReferenceNorm(anchor=anchor, norms=norms, dropped=dropped, refused=len(requests) - len(problems))
 
 
 def _plain_forward(model, arch, site, rows: _Rows, injected, pad):

@@ -13,7 +13,11 @@ and manifest, this module the chunks. What makes a killed run resumable without 
   if it edits exactly the same cases, else it is recomputed;
 * ``patches/state.safetensors``: AlphaEdit's kept keys after the last saved step;
 * ``drift.jsonl`` (sequential, CounterFact, with ``drift_every``): after every k-th step, how many of
-  the edits made so far still hold and how neighbourhood prompts and fluency drift.
+  the edits made so far still hold and how neighbourhood prompts and fluency drift (and, with
+  ``capability``, the general-capability measures of :mod:`factedit.evaluation.capability`);
+* ``capability.jsonl`` (with ``capability``): those measures on the unedited model (``before``), after
+  each batch (``chunk-NNNNN``) or after the whole sequence (``after``); a record made with other sizes
+  is measured again.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from factedit.editing.requests import EditRequest
 from factedit.editing.result import EditResult
 from factedit.editing.sequential import SequentialEditor, edits_holding
 from factedit.errors import FactEditError
-from factedit.evaluation.config import RunConfig
+from factedit.evaluation.capability import CapabilityProbe, CapabilitySettings
+from factedit.evaluation.config import GuardSettings, RunConfig
 from factedit.evaluation.edits import RunMethod
-from factedit.evaluation.records import GENERATION_KEYS, CaseLog, case_header, edit_info
+from factedit.evaluation.guard import EditGuard, GuardVerdict, compute_step, settle
+from factedit.evaluation.records import CAPABILITY, GENERATION_KEYS, CaseLog, case_header, edit_info
 from factedit.models.fingerprint import model_fingerprint
 from factedit.paths import cache_dir
 from factedit.progress import SILENT, Progress
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 Evaluate = Callable[[Any, bool], dict[str, Any]]
 Finished = Callable[[Any, dict[str, Any]], None]
 Compute = Callable[[list[EditRequest]], EditResult | None]
+Complete = Callable[[Any, dict[str, Any]], dict[str, Any]]
 
 
 def _chunks(cases: Sequence[Any], size: int) -> list[list[Any]]:
@@ -130,15 +137,28 @@ def _compute(compute: Compute, chunk: list[Any], path: Path) -> tuple[Patch, flo
 class _PreScores:
     """The unedited model's scores per case: from ``pre_from``, ``pre.jsonl``, or measured now (and kept)."""
 
-    def __init__(self, out: Path, known: dict[str, dict[str, Any]], evaluate: Evaluate) -> None:
+    def __init__(
+        self, out: Path, known: dict[str, dict[str, Any]], evaluate: Evaluate, complete: Complete | None = None
+    ) -> None:
         self.log = CaseLog(out / "pre.jsonl")
         self.known = {**known, **{k: v["pre"] for k, v in self.log.load().items()}}
         self.evaluate = evaluate
+        self.complete = complete
         self.failed: dict[str, str] = {}  # case id -> why its unedited scores could not be measured
 
     def ensure(self, cases: Sequence[Any], progress: Progress) -> None:
-        """Measure (on the model as it is now, which must be unedited) the cases not known yet."""
-        todo = [c for c in cases if str(c.case_id) not in self.known]
+        """Measure (on the model as it is now, which must be unedited) the cases not known yet, and complete
+        known ones that lack blocks this run records (taken from an older run)."""
+        if self.complete is not None:
+            for case in cases:
+                key = str(case.case_id)
+                if key in self.known:
+                    try:
+                        self.known[key] = self.complete(case, self.known[key])
+                    except FactEditError as exc:
+                        log.warning("case %s: evaluation failed: %s", case.case_id, exc)
+                        self.failed[key] = f"evaluation failed: {exc}"
+        todo = [c for c in cases if str(c.case_id) not in self.known and str(c.case_id) not in self.failed]
         if not todo:
             return
         with (progress if len(todo) > 1 else SILENT).stage("unedited scores", total=len(todo), unit="case") as stage:
@@ -174,16 +194,46 @@ def run_chunks(
     finished: Finished,
     base_fp: str,
     progress: Progress = SILENT,
+    complete: Complete | None = None,
+    capability: CapabilitySettings | None = None,
+    edited_subjects: Sequence[str] = (),
 ) -> None:
-    """Edit and evaluate ``cases`` in chunks of ``mode['batch']``; skip the ones in ``done``."""
-    run = _Run(
-        model, tok, method, done, out, evaluate, _PreScores(out, pre_known, evaluate), finished, base_fp, progress
-    )
+    """Edit and evaluate ``cases`` in chunks of ``mode['batch']``; skip the ones in ``done``. With
+    ``capability``, its measures are taken on the unedited model and after each batch (or the sequence)."""
+    pre = _PreScores(out, pre_known, evaluate, complete)
+    run = _Run(model, tok, method, done, out, evaluate, pre, finished, base_fp, progress)
+    probe = None
+    if capability is not None:  # the model is unedited here
+        probe = CapabilityProbe.build(model, tok, capability, edited_subjects or [c.request.subject for c in cases])
+    capability_log = _CapabilityLog(out, probe)
+    capability_log.ensure("before", model, tok, when="before", edits=0)
     chunks = _chunks(cases, mode["batch"])
     if mode["kind"] == "batch":
-        _run_batches(run, chunks)
+        _run_batches(run, chunks, capability_log)
     else:
-        _run_sequence(run, chunks, config)
+        _run_sequence(run, chunks, config, capability_log)
+
+
+class _CapabilityLog:
+    """``capability.jsonl``: one record per measured state of the model, taken unless already there with
+    the same settings (a run resumed, or given the measures later, measures only what it lacks)."""
+
+    def __init__(self, out: Path, probe: CapabilityProbe | None) -> None:
+        self.probe = probe
+        self.log = CaseLog(out / CAPABILITY)
+        self.done: set[str] = set()
+        if probe is not None:
+            wanted = probe.settings.describe()
+            self.done = {k for k, r in self.log.load().items() if r.get("settings") == wanted}
+
+    def missing(self, key: str) -> bool:
+        return self.probe is not None and key not in self.done
+
+    def ensure(self, key: str, model: nn.Module, tok: PreTrainedTokenizerBase, **fields: Any) -> None:
+        if not self.missing(key):
+            return
+        self.log.append({"case_id": key, **fields, **self.probe.measure(model, tok)})
+        self.done.add(key)
 
 
 @dataclass
@@ -216,7 +266,7 @@ class _Run:
         )
 
 
-def _run_batches(run: _Run, chunks: list[list[Any]]) -> None:
+def _run_batches(run: _Run, chunks: list[list[Any]], capability: _CapabilityLog) -> None:
     model, tok, method, done, out, evaluate, pre, finished, base_fp, progress = run.parts()
     options = {"z_cache": cache_dir("memit-z")} if method.capabilities.batch else {}
 
@@ -225,7 +275,8 @@ def _run_batches(run: _Run, chunks: list[list[Any]]) -> None:
 
     for index, chunk in enumerate(chunks):
         todo = [c for c in chunk if str(c.case_id) not in done]
-        if not todo:
+        capability_key = f"chunk-{index:05d}"
+        if not todo and not capability.missing(capability_key):
             continue
         pre.ensure(todo, progress)
         valid, errors = split_valid(tok, chunk, method.fact_token)
@@ -279,6 +330,7 @@ def _run_batches(run: _Run, chunks: list[list[Any]]) -> None:
                         },
                     },
                 )
+            capability.ensure(capability_key, model, tok, when="after", chunk=index, edits=len(valid))
         finally:
             if handle is not None and handle.is_applied:
                 handle.revert()
@@ -287,33 +339,39 @@ def _run_batches(run: _Run, chunks: list[list[Any]]) -> None:
             raise FactEditError(f"chunk {index}: the model was not restored after the edit; stopping")
 
 
-def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None:
+def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capability: _CapabilityLog) -> None:
     model, tok, method, done, out, evaluate, pre, finished, base_fp, progress = run.parts()
     all_cases = [c for chunk in chunks for c in chunk]
     todo = [c for c in all_cases if str(c.case_id) not in done]
     drift_log = CaseLog(out / "drift.jsonl")
     drift_log.load()  # drops a torn last line
-    # steps measured before fluency was part of a drift point are measured again
-    drift_done = {int(r["step"]) for r in read_drift(out) if "ngram_entropy" in r or "measured_cases" not in r}
+    probe = capability.probe
+    # steps measured before fluency (or, when asked for, the capability measures) was part of a drift point
+    # are measured again
+    drift_done = {int(r["step"]) for r in read_drift(out) if _drift_complete(r, probe)}
     drift_due = {0, *range(config.drift_every, len(chunks) + 1, config.drift_every)} if config.drift_every else set()
+    guard_log = _GuardLog(out, config.guard)
     if 0 in drift_due - drift_done:  # the reference: the unedited model on the cases the sequence will edit
-        drift_log.append({"case_id": 0, **drift_point(model, tok, all_cases, 0), "edits": 0})
+        drift_log.append({"case_id": 0, **drift_point(model, tok, all_cases, 0, probe=probe), "edits": 0})
         drift_done.add(0)
-    if not todo and drift_due <= drift_done:
+    if not todo and drift_due <= drift_done and not capability.missing("after"):
         return
     # (a finished run with drift points missing replays its saved steps to measure them)
     pre.ensure(todo, progress)  # before any edit: the model is unedited here
+    guard = guard_log.guard(model, tok, all_cases, config.seed)  # built and measured on the unedited model
     # The core's sequence driver: statistics and templates of the unedited model (the run's shared
     # resources), the method's state (AlphaEdit's kept keys) and a patch stack that keeps one snapshot
-    # of each touched weight (undo_depth 0: memory does not grow with the number of steps).
+    # of each touched weight (undo_depth 0: memory does not grow with the number of steps; 1 with the
+    # guard, which must be able to undo the newest step).
     editor = SequentialEditor(model, tok, method.method, method.hp, resources=method.resources)
-    editor.stack = PatchStack(model, undo_depth=0)
+    editor.stack = PatchStack(model, undo_depth=0 if guard is None else 1)
     state = editor.state
     state_path = out / "patches" / "state.safetensors"
     saved_state_step = _state_step(state_path) if state is not None else None
     errors: dict[str, str] = {}
     step_of: dict[str, int] = {}
     patch_of: dict[int, Patch] = {}
+    refused: dict[int, dict[str, Any]] = {}  # step -> the guard's record of it
     edited: list[Any] = []
     last_step = -1  # the last step applied
     recomputing = False
@@ -328,6 +386,12 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None
                 if not valid:
                     continue
                 path = out / "patches" / f"step_{index:05d}.safetensors"
+                verdict = guard_log.verdict(index, _ids(valid)) if guard is not None and not recomputing else None
+                if verdict is not None and verdict["verdict"] == "refused":  # judged before: never re-applied
+                    refused[index] = verdict
+                    for case in valid:
+                        step_of[str(case.case_id)] = index
+                    continue
                 patch = None
                 if not recomputing and (saved_state_step is None or index <= saved_state_step):
                     patch = _load_saved(path, _ids(valid), model)  # AlphaEdit: only steps its saved state includes
@@ -336,23 +400,51 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None
                         _restore_state(state, state_path, last_step, torch.device("cpu"))  # moved per layer when used
                     recomputing = True
                     try:
-                        patch, _ = _compute(editor.step, valid, path)  # computed on the edited model, applied, kept
+                        if guard is None:
+                            patch, _ = _compute(editor.step, valid, path)  # computed on the edited model, applied, kept
+                        else:
+                            computed: list[EditResult] = []
+                            patch, _ = _compute(
+                                lambda reqs, into=computed: _keep(into, compute_step(editor, reqs)), valid, path
+                            )
                     except FactEditError as exc:
                         log.warning("step %d: %s failed: %s", index, method.name, exc)
                         if state is not None:
                             state.discard()
                         errors.update({str(c.case_id): f"edit failed: {exc}" for c in valid})
                         continue
+                    if guard is not None:
+                        judged = settle(editor, computed[-1], guard)  # applied, kept or undone
+                        record = guard_log.record(index, _ids(valid), judged, patch, path)
+                        if not judged.accepted:
+                            refused[index] = record
+                            for case in valid:
+                                step_of[str(case.case_id)] = index
+                            continue
                     _save_state(state, state_path, index)
+                elif guard is not None and verdict is None:  # saved, never judged (killed in between): judge now
+                    judged = guard.try_patch(model, tok, patch, editor.stack)
+                    record = guard_log.record(index, _ids(valid), judged, patch, path)
+                    if not judged.accepted:
+                        refused[index] = record
+                        for case in valid:
+                            step_of[str(case.case_id)] = index
+                        continue
                 else:
                     editor.stack.push(patch)
+                    if verdict is not None:
+                        guard.accept(verdict["after"])
                 last_step = index
                 edited.extend(valid)
                 for case in valid:
                     step_of[str(case.case_id)] = index
                 patch_of[index] = patch
                 if config.drift_every and (index + 1) % config.drift_every == 0 and index + 1 not in drift_done:
-                    drift_log.append({"case_id": index + 1, **drift_point(model, tok, edited, index + 1)})
+                    point = drift_point(model, tok, edited, index + 1, probe=probe)
+                    if guard is not None:
+                        point["refused"] = sum(len(r["case_ids"]) for r in refused.values())
+                    drift_log.append({"case_id": index + 1, **point})
+        capability.ensure("after", model, tok, when="after", edits=len(edited))
         infos = {step: edit_info(p) for step, p in patch_of.items()}
         for case in todo:
             key = str(case.case_id)
@@ -360,30 +452,148 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig) -> None
                 finished(case, {**case_header(case), "error": errors[key]})
                 continue
             t = time.perf_counter()
-            patch = patch_of[step_of[key]]
+            step = step_of[key]
             try:
                 post = evaluate(case, True)
             except FactEditError as exc:  # this case only
                 log.warning("case %s: evaluation failed: %s", case.case_id, exc)
                 finished(case, {**case_header(case), "error": f"evaluation failed: {exc}"})
                 continue
+            if step in refused:  # scored on the final model, which lacks its edit: it counts as not made
+                record = refused[step]
+                edit = {**record.get("edit", {}), "step": step, "edits_in_model": len(edited), "refused": True}
+                edit_s = record.get("edit_s", 0.0) / max(1, len(record["case_ids"]))
+                guard_field = {"guard": _guard_field(record)}
+            else:
+                patch = patch_of[step]
+                edit = {**infos[step], "step": step, "edits_in_model": len(edited)}
+                edit_s = patch.info.get("edit_s", 0.0) / len(patch.info["case_ids"])
+                record = guard_log.latest.get(step) if guard is not None else None
+                guard_field = {"guard": _guard_field(record)} if record is not None else {}
             finished(
                 case,
                 {
                     **case_header(case),
-                    "edit": {**infos[step_of[key]], "step": step_of[key], "edits_in_model": len(edited)},
+                    "edit": edit,
+                    **guard_field,
                     "pre": pre[key],
                     "post": post,
-                    "timing": {
-                        "edit_s": patch.info.get("edit_s", 0.0) / len(patch.info["case_ids"]),
-                        "eval_s": time.perf_counter() - t,
-                    },
+                    "timing": {"edit_s": edit_s, "eval_s": time.perf_counter() - t},
                 },
             )
     finally:
         editor.stack.revert_all()
     if model_fingerprint(model) != base_fp:
         raise FactEditError("the model was not restored after the sequence; stopping")
+
+
+def _keep(into: list[EditResult], result: EditResult | None) -> EditResult | None:
+    if result is not None:
+        into.append(result)
+    return result
+
+
+def _guard_field(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in ("verdict", "reasons", "step", "before", "after") if k in record}
+
+
+GUARD_LOG = "guard.jsonl"
+
+
+class _GuardLog:
+    """``guard.jsonl``: the guard's probe and the unedited model's measures (``baseline``), then one verdict
+    per judged step (``step-NNNNN``: case ids, accepted or refused with reasons, measures before and after).
+    A resumed run re-applies accepted steps without measuring them again and never re-applies a refused
+    one; a step judged again (its edit recomputed) counts by its last record. A refused step's patch is
+    kept beside the others as ``step_NNNNN.refused.safetensors``."""
+
+    def __init__(self, out: Path, settings: GuardSettings | None) -> None:
+        self.out, self.settings = out, settings
+        self.path = out / GUARD_LOG
+        self.latest: dict[int, dict[str, Any]] = {}
+        self.baseline: dict[str, Any] | None = None
+        for record in _read_jsonl(self.path):
+            if record.get("case_id") == "baseline":
+                self.baseline = record
+            elif isinstance(record.get("step"), int):
+                self.latest[record["step"]] = record
+        steps_saved = any((out / "patches").glob("step_*.safetensors"))
+        if settings is None and (self.baseline is not None or self.latest):
+            raise FactEditError(f"{out} is a guarded run: resume it with --guard (and the same guard settings)")
+        if settings is not None:
+            if self.baseline is None and steps_saved:
+                raise FactEditError(
+                    f"{out} was started without the guard: resume it without --guard, or use a new --out"
+                )
+            if self.baseline is not None and self.baseline.get("settings") != settings.describe():
+                raise FactEditError(
+                    f"cannot resume {out} with other guard settings (run has {self.baseline.get('settings')}, "
+                    f"now {settings.describe()}); use a new --out folder"
+                )
+
+    def guard(
+        self, model: nn.Module, tok: PreTrainedTokenizerBase, cases: Sequence[Any], seed: int
+    ) -> EditGuard | None:
+        """The run's guard, built on the unedited model; its baseline is measured once and kept."""
+        if self.settings is None:
+            return None
+        known = self.baseline["measures"] if self.baseline is not None else None
+        guard = EditGuard.build(model, tok, self.settings, cases=cases, seed=seed, baseline=known)
+        if self.baseline is None:
+            self.baseline = {
+                "case_id": "baseline",
+                "settings": self.settings.describe(),
+                "probe": guard.describe(),
+                "measures": guard.baseline,
+            }
+            CaseLog(self.path).append(self.baseline)
+        return guard
+
+    def verdict(self, step: int, case_ids: list[str]) -> dict[str, Any] | None:
+        record = self.latest.get(step)
+        return record if record is not None and record.get("case_ids") == case_ids else None
+
+    def record(self, step: int, case_ids: list[str], verdict: GuardVerdict, patch: Patch, path: Path) -> dict[str, Any]:
+        record = {
+            "case_id": f"step-{step:05d}",
+            "step": step,
+            "case_ids": case_ids,
+            **verdict.record(),
+            "edit": edit_info(patch),
+            "edit_s": patch.info.get("edit_s", 0.0),
+        }
+        CaseLog(self.path).append(record)
+        self.latest[step] = record
+        if not verdict.accepted and path.is_file():  # kept to be looked at, never loaded as a step again
+            path.replace(path.with_name(path.name.replace(".safetensors", ".refused.safetensors")))
+        return record
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The readable lines of a JSON-lines file, in order (a torn or broken line is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_guard(folder: str | Path) -> dict[str, Any]:
+    """A guarded run's ``guard.jsonl``: its ``baseline`` record and its latest verdict per step ({} if none)."""
+    records = _read_jsonl(Path(folder) / GUARD_LOG)
+    if not records:
+        return {}
+    steps = {r["step"]: r for r in records if isinstance(r.get("step"), int)}
+    return {
+        "baseline": next((r for r in records if r.get("case_id") == "baseline"), None),
+        "steps": [steps[k] for k in sorted(steps)],
+    }
 
 
 def _state_step(path: Path) -> int:
@@ -417,6 +627,13 @@ def _restore_state(state: MethodState, path: Path, step: int, device: torch.devi
     state.load_state_dict(load_file(str(path), device=str(device)))
 
 
+def _drift_complete(record: dict[str, Any], probe: CapabilityProbe | None) -> bool:
+    """Has a drift point every field this run measures?"""
+    if not ("ngram_entropy" in record or "measured_cases" not in record):
+        return False
+    return probe is None or (record.get("capability") or {}).get("settings") == probe.settings.describe()
+
+
 def drift_point(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -425,11 +642,28 @@ def drift_point(
     max_cases: int = 200,
     fluency_cases: int = 5,
     seed: int = 0,
+    probe: CapabilityProbe | None = None,
 ) -> dict[str, Any]:
     """The model after ``step`` steps, on the first ``max_cases`` edited CounterFact cases: how many
     edits still hold (new beats true on the rewrite prompt), how many neighbour prompts keep the
     true answer, and fluency: GE (n-gram entropy) of seeded samples from the first generation
-    prompt of the first ``fluency_cases`` cases (the same texts' seeds at every step)."""
+    prompt of the first ``fluency_cases`` cases (the same texts' seeds at every step); with ``probe``,
+    also the general-capability measures (perplexity, known facts, entropy on unrelated prompts)."""
+    point = _edit_drift(model, tok, edited, step, max_cases, fluency_cases, seed)
+    if probe is not None:
+        point["capability"] = probe.measure(model, tok)
+    return point
+
+
+def _edit_drift(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    edited: Sequence[Any],
+    step: int,
+    max_cases: int,
+    fluency_cases: int,
+    seed: int,
+) -> dict[str, Any]:
     from factedit.evaluation.generation import case_seed, sample_texts
     from factedit.evaluation.metrics import generation_entropy
     from factedit.predict import new_beats_true

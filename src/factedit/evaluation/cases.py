@@ -4,6 +4,11 @@ Results are plain JSON-able dicts with ROME's key names (``rewrite_prompts_probs
 ``{"target_new": nll, "target_true": nll}``, ``*_prompts_correct``, ``ngram_entropy``,
 ``reference_score``, ``text``) so they can be summarised, or compared with ROME's own output,
 by :mod:`factedit.evaluation.metrics`.
+
+Two more blocks sit beside them (:func:`generative_scores`, :func:`easyedit_scores`):
+``{key}_prompts_generated`` (per prompt the greedy answer, its token ids and whether it succeeds,
+WILD's protocol) and ``{key}_prompts_token_acc`` / ``neighborhood_prompts_argmax`` (EasyEdit's
+teacher-forced token accuracy and the argmax tokens its locality compares before/after the edit).
 """
 
 from __future__ import annotations
@@ -11,15 +16,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from factedit.data.counterfact import CounterFactCase
 from factedit.data.zsre import ZsRECase
-from factedit.evaluation.generation import case_seed, sample_texts
-from factedit.evaluation.metrics import generation_entropy
+from factedit.evaluation.generation import case_seed, greedy_answers, sample_texts
+from factedit.evaluation.metrics import ARGMAX, GENERATED, TOKEN_ACC, generation_entropy, generative_success
 from factedit.evaluation.reference import ReferenceTexts
+from factedit.hooks import Trace
+from factedit.models.architectures import arch_for
+from factedit.models.placement import input_device
+from factedit.models.runtime import lm_logits
 from factedit.predict import score_continuations
+from factedit.text import pad_id, pad_right, target_ids
+
+# keys of the generative (WILD) block, and of EasyEdit's: a block has all of one kind or none
+GENERATIVE_KEYS = tuple(GENERATED.format(key=k) for k in ("rewrite", "paraphrase", "neighborhood"))
+EASYEDIT_KEYS = (
+    TOKEN_ACC.format(key="rewrite"),
+    TOKEN_ACC.format(key="paraphrase"),
+    ARGMAX.format(key="neighborhood"),
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +52,135 @@ class GenerationSettings:
     n_cases: int | None = None  # only the run's first n_cases cases get generation metrics; None = all
 
 
+@dataclass(frozen=True)
+class GenerativeSettings:
+    """WILD's generative metrics: greedy answers of at most ``max_new_tokens`` tokens (WILD: 50), cut at the
+    first sentence end. ``rule`` names the matching rule (:func:`~factedit.evaluation.metrics.
+    generative_success`), so a run's manifest says which one scored it."""
+
+    max_new_tokens: int = 50
+    rule: str = "wild-contains-v1"
+
+
+def _prompt_groups(case) -> dict[str, list[tuple[str, str, str | None]]]:
+    """Per group of prompts, ``(prompt, expected answer, competing answer)`` as the generative metrics score
+    them: edited prompts should give the new target and not the old, neighbours the true one and not the new."""
+    req = case.scored_request
+    if isinstance(case, CounterFactCase):
+        return {
+            "rewrite": [(p, req.target_new, req.target_true) for p in case.rewrite_prompts()],
+            "paraphrase": [(p, req.target_new, req.target_true) for p in case.paraphrase_prompts],
+            "neighborhood": [(p, req.target_true, req.target_new) for p in case.neighborhood_prompts],
+        }
+    return {  # zsRE: no old answer to compete; the neighbour is the NQ question and its answer
+        "rewrite": [(p, req.target_new, None) for p in case.rewrite_prompts()],
+        "paraphrase": [(p, req.target_new, None) for p in case.paraphrase_prompts],
+        "neighborhood": [(q, a.strip(), None) for q, a in case.neighborhood],
+    }
+
+
+def generative_scores(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    case: CounterFactCase | ZsRECase,
+    settings: GenerativeSettings,
+    *,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """WILD's protocol on every rewrite, paraphrase and neighbourhood prompt: the greedy answer of the model
+    as it is now (no teacher forcing), and whether it states the expected answer and not the competing one."""
+    groups = _prompt_groups(case)
+    flat = [item for items in groups.values() for item in items]
+    answers = iter(
+        greedy_answers(
+            model, tok, [p for p, _, _ in flat], max_new_tokens=settings.max_new_tokens, batch_size=batch_size
+        )
+    )
+    out: dict[str, Any] = {}
+    for key, items in groups.items():
+        rows = []
+        for _, expected, competing in items:
+            answer = next(answers)
+            rows.append({**answer.to_dict(), "success": generative_success(answer.text, expected, competing)})
+        out[GENERATED.format(key=key)] = rows
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_argmax(
+    model: nn.Module, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], *, batch_size: int = 64
+) -> list[tuple[list[int], list[int]]]:
+    """Per ``(prompt, continuation)``: the argmax token at each continuation position given the prompt and the
+    preceding continuation tokens, and the continuation's tokens (as EasyEdit's ``test_prediction_acc``)."""
+    device = input_device(model)
+    seqs, spans = [], []
+    for prompt, cont in pairs:
+        p, t = tok(prompt)["input_ids"], target_ids(tok, prompt, cont)
+        seqs.append(p + t)
+        spans.append((len(p), t))
+    arch = arch_for(model)
+    out: list[tuple[list[int], list[int]]] = []
+    for lo in range(0, len(seqs), batch_size):
+        chunk = spans[lo : lo + batch_size]
+        ids, mask = pad_right(seqs[lo : lo + batch_size], pad_id(tok), device)
+        with Trace(model, arch.final_norm, stop=True) as fin:  # the LM head only where a target token is predicted
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        states = fin.output
+        rows = torch.cat([torch.full((len(t),), r, dtype=torch.long) for r, (_, t) in enumerate(chunk)])
+        pos = torch.cat([torch.arange(start - 1, start - 1 + len(t)) for start, t in chunk])
+        predicted = lm_logits(model, arch, states[rows.to(states.device), pos.to(states.device)]).argmax(-1).tolist()
+        k = 0
+        for _, target in chunk:
+            out.append((predicted[k : k + len(target)], list(target)))
+            k += len(target)
+    return out
+
+
+def easyedit_scores(
+    model: nn.Module, tok: PreTrainedTokenizerBase, case: CounterFactCase | ZsRECase, *, batch_size: int = 64
+) -> dict[str, Any]:
+    """EasyEdit's token accuracies: per rewrite/paraphrase prompt the share of the new target's tokens that
+    are the teacher-forced argmax (reliability, generalisation), and the neighbourhood prompts' argmax tokens
+    under the true target (locality compares them with the unedited model's)."""
+    req = case.scored_request
+    if isinstance(case, CounterFactCase):
+        neighbours = [(p, req.true_text) for p in case.neighborhood_prompts]
+    else:
+        neighbours = list(case.neighborhood)
+    edited = [(p, req.new_text) for p in case.rewrite_prompts()] + [(p, req.new_text) for p in case.paraphrase_prompts]
+    results = teacher_forced_argmax(model, tok, edited + neighbours, batch_size=batch_size)
+    n_rw = len(case.rewrite_prompts())
+
+    def accuracy(chunk) -> list[float]:
+        return [sum(int(a == b) for a, b in zip(p, t)) / len(t) for p, t in chunk]
+
+    return {
+        TOKEN_ACC.format(key="rewrite"): accuracy(results[:n_rw]),
+        TOKEN_ACC.format(key="paraphrase"): accuracy(results[n_rw : len(edited)]),
+        ARGMAX.format(key="neighborhood"): [p for p, _ in results[len(edited) :]],
+    }
+
+
+def extra_scores(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    case: CounterFactCase | ZsRECase,
+    generative: GenerativeSettings | None,
+    *,
+    batch_size: int = 64,
+    have: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The EasyEdit block and (with ``generative``) the WILD block, leaving out those ``have`` already holds
+    (so the unedited scores of an older run can be completed instead of measured again)."""
+    have = have or {}
+    out: dict[str, Any] = {}
+    if not all(k in have for k in EASYEDIT_KEYS):
+        out.update(easyedit_scores(model, tok, case, batch_size=batch_size))
+    if generative is not None and not all(k in have for k in GENERATIVE_KEYS):
+        out.update(generative_scores(model, tok, case, generative, batch_size=batch_size))
+    return out
+
+
 def evaluate_counterfact(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -41,9 +189,12 @@ def evaluate_counterfact(
     generation: GenerationSettings | None = None,
     reference: ReferenceTexts | None = None,
     batch_size: int = 64,
+    generative: GenerativeSettings | None = None,
+    extras: bool = False,
 ) -> dict[str, Any]:
     """NLLs of new/true target and argmax hits on rewrite, paraphrase and neighbourhood prompts;
-    with ``generation``, also the generated texts, their n-gram entropy and the reference score."""
+    with ``generation``, also the generated texts, their n-gram entropy and the reference score; with
+    ``extras``, EasyEdit's token accuracies and (with ``generative``) WILD's greedy answers."""
     req = case.scored_request
     groups = {
         "rewrite": case.rewrite_prompts(),
@@ -77,6 +228,8 @@ def evaluate_counterfact(
         out["ngram_entropy"] = generation_entropy(texts) if texts else None
         out["reference_score"] = reference.score(texts, req.target_new) if (reference and texts) else None
         out["text"] = texts
+    if extras:
+        out.update(extra_scores(model, tok, case, generative, batch_size=batch_size))
     return out
 
 
@@ -86,9 +239,11 @@ def evaluate_zsre(
     case: ZsRECase,
     *,
     batch_size: int = 64,
+    generative: GenerativeSettings | None = None,
+    extras: bool = False,
 ) -> dict[str, Any]:
     """Per target token, teacher-forced: is it the argmax? (rewrite and paraphrase: the new answer;
-    neighbourhood: the NQ answer after ``question?``)."""
+    neighbourhood: the NQ answer after ``question?``); with ``extras`` the EasyEdit and WILD blocks."""
     req = case.scored_request
     pairs = [(p, req.new_text) for p in case.rewrite_prompts()]
     pairs += [(p, req.new_text) for p in case.paraphrase_prompts]
@@ -99,8 +254,11 @@ def evaluate_zsre(
     def flat(chunk) -> list[bool]:
         return [hit for s in chunk for hit in s.argmax]
 
-    return {
+    out: dict[str, Any] = {
         "rewrite_prompts_correct": flat(scores[:n_rw]),
         "paraphrase_prompts_correct": flat(scores[n_rw : n_rw + n_para]),
         "neighborhood_prompts_correct": flat(scores[n_rw + n_para :]),
     }
+    if extras:
+        out.update(extra_scores(model, tok, case, generative, batch_size=batch_size))
+    return out

@@ -6,7 +6,8 @@ without importing the runner that calls it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,70 @@ MAX_TOP_K = 1000  # sampling (ROME: 5)
 MAX_BATCH = 100_000  # cases edited at once (MEMIT's largest: 10,000)
 MAX_GROUP = 4096  # FT edits computed together
 MAX_SCORE_BATCH = 4096  # prompts scored per forward pass
+MAX_ANSWER_TOKENS = 512  # greedy answer of the generative metrics (WILD: 50)
+MAX_PPL_RISE = 1e6  # a guard's perplexity limit (relative rise); "never refuse on perplexity" is a large number
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """What :class:`~factedit.evaluation.guard.EditGuard` probes after each edit and when it refuses one.
+
+    Per edit (against the model just before it) and in total (against the unedited model; an edit is then
+    refused only if it makes the measure worse). Drops are shares (0.05 = 5 points), the perplexity limit a
+    relative rise (0.02 = 2%). The defaults are a demanding user's, measured on small probes (docs/evaluation.md,
+    "Guarded edits"): a good single ROME edit moves none of these by more than noise, so 3 of 40 unrelated
+    neighbour prompts flipping, 3 of 50 known facts lost or +2% perplexity in one edit is damage worth refusing.
+    """
+
+    neighbour_cases: int = 20  # CounterFact cases of the run (its first) whose neighbourhood prompts are probed
+    neighbour_prompts: int = 2  # per case (ROME's drift points use 2 as well)
+    known_facts: int = 50  # unrelated known facts the unedited model predicts
+    windows: int = 2  # perplexity windows per text (WikiText-2 test, held-out Wikipedia)
+    window_tokens: int = 256
+    max_neighbour_drop: float = 0.05  # per edit: more than 2 of 40 neighbour prompts lose their true answer
+    max_known_drop: float = 0.04  # per edit: more than 2 of 50 known facts lost
+    max_ppl_rise: float = 0.02  # per edit: perplexity of the held-out text up by more than 2%
+    max_total_neighbour_drop: float = 0.10  # since the unedited model
+    max_total_known_drop: float = 0.10
+    max_total_ppl_rise: float = 0.10
+
+    def check(self) -> None:
+        """Refuse bad sizes and limits before anything is loaded (one line each)."""
+        for name, value, low, high in (
+            ("guard neighbour cases", self.neighbour_cases, 0, 100_000),
+            ("guard neighbour prompts per case", self.neighbour_prompts, 1, 1000),
+            ("guard known facts", self.known_facts, 1, 100_000),
+            ("guard perplexity windows", self.windows, 1, 10_000),
+            ("guard window tokens", self.window_tokens, 2, 4096),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise FactEditError(f"{name} must be a whole number from {low} to {high:,}, not {value!r}")
+        for name, value, high in (
+            ("max_neighbour_drop", self.max_neighbour_drop, 1.0),
+            ("max_known_drop", self.max_known_drop, 1.0),
+            ("max_ppl_rise", self.max_ppl_rise, MAX_PPL_RISE),
+            ("max_total_neighbour_drop", self.max_total_neighbour_drop, 1.0),
+            ("max_total_known_drop", self.max_total_known_drop, 1.0),
+            ("max_total_ppl_rise", self.max_total_ppl_rise, MAX_PPL_RISE),
+        ):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not 0 <= value <= high:
+                raise FactEditError(f"guard {name} must be a number from 0 to {high:g}, not {value!r}")
+
+    def capability(self, seed: int = 0):
+        """The capability probe's sizes for these settings (one fluency prompt: the guard does not sample)."""
+        from factedit.evaluation.capability import CapabilitySettings
+
+        return CapabilitySettings(
+            windows=self.windows,
+            window_tokens=self.window_tokens,
+            known_facts=self.known_facts,
+            entropy_prompts=1,
+            seed=seed,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -52,6 +117,32 @@ class RunConfig:
     group: int = 1  # single mode: independent edits of this many cases computed together (``compute_each``)
     prompts_edit: str = "raw"  # "chat": edits are made on prompts wrapped in the chat template (models/chat.py)
     prompts_eval: str = "raw"  # "chat": every evaluated prompt is wrapped; differing from prompts_edit = transfer
+    # WILD's generative metrics (greedy answers, no teacher forcing) on every rewrite/paraphrase/neighbour
+    # prompt: on by default (about 1-2 s per case on the default model on one CPU core, see docs)
+    generative: bool = True
+    answer_tokens: int = 50  # the greedy answer's budget (WILD: 50)
+    # general capability before/after batch edits and at sequential drift points (capability.py); off by default
+    capability: bool = False
+    capability_windows: int = 8
+    capability_window_tokens: int = 256
+    capability_facts: int = 200
+    capability_prompts: int = 10
+    # sequential runs: roll back (bit-exact) and record as refused every edit that moves the probe too far
+    guard: GuardSettings | None = None
+
+    def capability_settings(self):
+        """The capability measures' sizes (None when they are off)."""
+        from factedit.evaluation.capability import CapabilitySettings
+
+        if not self.capability:
+            return None
+        return CapabilitySettings(
+            windows=self.capability_windows,
+            window_tokens=self.capability_window_tokens,
+            known_facts=self.capability_facts,
+            entropy_prompts=self.capability_prompts,
+            seed=self.seed,
+        )
 
     def check(self) -> None:
         """Refuse bad settings before anything is loaded or written (one line, naming the setting)."""
@@ -77,6 +168,7 @@ class RunConfig:
             ("drift_every", self.drift_every, 1, None, True),
             ("gen_cases", self.gen_cases, 1, None, True),
             ("group", self.group, 1, MAX_GROUP, False),
+            ("answer_tokens", self.answer_tokens, 1, MAX_ANSWER_TOKENS, False),
         )
         for name, value, low, high, optional in counts:
             if value is None and optional:
@@ -86,6 +178,20 @@ class RunConfig:
                 raise FactEditError(f"{name} must be a whole number {span}, not {value!r}")
         if self.drift_every is not None and not self.sequential:
             raise FactEditError("drift_every needs a sequential run")
+        if self.capability:
+            if self.batch is None and not self.sequential:
+                raise FactEditError(
+                    "capability measures are taken before/after batch edits and at sequential drift points: "
+                    "use them with --batch or --sequential"
+                )
+            self.capability_settings().check()
+        if self.guard is not None:
+            if not isinstance(self.guard, GuardSettings):
+                raise FactEditError(f"guard must be GuardSettings, not {type(self.guard).__name__}")
+            if not self.sequential:
+                raise FactEditError("the guard judges edits kept one after another: use it with --sequential")
+            self.guard.check()
+            self.guard.capability(self.seed).check()
         if not isinstance(self.overrides, dict):
             raise FactEditError(f"overrides must be a dict of hyper-parameters, not {type(self.overrides).__name__}")
         for name, path, folder in (

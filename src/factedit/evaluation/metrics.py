@@ -14,6 +14,13 @@ Sources (kmeng01/rome and kmeng01/memit, ``experiments/py/eval_utils_*.py`` and
   teacher forcing (``target_new`` for rewrite/paraphrase prompts, ``target_true`` for neighbours).
 * zsRE: per target token, whether it is the argmax given the prompt and the preceding target
   tokens; a case's score is the mean over its tokens.
+* Generative success (the WILD protocol of "The Mirage of Model Editing", arXiv 2502.11177): the
+  model's own greedy continuation, cut at its first sentence end, is normalised as SQuAD/WILD's
+  exact match does (case, punctuation, articles, whitespace) and succeeds when it states the
+  expected answer and not the competing one (:func:`generative_success`).
+* EasyEdit's token accuracies (``easyeditor/evaluate``): per prompt, the mean over the target's
+  tokens of "teacher-forced argmax = target token" (reliability, generalisation); locality is the
+  share of the neighbourhood prompts' teacher-forced argmax tokens unchanged by the edit.
 * Generation entropy: per generated text, the mean of (2/3)·H₂ and (4/3)·H₃ (bi-/tri-gram
   entropies in bits over word tokens), averaged over texts. Reference score: TF-IDF cosine
   between all generated texts joined and all reference texts joined.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -32,6 +40,10 @@ import numpy as np
 from factedit.tracing.dataset import t_quantile_975  # the one Student-t quantile (95% intervals)
 
 PROB_KEYS = ("rewrite", "paraphrase", "neighborhood")
+# per-prompt generated answers (WILD) and EasyEdit's per-prompt token accuracies / argmax tokens
+GENERATED = "{key}_prompts_generated"
+TOKEN_ACC = "{key}_prompts_token_acc"
+ARGMAX = "{key}_prompts_argmax"
 
 
 # -- CounterFact ------------------------------------------------------------------------------------------
@@ -63,7 +75,145 @@ def counterfact_case_scores(block: Mapping[str, Any]) -> dict[str, float]:
     for key in ("ngram_entropy", "reference_score"):
         if block.get(key) is not None:
             out[key] = float(block[key])
+    out.update(generative_case_scores(block))
     return out
+
+
+def generative_case_scores(block: Mapping[str, Any]) -> dict[str, float]:
+    """Per-case generative success (``{key}_gen``) and EasyEdit token accuracy (``{key}_token_acc``) from the
+    stored generations and accuracies of one block; absent in runs made before they existed."""
+    out: dict[str, float] = {}
+    for key in PROB_KEYS:
+        generated = block.get(GENERATED.format(key=key))
+        if generated:
+            out[f"{key}_gen"] = float(np.mean([bool(g["success"]) for g in generated]))
+        token_acc = block.get(TOKEN_ACC.format(key=key))
+        if token_acc:
+            out[f"{key}_token_acc"] = float(np.mean(token_acc))
+    return out
+
+
+def paired_case_scores(pre: Mapping[str, Any], post: Mapping[str, Any]) -> dict[str, float]:
+    """Scores that compare the edited model with the unedited one on the same case (fractions):
+
+    * ``neighborhood_same_gen``: WILD's locality, the share of neighbourhood prompts whose generated
+      answer (token ids) is exactly the unedited model's;
+    * ``neighborhood_token_agree``: EasyEdit's locality, per neighbourhood prompt the share of the true
+      target's teacher-forced argmax tokens equal to the unedited model's, averaged over the prompts.
+    """
+    out: dict[str, float] = {}
+    key = GENERATED.format(key="neighborhood")
+    before, after = pre.get(key), post.get(key)
+    if before and after and len(before) == len(after):
+        out["neighborhood_same_gen"] = float(np.mean([a["ids"] == b["ids"] for a, b in zip(after, before)]))
+    key = ARGMAX.format(key="neighborhood")
+    before, after = pre.get(key), post.get(key)
+    if before and after and len(before) == len(after):
+        out["neighborhood_token_agree"] = float(np.mean([token_agreement(a, b) for a, b in zip(after, before)]))
+    return out
+
+
+def token_accuracy(predicted: Sequence[int], target: Sequence[int]) -> float:
+    """EasyEdit's per-prompt accuracy: the share of target tokens that are the teacher-forced argmax."""
+    if len(predicted) != len(target) or not target:
+        raise ValueError("predicted and target tokens must be non-empty and of the same length")
+    return float(np.mean([int(p) == int(t) for p, t in zip(predicted, target)]))
+
+
+def token_agreement(after: Sequence[int], before: Sequence[int]) -> float:
+    """EasyEdit's per-prompt locality: the share of positions whose argmax token the edit left unchanged."""
+    if len(after) != len(before) or not before:
+        raise ValueError("argmax tokens before and after must be non-empty and of the same length")
+    return float(np.mean([int(a) == int(b) for a, b in zip(after, before)]))
+
+
+def argmax_token_scores(logits: Any, targets: Sequence[int]) -> tuple[list[int], float]:
+    """From the logits that predict a target's tokens (one row per target token, teacher forced): the argmax
+    tokens (EasyEdit's locality compares them before/after) and the token accuracy (its reliability)."""
+    predicted = [int(i) for i in np.asarray(logits).argmax(-1).reshape(-1)]
+    return predicted, token_accuracy(predicted, targets)
+
+
+# -- generative success (WILD) ----------------------------------------------------------------------------
+# Words a period follows without ending the sentence ("St. Louis", "Mr. Smith", "Washington, D.C.").
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr st mt ft jr sr prof gen col lt sgt capt rev fr hon no vs etc inc co ltd corp dept univ est".split()
+)
+_SENTENCE_END = re.compile(r"[.!?]+(?=[\"'”’)\]]*(?:\s|$))|\n")
+
+
+def _ends_sentence(text: str, end: int) -> bool:
+    """Does the mark at ``text[end]`` end a sentence? A period does not after an initial or a known
+    abbreviation (the word right before it)."""
+    if text[end] != ".":
+        return True
+    word = re.search(r"([^\W\d_]+)$", text[:end].rstrip("."))
+    return word is None or not (len(word.group(1)) == 1 or word.group(1).lower() in ABBREVIATIONS)
+
+
+def first_sentence(text: str, *, final: bool = True) -> str | None:
+    """The text up to and including its first sentence end (``.``, ``!``, ``?`` followed by a space or the
+    end, or a newline), or ``None`` when it has none yet. A period after an initial or an abbreviation
+    ("D.C.", "St.") does not end a sentence; with ``final=False`` (the text may still grow) a period right
+    after a digit at the very end does not either (it may be "3.5")."""
+    for match in _SENTENCE_END.finditer(text):
+        end = match.start() if match.group() == "\n" else match.end() - 1
+        if not _ends_sentence(text, end):
+            continue
+        if not final and match.end() == len(text) and text[end] == "." and end > 0 and text[end - 1].isdigit():
+            continue
+        return text[: end + 1]
+    return None
+
+
+def answer_of(continuation: str) -> str:
+    """The answer a greedy continuation gives: its first sentence (all of it when it never ends one)."""
+    sentence = first_sentence(continuation)
+    return continuation if sentence is None else sentence
+
+
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's (and WILD's exact-match) normalisation: lower case, punctuation removed, the articles
+    a/an/the removed, whitespace collapsed; Unicode punctuation counts too (NFKC first)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(answer: str, target: str) -> bool:
+    """WILD's exact-match fallback: the normalised answer equals the normalised target."""
+    return normalize_answer(answer) == normalize_answer(target)
+
+
+def _word_spans(words: list[str], phrase: list[str]) -> list[tuple[int, int]]:
+    n = len(phrase)
+    return [(i, i + n) for i in range(len(words) - n + 1) if n and words[i : i + n] == phrase]
+
+
+def states(answer: str, target: str, *, unless: str | None = None) -> bool:
+    """Does the normalised answer contain the normalised target as whole words? An occurrence inside an
+    occurrence of ``unless`` does not count (target "French", unless "French Polynesia")."""
+    words, phrase = normalize_answer(answer).split(), normalize_answer(target).split()
+    spans = _word_spans(words, phrase)
+    if unless is not None:
+        other = normalize_answer(unless).split()
+        if len(other) > len(phrase):
+            covers = _word_spans(words, other)
+            spans = [s for s in spans if not any(a <= s[0] and s[1] <= b for a, b in covers)]
+    return bool(spans)
+
+
+def generative_success(continuation: str, expected: str, competing: str | None = None) -> bool:
+    """WILD-style success of one greedy continuation: its answer (first sentence) states ``expected`` and
+    does not state ``competing`` (the old answer for an edited prompt, the new one for a neighbour).
+    A continuation that names both (a hedge, "French or English") or neither fails."""
+    answer = answer_of(continuation)
+    if not states(answer, expected, unless=competing):
+        return False
+    return competing is None or not states(answer, competing, unless=expected)
 
 
 def zsre_case_scores(block: Mapping[str, Any]) -> dict[str, float]:
@@ -73,6 +223,7 @@ def zsre_case_scores(block: Mapping[str, Any]) -> dict[str, float]:
         tokens = block.get(f"{key}_prompts_correct")
         if tokens:
             out[f"{key}_acc"] = float(np.mean(tokens))
+    out.update(generative_case_scores(block))
     return out
 
 

@@ -28,6 +28,7 @@ RANK_CASES = "cases.rank{rank}.jsonl"
 _RANK_LOG = re.compile(r"cases\.rank(\d+)\.jsonl")
 # scores only the edited model gets (generation is slow and the unedited model's comes from a 'none' run)
 GENERATION_KEYS = ("ngram_entropy", "reference_score", "text")
+CAPABILITY = "capability.jsonl"  # general-capability measures of batch/sequential runs (evaluation/capability.py)
 
 
 class CaseLog:
@@ -147,3 +148,19 @@ def edit_info(patch) -> dict[str, Any]:
     if "steps" in patch.info:
         info["steps"] = patch.info["steps"]
     return info
+
+
+def read_capability(folder: str | Path) -> list[dict[str, Any]]:
+    """The capability records of a run (``capability.jsonl``), the last one of each state; [] if none.
+    An unreadable (torn) line is skipped: the run measures that state again when resumed."""
+    path = Path(folder) / CAPABILITY
+    if not path.is_file():
+        return []
+    latest: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            latest[str(record["case_id"])] = record
+        except (ValueError, KeyError, TypeError):
+            continue
+    return list(latest.values())

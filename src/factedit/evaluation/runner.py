@@ -52,9 +52,17 @@ from transformers import PreTrainedTokenizerBase
 from factedit import distributed
 from factedit.data import load_dataset
 from factedit.data.counterfact import CounterFactCase
+from factedit.editing.methods import batch_method_names
 from factedit.errors import FactEditError
 from factedit.evaluation.batched import run_chunks
-from factedit.evaluation.cases import GenerationSettings, evaluate_counterfact, evaluate_zsre
+from factedit.evaluation.cases import (
+    GENERATIVE_KEYS,
+    GenerationSettings,
+    GenerativeSettings,
+    evaluate_counterfact,
+    evaluate_zsre,
+    extra_scores,
+)
 from factedit.evaluation.config import RunConfig, RunReport
 from factedit.evaluation.edits import RunMethod
 from factedit.evaluation.records import (
@@ -132,6 +140,7 @@ _MUST_MATCH = (
     "reference",
     "mode",
     "prompts",
+    "extra_metrics",
 )
 
 
@@ -212,6 +221,8 @@ def run_evaluation(
             f"{mode['kind']} runs are not shared between processes (each chunk depends on saved state): "
             "run them in one process, or drop --batch/--sequential"
         )
+    extras, generative = _extra_settings(config, out)
+    capability = config.capability_settings()
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     with _run_lock(out, rank):
@@ -262,9 +273,14 @@ def run_evaluation(
             "mode": mode,
             # absent (None) for raw/raw, so runs made before chat prompts existed still resume
             "prompts": _prompts_manifest(config, formats),
+            # EasyEdit's token accuracies and WILD's generative metrics; absent (None) in runs made before them
+            "extra_metrics": {"easyedit": True, "generative": asdict(generative) if generative else None}
+            if extras
+            else None,
+            "capability": capability.describe() if capability else None,
             "torch_threads": torch.get_num_threads(),
             "world_size": world,  # processes that share the cases (each rank its own cases.rank<r>.jsonl)
-            "notes": _notes(config, reference),
+            "notes": _notes(config, reference, extras, generative),
         }
         if world > 1:
             _check_same_run(manifest)
@@ -307,6 +323,14 @@ def run_evaluation(
         try:
             with distributed.independent():  # ranks are at different cases: nothing waits for the others
                 pre_known = _read_pre(config.pre_from, manifest) if config.pre_from else {}
+
+                def complete(case, pre: dict[str, Any]) -> dict[str, Any]:
+                    """Unedited scores of an earlier run completed with the blocks it lacks (unedited model)."""
+                    if not extras:
+                        return pre
+                    more = extra_scores(model, tok, case, generative, batch_size=config.batch_size, have=pre)
+                    return {**pre, **more} if more else pre
+
                 if mode["kind"] == "single":
                     each = method.capabilities.each
                     if config.group > 1 and method.name != "none" and not each and distributed.is_main():
@@ -328,6 +352,9 @@ def run_evaluation(
                                     pre_known.get(str(case.case_id)),
                                     gen_ids,
                                     edits.get(str(case.case_id)),
+                                    extras=extras,
+                                    generative=generative,
+                                    complete=complete,
                                 ),
                             )
                 else:
@@ -341,9 +368,21 @@ def run_evaluation(
                         mode,
                         out,
                         evaluate=lambda case, with_generation: _evaluate(
-                            model, tok, case, config, gen, reference, with_generation, gen_ids
+                            model,
+                            tok,
+                            case,
+                            config,
+                            gen,
+                            reference,
+                            with_generation,
+                            gen_ids,
+                            extras=extras,
+                            generative=generative,
                         ),
                         pre_known=pre_known,
+                        complete=complete,
+                        capability=capability,
+                        edited_subjects=[c.request.subject for c in dataset.cases],
                         finished=finished,
                         base_fp=base_fp,
                         progress=progress,
@@ -435,7 +474,7 @@ def _mode(config: RunConfig, method: RunMethod) -> dict[str, Any]:
     if size > 1 and not method.capabilities.batch:
         raise FactEditError(
             f"{method.name} edits one request at a time: use --batch 1 (with --sequential) "
-            "or a batch method (memit, alphaedit)"
+            f"or a batch method ({', '.join(batch_method_names())})"
         )
     return {"kind": "sequential" if config.sequential else "batch", "batch": size}
 
@@ -479,11 +518,44 @@ def _read_pre(folder: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]
                 f"({_get(manifest, key)!r}); its unedited scores cannot be reused"
             )
     cases = read_cases(folder)
-    return {k: v["pre"] for k, v in cases.items() if "pre" in v}
+    pre = {k: v["pre"] for k, v in cases.items() if "pre" in v}
+    ours, theirs = _get(manifest, "extra_metrics.generative"), _get(other, "extra_metrics.generative")
+    if ours is not None and theirs != ours:  # greedy answers made with other settings are measured again
+        pre = {k: {n: v for n, v in block.items() if n not in GENERATIVE_KEYS} for k, block in pre.items()}
+    return pre
+
+
+def _extra_settings(config: RunConfig, out: Path) -> tuple[bool, GenerativeSettings | None]:
+    """Whether the run records EasyEdit's and WILD's blocks, and WILD's settings. A run folder made before
+    they existed keeps its protocol when resumed (its cases stay comparable with each other)."""
+    generative = GenerativeSettings(max_new_tokens=config.answer_tokens) if config.generative else None
+    if (out / MANIFEST).is_file():
+        try:
+            old = read_manifest(out)
+        except FactEditError:
+            return True, generative  # the resume check says what is wrong with it
+        if old.get("format") == FORMAT and "extra_metrics" not in old:
+            log.info(
+                "%s was started before the EasyEdit and generative metrics existed: they stay off for this run "
+                "(use a new --out folder to get them)",
+                out,
+            )
+            return False, None
+    return True, generative
 
 
 def _evaluate(
-    model, tok, case, config: RunConfig, gen, reference, with_generation: bool, gen_ids: frozenset[str] | None = None
+    model,
+    tok,
+    case,
+    config: RunConfig,
+    gen,
+    reference,
+    with_generation: bool,
+    gen_ids: frozenset[str] | None = None,
+    *,
+    extras: bool = False,
+    generative: GenerativeSettings | None = None,
 ) -> dict[str, Any]:
     if gen_ids is not None and str(case.case_id) not in gen_ids:
         with_generation = False
@@ -495,12 +567,27 @@ def _evaluate(
             generation=gen if with_generation else None,
             reference=reference,
             batch_size=config.batch_size,
+            generative=generative,
+            extras=extras,
         )
-    return evaluate_zsre(model, tok, case, batch_size=config.batch_size)
+    return evaluate_zsre(model, tok, case, batch_size=config.batch_size, generative=generative, extras=extras)
 
 
-def _notes(config: RunConfig, reference) -> list[str]:
+def _notes(
+    config: RunConfig, reference, extras: bool = False, generative: GenerativeSettings | None = None
+) -> list[str]:
     notes = []
+    if generative is not None:
+        notes.append(
+            f"Gen ES/PS/NS: WILD protocol (arXiv 2502.11177): greedy answer of at most {generative.max_new_tokens} "
+            "tokens cut at its first sentence end; success when its SQuAD-normalised words contain the expected "
+            "answer and not the competing one (WILD's LLM judge is not used)"
+        )
+    if extras:
+        notes.append(
+            "EE rel/gen/loc: EasyEdit's teacher-forced token accuracies (locality: argmax tokens unchanged "
+            "by the edit on the neighbourhood prompts)"
+        )
     if config.generation:
         notes.append(
             "generation metrics are computed on the edited model only ('post'); the unedited model's "
@@ -538,13 +625,19 @@ def _evaluate_case(
     pre: dict[str, Any] | None = None,
     gen_ids: frozenset[str] | None = None,
     computed: tuple[Any, float, int] | None = None,
+    *,
+    extras: bool = False,
+    generative: GenerativeSettings | None = None,
+    complete: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One case: edit (or take the patch ``computed`` with its group), evaluate, revert."""
     req = case.request
     record = case_header(case)
 
     def evaluate(with_generation: bool) -> dict[str, Any]:
-        return _evaluate(model, tok, case, config, gen, reference, with_generation, gen_ids)
+        return _evaluate(
+            model, tok, case, config, gen, reference, with_generation, gen_ids, extras=extras, generative=generative
+        )
 
     t0 = time.perf_counter()
     if method.name == "none":
@@ -557,7 +650,7 @@ def _evaluate_case(
         t1 = time.perf_counter()
     else:
         try:
-            pre = pre if pre is not None else evaluate(False)
+            pre = evaluate(False) if pre is None else (complete(case, pre) if complete else pre)
         except FactEditError as exc:
             return _failed_case(record, case, "evaluation", exc)
         t1 = time.perf_counter()

@@ -5,6 +5,10 @@ mean of ES, PS, NS), MEMIT's argmax accuracies, and with generation GE (n-gram e
 RS (reference score x 100); zsRE efficacy, paraphrase and specificity token accuracies. Intervals:
 Student-t over cases for means; a seeded percentile bootstrap over cases for S. ΔNS / ΔSpec: the
 paired change of the specificity metric against the unedited model on the same cases.
+Beside them: WILD's generative success (Gen ES/PS/NS, or Gen Eff/Para/Spec on zsRE) and its
+locality (Gen loc: neighbourhood answers identical to the unedited model's), and EasyEdit's token
+accuracies (EE rel, EE gen, EE loc); runs made before those existed just lack the columns. Batch and
+sequential runs with capability measures get a second table (before/after).
 By default only the cases every run finished are compared (``common=True``).
 """
 
@@ -26,9 +30,10 @@ from factedit.evaluation.metrics import (
     counterfact_case_scores,
     harmonic_mean,
     mean_ci,
+    paired_case_scores,
     zsre_case_scores,
 )
-from factedit.evaluation.records import read_cases, read_manifest
+from factedit.evaluation.records import read_capability, read_cases, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,29 @@ COUNTERFACT_METRICS = [
     ("Acc rewrite", "rewrite_acc", 100),
     ("Acc para", "paraphrase_acc", 100),
     ("Acc neigh", "neighborhood_acc", 100),
+    ("Gen ES", "rewrite_gen", 100),
+    ("Gen PS", "paraphrase_gen", 100),
+    ("Gen NS", "neighborhood_gen", 100),
+    ("EE rel", "rewrite_token_acc", 100),
+    ("EE gen", "paraphrase_token_acc", 100),
 ]
 ZSRE_METRICS = [
     ("Efficacy", "rewrite_acc", 100),
     ("Paraphrase", "paraphrase_acc", 100),
     ("Specificity", "neighborhood_acc", 100),
+    ("Gen Eff", "rewrite_gen", 100),
+    ("Gen Para", "paraphrase_gen", 100),
+    ("Gen Spec", "neighborhood_gen", 100),
+    ("EE rel", "rewrite_token_acc", 100),
+    ("EE gen", "paraphrase_token_acc", 100),
 ]
+# edited vs unedited on the same case: (column, per-case key, column it follows)
+PAIRED = {
+    "counterfact": [("Gen loc", "neighborhood_same_gen", "Gen NS"), ("EE loc", "neighborhood_token_agree", "EE gen")],
+    "zsre": [("Gen loc", "neighborhood_same_gen", "Gen Spec"), ("EE loc", "neighborhood_token_agree", "EE gen")],
+}
+# columns runs made before them lack for some cases (a resumed old run): the summary says on how many
+NEWER = {"Gen ES", "Gen PS", "Gen NS", "Gen Eff", "Gen Para", "Gen Spec", "Gen loc", "EE rel", "EE gen", "EE loc"}
 TIME = ("edit s", "edit_s", 1)
 RATE = "cases/min"  # throughput: cases over the summed per-case wall time (edit + evaluation + revert)
 DELTA = {"counterfact": ("ΔNS", "neighborhood_success"), "zsre": ("ΔSpec", "neighborhood_acc")}
@@ -62,6 +84,13 @@ BOUNDED = {
     "rewrite_acc",
     "paraphrase_acc",
     "neighborhood_acc",
+    "rewrite_gen",
+    "paraphrase_gen",
+    "neighborhood_gen",
+    "rewrite_token_acc",
+    "paraphrase_token_acc",
+    "neighborhood_same_gen",
+    "neighborhood_token_agree",
 }
 
 
@@ -73,6 +102,7 @@ class Run:
     manifest: dict[str, Any]
     cases: dict[str, dict[str, Any]]
     errors: dict[str, str] = field(default_factory=dict)
+    capability: list[dict[str, Any]] = field(default_factory=list)  # capability.jsonl (batch/sequential runs)
 
     @property
     def dataset(self) -> str:
@@ -89,7 +119,7 @@ def load_run(path: str | Path) -> Run:
     records = read_cases(folder)  # every log: one per rank when the run was sharded
     cases = {k: r for k, r in records.items() if "error" not in r}
     errors = {k: r["error"] for k, r in records.items() if "error" in r}
-    return Run(path=folder, manifest=manifest, cases=cases, errors=errors)
+    return Run(path=folder, manifest=manifest, cases=cases, errors=errors, capability=read_capability(folder))
 
 
 @dataclass
@@ -97,6 +127,7 @@ class Cell:
     mean: float
     low: float
     high: float
+    n: int | None = None  # cases the value is over (when it can be fewer than the row's)
 
     @property
     def half(self) -> float:
@@ -110,6 +141,7 @@ class Row:
     n: int
     cells: dict[str, Cell]
     errors: int = 0
+    refused: int = 0  # edits a guarded run rolled back (their cases are scored without their edit)
 
 
 @dataclass
@@ -118,6 +150,7 @@ class Summary:
     columns: list[str]
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    capability: list[dict[str, Any]] = field(default_factory=list)  # one row per run and state (before/after)
 
 
 def _case_scores(dataset: str, block: dict[str, Any]) -> dict[str, float]:
@@ -137,11 +170,7 @@ def summarize_block(
         values = [c[key] for c in per_case if key in c]
         if not values:
             continue
-        mean, half = mean_ci(values)
-        lo, hi = mean - half, mean + half
-        if key in BOUNDED:  # proportions: the t-interval is clipped to [0, 1]
-            lo, hi = max(lo, 0.0), min(hi, 1.0)
-        cells[column] = Cell(scale * mean, scale * lo, scale * hi)
+        cells[column] = _cell(values, key, scale)
     if dataset == "counterfact" and all(k in cells for k in ("ES", "PS", "NS")):
         cols = [
             [c["rewrite_success"] for c in per_case],
@@ -154,6 +183,46 @@ def summarize_block(
         mean, half = mean_ci(times)
         cells[TIME[0]] = Cell(mean, mean - half, mean + half)
     return cells
+
+
+def _cell(values: list[float], key: str, scale: float) -> Cell:
+    mean, half = mean_ci(values)
+    lo, hi = mean - half, mean + half
+    if key in BOUNDED:  # proportions: the t-interval is clipped to [0, 1]
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return Cell(scale * mean, scale * lo, scale * hi, len(values))
+
+
+def _paired_cells(dataset: str, cases: list[dict[str, Any]]) -> dict[str, Cell]:
+    """WILD's and EasyEdit's localities: edited against unedited on the same case (needs both blocks)."""
+    per_case = [paired_case_scores(c["pre"], c["post"]) for c in cases]
+    cells = {}
+    for column, key, _ in PAIRED[dataset]:
+        values = [p[key] for p in per_case if key in p]
+        if values:
+            cells[column] = _cell(values, key, 100)
+    return cells
+
+
+def _capability_rows(run: Run) -> list[dict[str, Any]]:
+    """The run's capability states: before, and after (a batch run's batches averaged)."""
+    records = run.capability
+    if not records:
+        return []
+    rows = []
+    before = [r for r in records if r.get("when") == "before"]
+    after = [r for r in records if r.get("when") == "after"]
+    for state, chosen in (("before", before), ("after", after)):
+        if not chosen:
+            continue
+        row: dict[str, Any] = {"run": run.label, "state": state, "measured": len(chosen)}
+        row["edits"] = float(np.mean([r.get("edits", 0) for r in chosen]))
+        for key in ("ppl_wikitext", "ppl_wikipedia", "known_acc", "ngram_entropy"):
+            values = [r[key] for r in chosen if r.get(key) is not None and not math.isnan(r[key])]
+            if values:
+                row[key] = float(np.mean(values))
+        rows.append(row)
+    return rows
 
 
 def summarize_runs(
@@ -180,6 +249,7 @@ def summarize_runs(
     if len(fps) > 1:
         notes.append("warning: the runs used different model weights")
     rows: list[Row] = []
+    capability_rows: list[dict[str, Any]] = []
     pre = pre and all(r.manifest["method"] != "none" for r in runs)  # a 'none' run already is that row
     for i, run in enumerate(runs):
         chosen = [run.cases[k] for k in _ordered(run, keep)]
@@ -195,15 +265,40 @@ def summarize_runs(
         times = [c["timing"]["edit_s"] for c in chosen if "timing" in c] if run.manifest["method"] != "none" else None
         cells = summarize_block(dataset, [c["post"] for c in chosen], times, n_boot=n_boot, seed=seed)
         cells.update(_specificity_drop(dataset, chosen))
+        cells.update(_paired_cells(dataset, chosen))
         totals = [c["timing"]["total_s"] for c in chosen if "total_s" in c.get("timing", {})]
         if totals and sum(totals) > 0:
             cells[RATE] = Cell(60 * len(totals) / sum(totals), math.nan, math.nan)
+        refused = sum(1 for c in chosen if (c.get("guard") or {}).get("verdict") == "refused")
         rows.append(
-            Row(label=run.label, method=run.manifest["method"], n=len(chosen), errors=len(run.errors), cells=cells)
+            Row(
+                label=run.label,
+                method=run.manifest["method"],
+                n=len(chosen),
+                errors=len(run.errors),
+                cells=cells,
+                refused=refused,
+            )
         )
+        if (run.manifest.get("config") or {}).get("guard"):
+            notes.append(
+                f"{run.label}: the guard refused {refused} of its {len(chosen)} edits (rolled back bit-exact; "
+                "those cases are scored on the final model, without their edit)"
+            )
         for note in run.manifest.get("notes", []):
             if note not in notes:
                 notes.append(note)
+        partial = [
+            f"{c} on {cell.n}"
+            for c, cell in cells.items()
+            if c in NEWER and cell.n is not None and cell.n < len(chosen)
+        ]
+        if partial:
+            notes.append(
+                f"{run.label}: {', '.join(partial)} of its {len(chosen)} cases (the others were scored before "
+                "these metrics existed)"
+            )
+        capability_rows.extend(_capability_rows(run))
         if run.errors:
             notes.append(
                 f"{run.label}: {len(run.errors)} case(s) failed to edit and are excluded "
@@ -214,11 +309,14 @@ def summarize_runs(
     delta = DELTA[dataset][0]
     if any(delta in r.cells for r in rows):
         columns.insert(columns.index("NS" if dataset == "counterfact" else "Specificity") + 1, delta)
+    for column, _, after in PAIRED[dataset]:
+        if any(column in r.cells for r in rows):
+            columns.insert(columns.index(after) + 1 if after in columns else len(columns), column)
     if any(TIME[0] in r.cells for r in rows):
         columns.append(TIME[0])
     if any(RATE in r.cells for r in rows):
         columns.append(RATE)
-    return Summary(dataset=dataset, columns=columns, rows=rows, notes=notes)
+    return Summary(dataset=dataset, columns=columns, rows=rows, notes=notes, capability=capability_rows)
 
 
 def _specificity_drop(dataset: str, cases: list[dict[str, Any]]) -> dict[str, Cell]:
@@ -260,9 +358,35 @@ def to_markdown(summary: Summary) -> str:
         f"**{summary.dataset}** (mean ± 95% CI over cases; [low, high] where the interval is asymmetric: "
         "bootstrap for S, clipped to 0–100 for rates)\n\n" + "\n".join(lines)
     )
+    if summary.capability:
+        text += "\n\n" + capability_markdown(summary.capability)
     if summary.notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in summary.notes)
     return text
+
+
+CAPABILITY_COLUMNS = [
+    ("PPL WikiText-2", "ppl_wikitext", 1, 2),
+    ("PPL Wikipedia (held out)", "ppl_wikipedia", 1, 2),
+    ("known facts %", "known_acc", 100, 1),
+    ("GE", "ngram_entropy", 100, 1),
+]
+
+
+def capability_markdown(rows: list[dict[str, Any]]) -> str:
+    """General capability before and after editing (a batch run's batches averaged)."""
+    head = ["run", "state", "edits in the model", *(c for c, _, _, _ in CAPABILITY_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for row in rows:
+        cells = [
+            "–" if row.get(key) is None else f"{scale * row[key]:.{digits}f}"
+            for _, key, scale, digits in CAPABILITY_COLUMNS
+        ]
+        state = row["state"] if row["measured"] == 1 else f"{row['state']} (mean of {row['measured']})"
+        lines.append("| " + " | ".join([row["run"], state, f"{row['edits']:g}", *cells]) + " |")
+    return "**general capability** (known facts: those the unedited model predicts, no edited subject)\n\n" + "\n".join(
+        lines
+    )
 
 
 def to_csv(summary: Summary) -> str:
