@@ -213,11 +213,15 @@ class Memit(EditMethod):
         return check_batch(list(requests), hp.fact_token if hp is not None else "subject_last")
 
     def compute(self, model, tok, requests, hp, *, resources=None, state=None, progress=None, **options):
-        from factedit.editing.memit import compute_memit
-
-        return compute_memit(
+        return self._compute_function()(
             model, tok, self.check_requests(requests, hp), hp, resources=resources, progress=progress, **options
         )
+
+    def _compute_function(self):
+        """The compute function of this member of MEMIT's family (imported on first use: torch-free listing)."""
+        from factedit.editing.memit import compute_memit
+
+        return compute_memit
 
 
 class AlphaEdit(Memit):
@@ -256,12 +260,10 @@ class Emmet(Memit):
     hparams_class = EMMETHyperParams
     capabilities = Capabilities(batch=True, sharded=True)
 
-    def compute(self, model, tok, requests, hp, *, resources=None, state=None, progress=None, **options):
+    def _compute_function(self):
         from factedit.editing.emmet import compute_emmet
 
-        return compute_emmet(
-            model, tok, self.check_requests(requests, hp), hp, resources=resources, progress=progress, **options
-        )
+        return compute_emmet
 
 
 class UltraEdit(EditMethod):
