@@ -52,6 +52,7 @@ from factedit.errors import FactEditError
 from factedit.hooks import Trace, frozen, known_blocks
 from factedit.models.architectures import ArchSpec, arch_for, check_layer
 from factedit.models.cache import Cache, cache_states, full_cache, gather_positions, select_rows
+from factedit.models.live import LiveBatch, LiveBlocks
 from factedit.models.placement import input_device, module_device
 from factedit.models.runtime import lm_logits
 from factedit.progress import Progress, as_progress
@@ -243,6 +244,7 @@ class _PrefixCache:
         rows: _Rows,
         pad: int,
         value_site: str | None = None,
+        live_from: int | None = None,
     ) -> None:
         device = input_device(model)  # the ids and what is built from them; rows' tensors are on the site's device
         lookup = rows.lookup.to(device)
@@ -251,6 +253,8 @@ class _PrefixCache:
         names = [site] + ([arch.block(layer - 1)] if layer > 0 else [])
         if value_site is not None and value_site not in names:  # NAS's v₀ (the MLP output), read in this pass
             names.append(value_site)
+        if live_from is not None and arch.block(live_from - 1) not in names:  # the live blocks' input
+            names.append(arch.block(live_from - 1))
         traces = {name: Trace(model, name, retain_output=True) for name in names}
         try:
             with torch.no_grad(), Trace(model, arch.final_norm, retain_output=False, stop=True):
@@ -274,29 +278,36 @@ class _PrefixCache:
         gather = (lookup[:, None] + offsets[None, :]).clamp(max=ids.shape[1] - 1)
         self.suffix_ids = torch.where(offsets[None] < self.suffix_len[:, None], ids.gather(1, gather), pad)
         self.position_ids = lookup[:, None] + offsets[None, :]
+
+        def live_positions(states: torch.Tensor, block: str) -> torch.Tensor:
+            index = gather.to(states.device)[..., None].expand(-1, -1, states.shape[-1])
+            return states.gather(1, index).to(module_device(model, block))
+
         self.below = None
         if layer > 0:  # the input of block ``layer``, served by the stubs below it, on that block's device
-            below = traces[arch.block(layer - 1)].output
-            index = gather.to(below.device)[..., None].expand(-1, -1, below.shape[-1])
-            self.below = below.gather(1, index).to(module_device(model, arch.block(layer)))
+            self.below = live_positions(traces[arch.block(layer - 1)].output, arch.block(layer))
+        # With live blocks from ``live_from``: their unedited input (the output of block ``live_from - 1``).
+        self.live_input = None
+        if live_from is not None:
+            self.live_input = live_positions(traces[arch.block(live_from - 1)].output, arch.block(live_from))
         # slot s of row i holds prefix token s - (past - lookup[i]) (slots before the prefix: masked filler)
         shift = self.past - lookup
         slots = torch.arange(self.past, device=device)
         source = (slots[None, :] - shift[:, None]).clamp(min=0)
         self.kv = gather_positions(cache_states(cache), source)
-        prefix_ok = slots[None, :] >= shift[:, None]
-        suffix_ok = offsets[None, :] < self.suffix_len[:, None]
-        self.mask = torch.cat([prefix_ok, suffix_ok], dim=1).long()  # (B, past + S)
+        self.prefix_ok = slots[None, :] >= shift[:, None]
+        self.suffix_ok = offsets[None, :] < self.suffix_len[:, None]
+        self.mask = torch.cat([self.prefix_ok, self.suffix_ok], dim=1).long()  # (B, past + S)
 
     def select(self, row_ids: torch.Tensor) -> _PrefixCache:
         """The same cache for a subset of rows (requests that stopped early drop out of the batch)."""
         sub = object.__new__(_PrefixCache)
         sub.__dict__.update(self.__dict__)
-        for name in ("suffix_ids", "position_ids", "suffix_len", "mask", "site_at_lookup", "value_at_lookup"):
+        names = ("suffix_ids", "position_ids", "suffix_len", "mask", "prefix_ok", "suffix_ok")
+        for name in (*names, "site_at_lookup", "value_at_lookup", "below", "live_input"):
             value = getattr(self, name)
             if value is not None:
                 setattr(sub, name, value[row_ids.to(value.device)])
-        sub.below = self.below[row_ids.to(self.below.device)] if self.below is not None else None
         sub.kv = select_rows(self.kv, row_ids)
         return sub
 
@@ -329,7 +340,9 @@ def optimize_values(
     rows = _flatten(problems, device)
     n = len(problems)
     value_site = _value_site(arch, site, layer) if anchored or report_value_norms else None
-    prefix = _PrefixCache(model, arch, site, layer, rows, pad, value_site)
+    live = _live_blocks(model, arch, site, layer, rows) if hparams.prefix_cache else None
+    prefix = _PrefixCache(model, arch, site, layer, rows, pad, value_site, live.first if live else None)
+    batch = _live_batch(live, prefix, rows, model.dtype) if live else None
     target_init = prefix.site_at_lookup.to(device)[rows.first_rows].float()
     delta = torch.zeros_like(target_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
@@ -340,9 +353,11 @@ def optimize_values(
     steps = 0
 
     active = torch.arange(n, device=device)
-    sub_rows, sub_prefix = rows, prefix
+    sub_rows, sub_prefix, sub_batch = rows, prefix, batch
 
-    def forward(rows_: _Rows, prefix_: _PrefixCache, injected: torch.Tensor):
+    def forward(rows_: _Rows, prefix_: _PrefixCache, injected: torch.Tensor, batch_: LiveBatch | None = None):
+        if batch_ is not None:
+            return _live_forward(model, arch, live, batch_, prefix_, rows_, injected)
         if hparams.prefix_cache:
             return _fast_forward(model, arch, site, rows_, prefix_, injected)
         return _plain_forward(model, arch, site, rows_, injected, pad)
@@ -358,9 +373,12 @@ def optimize_values(
             if m != int(sub_rows.first_rows.numel()):
                 # Requests that reached the early-stop loss leave the batch: no more work for their rows.
                 sub_rows = _flatten([problems[i] for i in active.tolist()], device)
-                sub_prefix = prefix.select(torch.isin(rows.problem, active).nonzero().squeeze(1))
+                kept_rows = torch.isin(rows.problem, active).nonzero().squeeze(1)
+                sub_prefix = prefix.select(kept_rows)
+                if batch is not None:
+                    sub_batch = batch.select(kept_rows, *_read_positions(sub_rows))
             d = delta[active]
-            rw_logits, kl_logits = forward(sub_rows, sub_prefix, sub_rows.injected(d))
+            rw_logits, kl_logits = forward(sub_rows, sub_prefix, sub_rows.injected(d), sub_batch)
             rw_logp = torch.log_softmax(rw_logits.float(), dim=-1).gather(1, sub_rows.rw_ids[:, None]).squeeze(1)
             per_row = torch.zeros(len(sub_rows.rw_problem), device=device).index_add(
                 0, sub_rows.rw_row_of_token, rw_logp
@@ -373,7 +391,8 @@ def optimize_values(
                     kl_init = kl_logp.detach().clone()
                 else:  # at delta = 0 the applied change is gain * offset: read the unedited model apart
                     with torch.no_grad():
-                        _, kl_clean = forward(rows, prefix, torch.zeros(len(rows.ids), d.shape[1], device=device))
+                        zero = torch.zeros(len(rows.ids), d.shape[1], device=device)
+                        _, kl_clean = forward(rows, prefix, zero, batch)
                     kl_init = torch.log_softmax(kl_clean.float(), dim=-1)
             kl_ref = kl_init[torch.isin(rows.kl_problem, active)]
             kl_each = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)  # = F.kl_div(init, cur, log_target=True)
@@ -540,6 +559,38 @@ def _plain_forward(model, arch, site, rows: _Rows, injected, pad):
     rw = logits[rows.rw_rows.to(at), rows.rw_pos.to(at)]
     kl = logits[rows.kl_rows.to(at), rows.lookup[rows.kl_rows].to(at)]
     return rw.to(injected.device), kl.to(injected.device)
+
+
+def _live_blocks(model, arch: ArchSpec, site: str, layer: int, rows: _Rows) -> LiveBlocks | None:
+    """The live runner for the blocks above ``layer``, where the change enters the residual stream as is.
+
+    ``site`` must be the block's output (MEMIT's z) or its MLP's output projection (ROME's v*) in a family the
+    runner serves (no norm after the MLP), so that the input of block ``layer + 1`` is its unedited value plus
+    what is injected at the lookup; anything else keeps the model's own forward."""
+    if site not in (arch.block(layer), arch.rewrite_at(layer)):
+        return None
+    max_position = max(len(ids) for ids in rows.ids)
+    return LiveBlocks.for_model(model, arch, layer + 1, max_position)
+
+
+def _read_positions(rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, live position) of every vector the loss reads: the target tokens' predictors, then the KL lookups."""
+    rw_live = rows.rw_pos - rows.lookup[rows.rw_rows]
+    return torch.cat([rows.rw_rows, rows.kl_rows]), torch.cat([rw_live, torch.zeros_like(rows.kl_rows)])
+
+
+def _live_batch(live: LiveBlocks, prefix: _PrefixCache, rows: _Rows, dtype: torch.dtype) -> LiveBatch:
+    return live.prepare(
+        prefix.kv, prefix.prefix_ok, prefix.suffix_ok, prefix.position_ids, *_read_positions(rows), dtype
+    )
+
+
+def _live_forward(model, arch, live: LiveBlocks, batch: LiveBatch, prefix: _PrefixCache, rows: _Rows, injected):
+    """The fast path's arithmetic through :class:`LiveBlocks`: blocks above the edited one, live tokens only."""
+    start = prefix.live_input
+    hidden = torch.cat([start[:, :1] + injected.to(start.device, start.dtype)[:, None], start[:, 1:]], dim=1)
+    logits = lm_logits(model, arch, live.run(batch, hidden)).to(injected.device)
+    return logits[: len(rows.rw_rows)], logits[len(rows.rw_rows) :]
 
 
 def _fast_forward(model, arch, site, rows: _Rows, prefix: _PrefixCache, injected):
