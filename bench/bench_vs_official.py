@@ -1,7 +1,7 @@
 """factedit against the official ROME and MEMIT code, side by side in one process on one model.
 
-    OMP_WAIT_POLICY=PASSIVE /work/official/.venv/bin/python bench/bench_vs_official.py \\
-        [--official-rome /work/official/rome] [--official-memit /work/official/memit] [--threads 1] \\
+    OMP_WAIT_POLICY=PASSIVE ../official/.venv/bin/python bench/bench_vs_official.py \\
+        [--official-rome ../official/rome] [--official-memit ../official/memit] [--threads 1] \\
         [--part rome|memit|both] [--cases 3 5 9] [--reps 3] [--memit-batch 32] [--out result.json]
 
 Run it with the venv bench/official/setup.py makes (it imports both the official code and factedit).
@@ -55,7 +55,7 @@ from factedit.text import pad_id
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("FACTEDIT_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-OFFICIAL = Path("/work/official")
+OFFICIAL = Path(os.environ.get("FACTEDIT_OFFICIAL_DIR", Path(__file__).resolve().parents[2] / "official"))
 # Module names of the packages both official trees define (ROME's are dropped before MEMIT's load).
 OFFICIAL_PACKAGES = ("rome", "util", "memit", "experiments", "dsets", "baselines")
 _OFFICIAL_PATHS: set[str] = set()  # official trees put on sys.path

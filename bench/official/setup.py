@@ -1,6 +1,6 @@
 """Prepare the official ROME and MEMIT code to run on CPU beside factedit (bench/bench_vs_official.py).
 
-    python bench/official/setup.py --rome SRC --memit SRC [--dest /work/official] [--no-venv]
+    python bench/official/setup.py --rome SRC --memit SRC [--dest ../official] [--no-venv]
 
 SRC is a git directory (bare mirror or checkout; the pinned commit is exported with ``git archive``), a
 ``.tar``/``.tar.gz`` archive of that commit, or an extracted folder. Into DEST it writes:
@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--memit", type=Path, help="kmeng01/memit: git dir, archive or folder")
     ap.add_argument("--rome-commit", default=ROME_COMMIT)
     ap.add_argument("--memit-commit", default=MEMIT_COMMIT)
-    ap.add_argument("--dest", type=Path, default=Path("/work/official"))
+    ap.add_argument("--dest", type=Path, default=Path(__file__).resolve().parents[3] / "official")
     ap.add_argument("--changes", type=Path, default=CHANGES_MD, help="official_code_changes.md with the ROME diff")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the venv (3.11)")
     ap.add_argument("--match-venv", type=Path, default=REPO / ".venv", help="pin packages to this venv's versions")
