@@ -16,6 +16,8 @@ attention) and no block below the edited one does either, so one no-grad pass
 stores their keys/values and the hidden state entering the edited block; each
 step then runs only the edited block and those above it, only on the tokens from
 the subject's last one on, and applies the LM head only where the loss reads.
+For Llama-style families (:mod:`factedit.models.live`) those steps skip the model's ``forward``
+altogether and the edited block with it; the others run through the model with stubs below the edit.
 
 NAS (``value_norm_anchor``, off by default; Liu et al. 2026, "Norm Anchors Make Model Edits Last",
 arXiv 2602.02543, official code SasyaTitech/NAS ``util/vstar_stats.py`` and ``*/compute_z.py``): in a long
