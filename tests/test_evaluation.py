@@ -569,3 +569,23 @@ def test_ft_hparams_files_parse():
             hp = cls.for_model(model)
             assert hp.lr == 5e-4 and hp.num_steps == 25
             assert (hp.norm_constraint is None) == (method == "ft")
+
+
+def test_a_run_older_than_a_setting_resumes_with_its_default(tmp_path):
+    """A manifest written before a setting existed matches a run with that setting at its default, and
+    only then (every other difference is still refused)."""
+    from factedit.editing.hparams import ROMEHyperParams
+    from factedit.evaluation.runner import FORMAT, _check_resumable
+
+    hparams = ROMEHyperParams(layers=[6]).model_dump(mode="json")
+    new = {"format": FORMAT, "method": "rome", "mode": {"kind": "single"}, "hparams": hparams}
+    old = json.loads(json.dumps(new))
+    del old["hparams"]["value_norm_skip_factor"], old["hparams"]["value_norm_anchor"]  # added later
+    defaults = ROMEHyperParams.defaults()
+    with pytest.raises(FactEditError, match="other settings"):
+        _check_resumable(old, new, tmp_path)  # without the defaults the added settings differ
+    _check_resumable(old, new, tmp_path, defaults)
+    changed = json.loads(json.dumps(new))
+    changed["hparams"]["value_norm_skip_factor"] = 3.0
+    with pytest.raises(FactEditError, match="value_norm_skip_factor"):
+        _check_resumable(old, changed, tmp_path, defaults)

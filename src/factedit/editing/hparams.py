@@ -180,6 +180,16 @@ class HyperParams(BaseModel):
         if unbounded:
             raise TypeError(f"{cls.__name__}: give {', '.join(unbounded)} a range in factedit.editing.hparams.LIMITS")
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The default of every setting that has one (JSON values, as a run's manifest stores them).
+
+        Why: a run whose manifest predates a setting was made with its default, as new settings are
+        added with defaults that keep the old behaviour."""
+        fields = cls.model_fields.items()
+        found = {k: f.get_default(call_default_factory=True) for k, f in fields if not f.is_required()}
+        return json.loads(json.dumps(found, default=str))
+
     @model_validator(mode="after")
     def _within_limits(self) -> HyperParams:
         for name in type(self).model_fields:

@@ -62,6 +62,10 @@ class RunMethod:
     def manifest_hparams(self) -> dict[str, Any]:
         return self.hp.model_dump(mode="json") if self.hp is not None else {}
 
+    def hparams_defaults(self) -> dict[str, Any]:
+        """Defaults of the method's settings (see :meth:`HyperParams.defaults`), for resuming older runs."""
+        return type(self.hp).defaults() if self.hp is not None else {}
+
     def batch_state(self) -> MethodState | None:
         """State for batches edited from the unedited model (made once; discarded after each batch)."""
         if self._state is None and self.capabilities.state:

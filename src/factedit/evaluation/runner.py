@@ -150,10 +150,16 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
-def _check_resumable(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
+def _check_resumable(
+    old: dict[str, Any], new: dict[str, Any], folder: Path, hparams_defaults: dict[str, Any] | None = None
+) -> None:
     if old.get("format") != FORMAT:
         raise FactEditError(f"{folder}/{MANIFEST} has format {old.get('format')!r}, expected {FORMAT}")
     old = {"mode": {"kind": "single"}, **old}  # runs made before batch/sequential modes existed
+    if isinstance(old.get("hparams"), dict) and hparams_defaults:
+        # settings added since the run began: it was made with their defaults
+        added = {k: v for k, v in hparams_defaults.items() if k not in old["hparams"] and k in new.get("hparams", {})}
+        old["hparams"] = {**added, **old["hparams"]}
     diffs = [
         k for k in _MUST_MATCH if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)
     ]
@@ -284,7 +290,8 @@ def run_evaluation(
         }
         if world > 1:
             _check_same_run(manifest)
-        done = distributed.on_main(lambda: _start(out, manifest), "checking and writing the run's manifest")
+        defaults = method.hparams_defaults()
+        done = distributed.on_main(lambda: _start(out, manifest, defaults), "checking and writing the run's manifest")
         distributed.agree(
             (out / MANIFEST).is_file(),
             f"rank {rank} does not see the run folder {out} rank 0 wrote: with several machines it must be on "
@@ -403,7 +410,9 @@ def run_evaluation(
     )
 
 
-def _start(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]] | list[str]:
+def _start(
+    out: Path, manifest: dict[str, Any], hparams_defaults: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]] | list[str]:
     """Check a resumed run's manifest, write the manifest, repair torn lines of every log and read what
     is done (one process, or rank 0 of several while the others wait: nobody writes meanwhile).
 
@@ -411,7 +420,7 @@ def _start(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]] | l
     path = out / MANIFEST
     if path.is_file():
         old = read_manifest(out)
-        _check_resumable(old, manifest, out)
+        _check_resumable(old, manifest, out, hparams_defaults)
         manifest["created"] = old.get("created")
         if old.get("world_size", 1) != manifest["world_size"]:
             log.info(
