@@ -286,7 +286,7 @@ class _PrefixCache:
             return states.gather(1, index).to(module_device(model, block))
 
         self.below = None
-        if layer > 0:  # the input of block ``layer``, served by the stubs below it, on that block's device
+        if layer > 0 and live_from is None:  # the input of block ``layer``, for the stubs below it (model forward)
             self.below = live_positions(traces[arch.block(layer - 1)].output, arch.block(layer))
         # With live blocks from ``live_from``: their unedited input (the output of block ``live_from - 1``).
         self.live_input = None

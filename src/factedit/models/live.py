@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from factedit.models.architectures import ArchSpec, get_module
+from factedit.models.placement import device_of
 from factedit.models.runtime import text_config
 
 LIVE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -81,7 +82,7 @@ class LiveBlocks:
     def __init__(self, model: nn.Module, arch: ArchSpec, first: int) -> None:
         config = text_config(model)
         self.first = first
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.head_dim = _head_dim(config)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.rotary = get_module(model, "model.rotary_emb")
@@ -156,7 +157,7 @@ class LiveBlocks:
                 hidden = hidden[batch.read_rows.to(hidden.device), batch.read_pos.to(hidden.device)]
             x = block.norm2(hidden)
             hidden = hidden + block.down_proj(block.act(block.gate_proj(x)) * block.up_proj(x))
-        return self.final_norm(hidden.to(_device(self.final_norm)))
+        return self.final_norm(hidden.to(device_of(self.final_norm)))
 
     def _attention(self, block: _Block, batch: LiveBatch, x: torch.Tensor, past_k, past_v) -> torch.Tensor:
         b, s, _ = x.shape
@@ -211,7 +212,3 @@ def _parts(block: nn.Module) -> _Block:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
