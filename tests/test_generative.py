@@ -271,15 +271,17 @@ def test_a_run_records_and_summarises_the_new_metrics(model, tok, tmp_path):
 
 
 def test_a_run_made_before_the_new_metrics_resumes_without_them(tmp_path):
-    old = REPO / "state" / "counterfact_rome_docstart"  # a committed run started before the new metrics
+    old = REPO / "state" / "counterfact_rome_keyfit"
     if not (old / "manifest.json").is_file():
         pytest.skip("no old run folder in this checkout")
     manifest = json.loads((old / "manifest.json").read_text())
-    if "extra_metrics" in manifest:
-        pytest.skip(f"{old} was remade with the new metrics")
+    assert manifest.get("extra_metrics") is None  # that run was resumed from one made before the metrics
     folder = tmp_path / "old"
     folder.mkdir()
     shutil.copy(old / "manifest.json", folder / "manifest.json")
+    assert _extra_settings(RunConfig(method="rome", dataset="counterfact"), folder) == (False, None)
+    manifest.pop("extra_metrics")  # the form of a run that was never resumed
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     assert _extra_settings(RunConfig(method="rome", dataset="counterfact"), folder) == (False, None)
     assert _extra_settings(RunConfig(method="rome", dataset="counterfact"), tmp_path / "new") == (
         True,

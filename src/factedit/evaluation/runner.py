@@ -543,7 +543,8 @@ def _extra_settings(config: RunConfig, out: Path) -> tuple[bool, GenerativeSetti
             old = read_manifest(out)
         except FactEditError:
             return True, generative  # the resume check says what is wrong with it
-        if old.get("format") == FORMAT and "extra_metrics" not in old:
+        # absent in runs made before the metrics, None once such a run has been resumed
+        if old.get("format") == FORMAT and old.get("extra_metrics") is None:
             log.info(
                 "%s was started before the EasyEdit and generative metrics existed: they stay off for this run "
                 "(use a new --out folder to get them)",
