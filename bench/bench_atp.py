@@ -39,7 +39,7 @@ from factedit.paths import atomic_write_bytes
 from factedit.progress import as_progress
 from factedit.tracing import KINDS, causal_trace, load_known_facts
 from factedit.tracing.attribution import spearman, top_overlap
-from factedit.tracing.dataset import known_selection, read_jsonl, summarize
+from factedit.tracing.dataset import bucket_rows, known_selection, read_jsonl, summarize
 
 log = logging.getLogger("bench_atp")
 FACTS = "facts.jsonl"
@@ -160,6 +160,7 @@ def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
         }
         for kind in KINDS
     }
+    out["errors"] = error_by_place(lines)
     sessions: dict[str, list[dict[str, Any]]] = {}
     for r in lines:
         sessions.setdefault(r["session"], []).append(r)
@@ -179,6 +180,42 @@ def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "speedup_wall_median_per_fact": {"approx": _median(ratios), "approx_verify": _median(ratios_v)},
     }
+    return out
+
+
+def error_by_place(lines: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Where the estimate misses, per kind and token bucket: over facts, the mean signed and absolute error
+    (estimated minus exact score) and the mean absolute exact effect, in thirds of the depth, with the
+    layer of the largest mean absolute error. Buckets as in the averaged effects (paper Fig. 2)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind in KINDS:
+        err: dict[str, list[np.ndarray]] = {}
+        eff: dict[str, list[np.ndarray]] = {}
+        for r in lines:
+            exact = np.asarray(r["exact_scores"][kind], dtype=float)
+            approx = np.asarray(r["approx_scores"][kind], dtype=float)
+            for bucket, row in bucket_rows(approx - exact, r["subject_range"]).items():
+                err.setdefault(bucket, []).append(row)
+            for bucket, row in bucket_rows(np.abs(exact - r["low_prob"]), r["subject_range"]).items():
+                eff.setdefault(bucket, []).append(row)
+        out[kind] = {}
+        for bucket, rows in err.items():
+            e, x = np.stack(rows), np.stack(eff[bucket])  # (facts, layers)
+            thirds = np.array_split(np.arange(e.shape[1]), 3)
+            abs_by_layer = np.nanmean(np.abs(e), axis=0)
+            out[kind][bucket] = {
+                "facts": int(e.shape[0]),
+                "worst_layer": int(np.nanargmax(abs_by_layer)),
+                "thirds": [
+                    {
+                        "layers": [int(t[0]), int(t[-1])],
+                        "mean_error": float(np.nanmean(e[:, t])),
+                        "mean_abs_error": float(np.nanmean(np.abs(e[:, t]))),
+                        "mean_abs_effect": float(np.nanmean(x[:, t])),
+                    }
+                    for t in thirds
+                ],
+            }
     return out
 
 
@@ -204,6 +241,15 @@ def print_summary(s: dict[str, Any], verify: int, where: str) -> None:
             f"{a['layer']} ({a['mean']:.4f})  same: {p['same_peak']}; last subject token layer "
             f"{p['last_subject_token_layer']['exact']} vs {p['last_subject_token_layer']['approx']}"
         )
+    print("estimate - exact, per token bucket and third of the depth: mean error / mean |error| (mean |effect|)")
+    for kind, buckets in s["errors"].items():
+        for bucket, b in buckets.items():
+            cells = "  ".join(
+                f"L{t['layers'][0]}-{t['layers'][1]}: {t['mean_error']:+.3f} / {t['mean_abs_error']:.3f} "
+                f"({t['mean_abs_effect']:.3f})"
+                for t in b["thirds"]
+            )
+            print(f"  {kind:7s} {bucket:24s} {cells}  worst layer {b['worst_layer']}")
     t = s["timing"]
     m = t["medians"]
     print(f"wall time per fact, medians of {t['facts_timed_in_one_process']} facts timed in one process:")
