@@ -14,8 +14,8 @@ already there are skipped). The summary (``<out>/summary.json`` and printed):
   map, over the cells at or after the subject's first token (before it both are the corrupted score);
   and the certificate's own figures (Spearman and top-K overlap at the re-patched cells only);
 * the peak (token bucket, layer) of the averaged indirect effects, estimated against exact, per kind;
-* wall time per fact of the three runs, medians over the facts timed in the process that timed the
-  most, and the speed-ups; the machine.
+* wall time per fact of the three runs, medians and speed-ups per process that timed at least 3 facts
+  (each fact records its torch thread count; ``timing`` is the process that timed the most); the machine.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def trace_fact(model, tok, fact, args, session: str) -> dict[str, Any]:
         "subject": fact.subject,
         "prompt": fact.prompt,
         "session": session,
+        "threads": torch.get_num_threads(),
         "tokens": exact.tokens,
         "subject_range": list(exact.subject_range),
         "answer": exact.answer,
@@ -123,6 +124,26 @@ def _median(values: list[float]) -> float | None:
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def session_timing(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians and speed-ups of the facts one process timed (ratios only mean something within one)."""
+    med = {
+        run: {unit: _median([r["seconds"][run][unit] for r in rows]) for unit in ("wall_s", "cpu_s")} for run in RUNS
+    }
+    ratios = [r["seconds"]["exact"]["wall_s"] / r["seconds"]["approx"]["wall_s"] for r in rows]
+    ratios_v = [r["seconds"]["exact"]["wall_s"] / r["seconds"]["approx_verify"]["wall_s"] for r in rows]
+    threads = sorted({r["threads"] for r in rows if "threads" in r})
+    return {
+        "facts_timed_in_one_process": len(rows),
+        "torch_threads": threads[0] if len(threads) == 1 else (threads or None),
+        "medians": med,
+        "speedup_wall_of_medians": {
+            "approx": med["exact"]["wall_s"] / med["approx"]["wall_s"] if rows else None,
+            "approx_verify": med["exact"]["wall_s"] / med["approx_verify"]["wall_s"] if rows else None,
+        },
+        "speedup_wall_median_per_fact": {"approx": _median(ratios), "approx_verify": _median(ratios_v)},
+    }
 
 
 def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,22 +185,11 @@ def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
     sessions: dict[str, list[dict[str, Any]]] = {}
     for r in lines:
         sessions.setdefault(r["session"], []).append(r)
-    timed_lines = max(sessions.values(), key=len) if sessions else []
-    med = {
-        run: {unit: _median([r["seconds"][run][unit] for r in timed_lines]) for unit in ("wall_s", "cpu_s")}
-        for run in RUNS
-    }
-    ratios = [r["seconds"]["exact"]["wall_s"] / r["seconds"]["approx"]["wall_s"] for r in timed_lines]
-    ratios_v = [r["seconds"]["exact"]["wall_s"] / r["seconds"]["approx_verify"]["wall_s"] for r in timed_lines]
-    out["timing"] = {
-        "facts_timed_in_one_process": len(timed_lines),
-        "medians": med,
-        "speedup_wall_of_medians": {
-            "approx": med["exact"]["wall_s"] / med["approx"]["wall_s"] if timed_lines else None,
-            "approx_verify": med["exact"]["wall_s"] / med["approx_verify"]["wall_s"] if timed_lines else None,
-        },
-        "speedup_wall_median_per_fact": {"approx": _median(ratios), "approx_verify": _median(ratios_v)},
-    }
+    per_session = {name: session_timing(rows) for name, rows in sessions.items() if len(rows) >= 3}
+    timed = max(sessions, key=lambda name: len(sessions[name])) if sessions else None
+    out["timing"] = session_timing(sessions[timed]) if timed else session_timing([])
+    out["timing"]["session"] = timed
+    out["timing_per_session"] = per_session
     return out
 
 
@@ -250,17 +260,21 @@ def print_summary(s: dict[str, Any], verify: int, where: str) -> None:
                 for t in b["thirds"]
             )
             print(f"  {kind:7s} {bucket:24s} {cells}  worst layer {b['worst_layer']}")
-    t = s["timing"]
-    m = t["medians"]
-    print(f"wall time per fact, medians of {t['facts_timed_in_one_process']} facts timed in one process:")
-    for run in RUNS:
-        print(f"  {run:14s} wall {_fmt(m[run]['wall_s'], '8.2f')}s  cpu {_fmt(m[run]['cpu_s'], '8.2f')}s")
-    sp, sf = t["speedup_wall_of_medians"], t["speedup_wall_median_per_fact"]
-    print(
-        f"  speed-up (ratio of medians): approx {_fmt(sp['approx'], '.1f')}x, approx+verify {verify} "
-        f"{_fmt(sp['approx_verify'], '.1f')}x; median per-fact ratio {_fmt(sf['approx'], '.1f')}x / "
-        f"{_fmt(sf['approx_verify'], '.1f')}x"
-    )
+    for name, t in s["timing_per_session"].items():
+        m = t["medians"]
+        threads = t["torch_threads"] if t["torch_threads"] is not None else "unrecorded"
+        print(
+            f"wall time per fact, medians of {t['facts_timed_in_one_process']} facts timed in process {name} "
+            f"(torch threads: {threads}):"
+        )
+        for run in RUNS:
+            print(f"  {run:14s} wall {_fmt(m[run]['wall_s'], '8.2f')}s  cpu {_fmt(m[run]['cpu_s'], '8.2f')}s")
+        sp, sf = t["speedup_wall_of_medians"], t["speedup_wall_median_per_fact"]
+        print(
+            f"  speed-up (ratio of medians): approx {_fmt(sp['approx'], '.1f')}x, approx+verify {verify} "
+            f"{_fmt(sp['approx_verify'], '.1f')}x; median per-fact ratio {_fmt(sf['approx'], '.1f')}x / "
+            f"{_fmt(sf['approx_verify'], '.1f')}x"
+        )
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from factedit.integrity import dumps_signed_json
 from factedit.models.architectures import arch_for, get_parameter
 from factedit.models.fingerprint import cast_fingerprint, model_fingerprint
 from factedit.models.loading import load_model
+from factedit.paths import compute_lock
 from factedit.safetensors_meta import read_metadata
 from factedit.stats.second_moment import (
     ALIAS_FORMAT,
@@ -258,3 +260,33 @@ def test_an_alias_whose_statistics_were_deleted_recomputes_cleanly(stats, caplog
     assert any("which is gone" in m for m in messages) and sum(REUSED in m for m in messages) == 1  # layer 2 only
     assert torch.equal(on_half[2], on_float32[2]) and not torch.equal(on_half[1], on_float32[1])
     assert model_fingerprint(half) in _stats_fingerprints(stats.folder)  # layer 1 now has a file of its own
+
+
+# -- two processes asking for the same statistics ---------------------------------------------------------------
+
+
+def test_a_second_caller_waits_for_the_one_computing_and_reads_its_file(stats, caplog):
+    """While one caller holds the locks beside the cache files, another asking for the same matrices waits,
+    then reads what the first wrote instead of computing it again (flock locks of two open files conflict
+    within one process too, so a thread stands in for the second process)."""
+    model = tiny_model("llama")
+    first = stats(model)
+    files = {p: p.read_bytes() for p in stats.folder.glob("*.safetensors")}
+    assert len(files) == len(LAYERS)
+    got: dict[str, dict[int, torch.Tensor]] = {}
+    waiter = threading.Thread(target=lambda: got.update(result=stats(model)))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="factedit"):
+        with compute_lock(files, "second moments"):
+            for path in files:  # "the first process" is computing them
+                path.unlink()
+            waiter.start()
+            waiter.join(timeout=1.0)
+            assert waiter.is_alive() and not got, "the second caller did not wait for the lock"
+            for path, data in files.items():  # ... and writes them
+                path.write_bytes(data)
+        waiter.join(timeout=60)
+    assert not waiter.is_alive() and "waiting for another process computing second moments" in caplog.text
+    assert "computing second moments for layer" not in caplog.text, "the second caller computed them again"
+    for layer in LAYERS:
+        torch.testing.assert_close(got["result"][layer], first[layer], rtol=0, atol=0)

@@ -13,12 +13,14 @@ JSON file, decoded strictly, every failure one line naming the file). None of th
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +228,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def compute_lock(paths: Iterable[Path], what: str) -> Iterator[None]:
+    """Hold exclusive locks for cache files while computing them, so that a second process needing
+    the same files waits and then reads them instead of computing them again.
+
+    One lock file per cache file, ``$FACTEDIT_HOME/locks/<hash of its absolute path>.lock``, never
+    deleted (deleting a held lock file would let a third process lock a new one), taken in name order
+    so that two processes asking for overlapping sets cannot deadlock. Not on POSIX, or where the
+    home is read-only, nothing is locked: the atomic writes keep the cache correct and only the work
+    may be done twice.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    names = sorted({hashlib.sha256(str(Path(p).resolve()).encode()).hexdigest()[:24]: Path(p) for p in paths}.items())
+    with contextlib.ExitStack() as stack:
+        for digest, path in names:
+            try:
+                fh = stack.enter_context(open(cache_dir("locks") / f"{digest}.lock", "a+"))
+            except (OSError, FactEditError):
+                continue
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                log.info("waiting for another process computing %s (%s)", what, path.name)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield

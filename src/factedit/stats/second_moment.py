@@ -57,7 +57,7 @@ from factedit.models.architectures import arch_for, check_layer
 from factedit.models.fingerprint import cast_fingerprint, model_fingerprint
 from factedit.models.placement import input_device, module_device
 from factedit.models.tokens import document_start_of
-from factedit.paths import atomic_write_bytes, cache_dir
+from factedit.paths import atomic_write_bytes, cache_dir, compute_lock
 from factedit.progress import Progress, as_progress
 from factedit.stats.corpus import TextCorpus, open_corpus
 from factedit.text import pad_id, pad_right
@@ -581,6 +581,53 @@ def second_moments(
     missing = [layer for layer in layers if layer not in result]
     if sharded:
         missing = _share_cached(result, layers, missing)
+    # Another process (a second job, a test worker) may be computing the same matrices: wait for it and
+    # read its files. torchrun's ranks compute together instead, so they take no lock.
+    locks = [stats_path(keys[layer], cache_folder) for layer in missing] if cache and not sharded else []
+    with compute_lock(locks, "second moments"):
+        if locks:
+            for layer in missing:
+                if (path := stats_path(keys[layer], cache_folder)).is_file():
+                    result[layer] = load_second_moment(path, keys[layer])
+            missing = [layer for layer in missing if layer not in result]
+        _compute_missing(
+            model,
+            tok,
+            text,
+            keys,
+            missing,
+            result,
+            n_tokens=n_tokens,
+            max_length=max_length,
+            dtype=dtype,
+            shuffle_seed=shuffle_seed,
+            cache=cache,
+            cache_folder=cache_folder,
+            sharded=sharded,
+            progress=progress,
+        )
+    # each matrix goes where its layer computes (layers of a placed model may sit on different devices)
+    return {layer: result[layer].to(module_device(model, arch.rewrite_at(layer))) for layer in layers}
+
+
+def _compute_missing(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    text: TextCorpus,
+    keys: dict[int, StatsKey],
+    missing: list[int],
+    result: dict[int, torch.Tensor],
+    *,
+    n_tokens: int,
+    max_length: int,
+    dtype: str,
+    shuffle_seed: int | None,
+    cache: bool,
+    cache_folder: Path | None,
+    sharded: bool,
+    progress: Progress | bool | None,
+) -> None:
+    """Compute the layers not found in the cache into ``result`` in one pass and cache them."""
     if result:
         log.info("second moments for layer(s) %s read from the cache (corpus %s)", sorted(result), text.source)
     if missing:
@@ -619,5 +666,3 @@ def second_moments(
                     path = stats_path(keys[layer], cache_folder)
                     if path.is_file():
                         result[layer] = load_second_moment(path, keys[layer])
-    # each matrix goes where its layer computes (layers of a placed model may sit on different devices)
-    return {layer: result[layer].to(module_device(model, arch.rewrite_at(layer))) for layer in layers}
