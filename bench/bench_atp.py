@@ -1,7 +1,7 @@
 """Benchmark: attribution-patching traces (``method="attribution"``) against exact ones over many known facts.
 
     python bench/bench_atp.py [--n 200] [--out out/bench_atp] [--verify 10] [--threads 1] [--model NAME]
-    python bench/bench_atp.py --out out/bench_atp --summary-only
+    python bench/bench_atp.py --out out/bench_atp --summary-only [--markdown]
 
 For each of the first ``--n`` known facts the model predicts, in one process and in this order: the
 exact trace (fast runner), the estimated one, the estimated one with ``--verify`` cells re-patched per
@@ -277,6 +277,51 @@ def print_summary(s: dict[str, Any], verify: int, where: str) -> None:
         )
 
 
+def print_markdown(s: dict[str, Any], verify: int) -> None:
+    """The summary as the Markdown tables of docs/tracing.md, so the docs are regenerated, not retyped."""
+    print(f"| kind | Spearman, estimated vs exact map (median / mean over {s['facts']} facts) | top-10 overlap "
+          f"(median / mean) | certificate Spearman (median) | certificate top-{verify} overlap (mean) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for kind, k in s["kinds"].items():
+        print(
+            f"| {kind} | {_fmt(k['map_spearman']['median'])} / {_fmt(k['map_spearman']['mean'])} | "
+            f"{_fmt(k['map_top10_overlap']['median'], '.2f')} / {_fmt(k['map_top10_overlap']['mean'], '.2f')} | "
+            f"{_fmt(k['certificate_spearman_median'])} | {_fmt(k['certificate_top_k_overlap_mean'])} |"
+        )
+    print(f"\n| averaged indirect effect ({s['facts']} facts) | exact peak (bucket, layer) | estimated peak | "
+          "same peak | at the last subject token: exact vs estimated layer |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for kind, p in s["aie_peaks"].items():
+        e, a, last = p["exact"], p["approx"], p["last_subject_token_layer"]
+        print(
+            f"| {kind} | {e['bucket']}, {e['layer']} ({e['mean']:.3f}) | {a['bucket']}, {a['layer']} "
+            f"({a['mean']:.3f}) | {'yes' if p['same_peak'] else 'no'} | {last['exact']} vs {last['approx']} |"
+        )
+    print("\n| process (facts timed, torch threads) | exact (fast) | estimated | estimated + verify "
+          f"{verify} | speed-up, map | speed-up, map + verify |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name, t in s["timing_per_session"].items():
+        m, sp = t["medians"], t["speedup_wall_of_medians"]
+        threads = t["torch_threads"] if t["torch_threads"] is not None else "1 (unrecorded)"
+        cells = " | ".join(f"{_fmt(m[run]['wall_s'], '.2f')} s (CPU {_fmt(m[run]['cpu_s'], '.2f')} s)" for run in RUNS)
+        print(
+            f"| {name} ({t['facts_timed_in_one_process']}, {threads}) | {cells} | "
+            f"{_fmt(sp['approx'], '.1f')}× | {_fmt(sp['approx_verify'], '.1f')}× |"
+        )
+    kinds = list(s["errors"])
+    thirds = next(iter(next(iter(s["errors"].values())).values()))["thirds"]
+    head = " | ".join(f"layers {t['layers'][0]}–{t['layers'][1]}" for t in thirds)
+    print(f"\n| kind | token bucket | {head} | worst layer |")
+    print("|---|---|" + "---:|" * len(thirds) + "---:|")
+    for kind in kinds:
+        for bucket, b in s["errors"][kind].items():
+            cells = " | ".join(
+                f"{t['mean_error']:+.3f} / {t['mean_abs_error']:.3f} ({t['mean_abs_effect']:.3f})" for t in b["thirds"]
+            )
+            print(f"| {kind} | {bucket} | {cells} | {b['worst_layer']} |")
+    print("\n(error cells: mean signed error / mean absolute error (mean absolute exact effect), estimate minus exact)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="known facts the model predicts to trace")
@@ -284,6 +329,7 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=10, help="cells per kind re-patched in the verified run")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--markdown", action="store_true", help="with --summary-only: the docs' Markdown tables")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--data", type=Path, default=None, help="known-facts file (default: known_1000.json)")
@@ -296,7 +342,7 @@ def main() -> None:
         if not lines:
             raise SystemExit(f"{facts_path} holds no facts yet")
         s = summary(lines)
-        print_summary(s, args.verify, str(args.out))
+        print_markdown(s, args.verify) if args.markdown else print_summary(s, args.verify, str(args.out))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
