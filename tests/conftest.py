@@ -35,20 +35,23 @@ def _environment():
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
-# The longest files first (about 200-620 s each with two workers on a 2-core CPU, the rest under 120 s):
-# workers take whole files in collection order, so a long file collected last would run alone at the end.
+# The longest files first (about 50-120 s of one worker each on a 2-core CPU, the rest under 25 s):
+# workers take whole files in collection order, so a long file collected last would run alone at the
+# end. test_distributed (tiny models only) comes second, so the second worker does not wait on the
+# first one's conversion of the default model.
 LONGEST_FILES_FIRST = (
     "test_rome_default",
-    "test_web_api",
-    "test_evaluation",
-    "test_cli",
-    "test_mass_eval",
     "test_distributed",
+    "test_web_api",
+    "test_cli",
+    "test_evaluation",
+    "test_web_browser",
+    "test_mass_eval",
+    "test_tracing",
+    "test_families",
     "test_chat",
-    "test_bad_input",
-    "test_probes_integrity",
     "test_probes_cli",
-    "test_text_and_loading",
+    "test_bad_input",
 )
 
 

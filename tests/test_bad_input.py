@@ -105,10 +105,12 @@ def test_cli_errors_are_one_line_and_exit_2():
         assert "Traceback" not in result.output
 
 
-def test_cli_edit_json_with_reference_stats(default_model):
+def test_cli_edit_json_with_reference_stats(default_model, tmp_path):
     path = shared_reference() / "rome_official_smollm2" / "second_moment_layer6.safetensors"
     if not path.is_file():
         pytest.skip("reference statistics not available")
+    hparams = tmp_path / "rome.json"  # 8 value steps: Rome at p = 0.97 already (CI time)
+    hparams.write_text(json.dumps({"layers": [6], "v_num_grad_steps": 8}))
     result = _run(
         "edit",
         "--prompt",
@@ -123,6 +125,8 @@ def test_cli_edit_json_with_reference_stats(default_model):
         str(path),
         "--layer",
         "6",
+        "--hparams",
+        str(hparams),
         "--json",
     )
     assert result.exit_code == 0, result.output

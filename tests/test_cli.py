@@ -98,46 +98,71 @@ def test_every_option_has_help_and_no_bool_metavars():
 
 
 # -- errors: one line on stderr, exit status 2 ---------------------------------------------------------------------
+# Each case runs in a fresh process on a real pipe, except those marked IN_PROCESS: they fail only after
+# torch and transformers are imported (6-7 s a process here), so they run through typer's runner, whose
+# stderr is no terminal either; the first case keeps that late failure on a real pipe.
+IN_PROCESS, ON_A_PIPE = True, False
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "in_process"),
     [
-        (["edit", *EIFFEL, "--method", "bogus"], "error: unknown method 'bogus'"),
-        (["edit", "--prompt", "The {} is located in", "--target", "Rome"], "error: --prompt, --subject and --target"),
-        (["edit", *EIFFEL, "--layer", "six"], "error: Invalid value for '--layer'"),
-        (["trace", "--prompt", "The Eiffel Tower is in"], "error: Missing option '--subject'"),
-        (["eval", "--method", "bogus", "--dataset", "counterfact", "--out", "x"], "error: unknown method 'bogus'"),
-        (["edit", *EIFFEL, "--data-dir", "/no/such/folder"], "does not exist"),
+        (["edit", *EIFFEL, "--method", "bogus"], "error: unknown method 'bogus'", ON_A_PIPE),
+        (
+            ["edit", "--prompt", "The {} is located in", "--target", "Rome"],
+            "error: --prompt, --subject and --target",
+            IN_PROCESS,
+        ),
+        (["edit", *EIFFEL, "--layer", "six"], "error: Invalid value for '--layer'", ON_A_PIPE),
+        (["trace", "--prompt", "The Eiffel Tower is in"], "error: Missing option '--subject'", ON_A_PIPE),
+        (
+            ["eval", "--method", "bogus", "--dataset", "counterfact", "--out", "x"],
+            "error: unknown method 'bogus'",
+            IN_PROCESS,
+        ),
+        (["edit", *EIFFEL, "--data-dir", "/no/such/folder"], "does not exist", ON_A_PIPE),
         (
             ["eval", "--method", "rome", "--dataset", "counterfact", "--out", "x", "--set", "key_avg=1"],
             "no hyper-parameter",
+            IN_PROCESS,
         ),
-        (["eval", "--method", "rome", "--dataset", "counterfact", "--out", "x", "--set", "oops"], "expected KEY=VALUE"),
+        (
+            ["eval", "--method", "rome", "--dataset", "counterfact", "--out", "x", "--set", "oops"],
+            "expected KEY=VALUE",
+            IN_PROCESS,
+        ),
         (
             ["eval", "--method", "rome", "--dataset", "counterfact", "--out", "x", "--prompts-eval", "md"],
             "prompts_eval",
+            IN_PROCESS,
         ),
-        (["predict", "--device-map", "missing.json", "hi"], "device map file missing.json not found"),
-        (["locate", "--out", "x", "--radius", "40"], "Invalid value for '--radius'"),
+        (["predict", "--device-map", "missing.json", "hi"], "device map file missing.json not found", IN_PROCESS),
+        (["locate", "--out", "x", "--radius", "40"], "Invalid value for '--radius'", ON_A_PIPE),
     ],
 )
-def test_errors_are_one_line_on_a_pipe(args, message, tmp_path):
-    result = factedit(*args, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert result.stdout == "" and not list(tmp_path.iterdir())
+def test_errors_are_one_line_on_a_pipe(args, message, in_process, tmp_path, monkeypatch):
+    if in_process:
+        monkeypatch.chdir(tmp_path)
+        ran = CliRunner().invoke(app, args)
+        code, stdout, stderr = ran.exit_code, ran.stdout, ran.stderr
+    else:
+        ran = factedit(*args, cwd=tmp_path)
+        code, stdout, stderr = ran.returncode, ran.stdout, ran.stderr
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert stdout == "" and not list(tmp_path.iterdir())
 
 
 # -- -v anywhere ------------------------------------------------------------------------------------------------------
 def test_verbose_before_or_after_the_command(tmp_path):
+    """Without it no INFO lines: test_piped_edit_table_has_every_column_and_the_verdict checks that."""
     prompt = "The Eiffel Tower is located in the city of"
-    quiet = factedit("predict", prompt, "--k", "1", "--threads", "1", cwd=tmp_path)
     after = factedit("predict", prompt, "--k", "1", "--threads", "1", "-v", cwd=tmp_path)
     before = factedit("--verbose", "predict", prompt, "--k", "1", "--threads", "1", cwd=tmp_path)
-    for result in (quiet, after, before):
+    for result in (after, before):
         assert result.returncode == 0, result.stderr
         assert "' Paris'" in result.stdout
-    assert "INFO" not in quiet.stderr
     for result in (after, before):
         assert "INFO factedit.cli: torch CPU threads: 1" in result.stderr, result.stderr
 
@@ -145,8 +170,9 @@ def test_verbose_before_or_after_the_command(tmp_path):
 # -- output on a pipe ---------------------------------------------------------------------------------------------
 def test_piped_edit_table_has_every_column_and_the_verdict(tmp_path):
     """``factedit edit ... > out.txt`` under a narrow COLUMNS: the after columns are there, not cropped."""
-    hparams = tmp_path / "rome.json"  # ROME's defaults at layer 6, statistics from a smaller sample (CI time)
-    hparams.write_text(json.dumps({"layers": [6], "mom2_n_tokens": 20_000}))
+    # ROME's defaults at layer 6, statistics from a smaller sample, 8 value steps (CI time; Rome at p = 0.97)
+    hparams = tmp_path / "rome.json"
+    hparams.write_text(json.dumps({"layers": [6], "mom2_n_tokens": 10_000, "v_num_grad_steps": 8}))
     result = factedit(
         "edit",
         *EIFFEL,
@@ -178,6 +204,7 @@ def test_piped_edit_table_has_every_column_and_the_verdict(tmp_path):
     assert p_new_after > p_new_before
     assert "the new target ' Rome' is now the top prediction" in out.splitlines()[-1]
     assert "value optimisation" in result.stderr  # progress goes to stderr
+    assert "INFO" not in result.stderr  # no log lines without --verbose
 
 
 def test_json_edit_with_another_method_keeps_progress_on_stderr(tmp_path):
@@ -239,6 +266,7 @@ def test_eval_reads_the_data_folder_given_from_any_working_directory(tmp_path):
         "counterfact",
         "--n",
         "1",
+        "--no-generative",
         "--out",
         "run",
         "-v",

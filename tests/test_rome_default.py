@@ -34,17 +34,21 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def small_stats(default_model, corpus_file, tmp_path_factory):
+def small_stats(default_model, corpus_file):
+    """10k tokens at layer 6 in $FACTEDIT_HOME's cache: the web tests ask for the same file, so the
+    suite computes it once (the cache lock makes a second worker wait and read it)."""
     model, tok = default_model
-    return second_moments(
-        model,
-        tok,
-        [6],
-        corpus=corpus_file,
-        n_tokens=20_000,
-        cache_folder=tmp_path_factory.mktemp("stats"),
-        progress=False,
-    )
+    return second_moments(model, tok, [6], corpus=corpus_file, n_tokens=10_000, progress=False)
+
+
+@pytest.fixture(scope="module")
+def eiffel_patch(default_model, small_stats):
+    """One ROME patch for the tests that apply, save, load and refuse it (computing leaves the model as it was).
+    8 value steps instead of 20: Rome at p = 0.97 already, in 2/5 of the time (the full default run:
+    test_edit_and_compare_reports_a_converged_landed_edit)."""
+    model, tok = default_model
+    hp = ROMEHyperParams.for_model(model, layers=[6], v_num_grad_steps=8)
+    return compute_rome(model, tok, EIFFEL, hp, second_moment=small_stats).patch
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,9 +81,9 @@ def _official_match(model, tok, reference, cases) -> None:
     assert model_fingerprint(model) == before  # computing a patch leaves the model unchanged
 
 
-def test_matches_official_rome_on_three_reference_cases(published_tokenizer_model, reference):
-    """The first three of the ten reference cases (all ten: ``-m slow``), to keep CI short."""
-    _official_match(*published_tokenizer_model, reference, reference["cases"][:3])
+def test_matches_official_rome_on_two_reference_cases(published_tokenizer_model, reference):
+    """The first two of the ten reference cases (all ten: ``-m slow``), to keep CI short."""
+    _official_match(*published_tokenizer_model, reference, reference["cases"][:2])
 
 
 @pytest.mark.slow
@@ -124,10 +128,10 @@ def test_prefix_cached_optimisation_equals_plain(default_model, reference, steps
     assert [round(x["total"], 3) for x in fast.losses[0]] == [round(x["total"], 3) for x in plain.losses[0]]
 
 
-def test_edit_apply_revert_save_load(default_model, small_stats, tmp_path):
+def test_edit_apply_revert_save_load(default_model, eiffel_patch, tmp_path):
     model, tok = default_model
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    patch = compute_rome(model, tok, EIFFEL, second_moment=small_stats).patch
+    patch = eiffel_patch
     assert top_next_tokens(model, tok, [EIFFEL.text], 1)[0][0][0] == " Paris"
 
     patch.apply(model)
@@ -172,11 +176,11 @@ def test_edit_and_compare_reports_a_converged_landed_edit(default_model, small_s
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
-def test_patch_refused_on_other_weights_and_corrupt_files(default_model, small_stats, tmp_path):
+def test_patch_refused_on_other_weights_and_corrupt_files(default_model, eiffel_patch, tmp_path):
     from factedit.errors import FactEditError
 
-    model, tok = default_model
-    patch = compute_rome(model, tok, EIFFEL, second_moment=small_stats).patch
+    model, _ = default_model
+    patch = eiffel_patch
     path = patch.save(tmp_path / "p")
     data = path.read_bytes()
 

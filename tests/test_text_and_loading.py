@@ -59,6 +59,7 @@ def test_default_model_comes_from_package_and_cache(default_model, tmp_path, mon
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.slow  # 20 s: a second conversion of the real model; CI loads .gguf paths of tiny models (test_distributed)
 def test_gguf_path_loads_the_same_weights(default_model, tmp_path, monkeypatch):
     """A .gguf path is dequantized once, cached, and gives the same weights as the registry name."""
     monkeypatch.setenv("FACTEDIT_HOME", str(tmp_path))
@@ -162,8 +163,10 @@ def _hidden_leftovers(home: Path) -> list[Path]:
 
 
 def test_processes_converting_one_model_at_once(tiny_gguf, tmp_path):
-    """Each writes its own temporary names and renames them into place: all succeed, one complete copy
-    stays, nothing half-written is left, and an incomplete folder from an interrupted run is replaced."""
+    """One converts while the others wait on the cache lock and then read its copy (without the lock, as
+    on non-POSIX systems, each writes private names and renames them into place): all succeed, one
+    complete copy stays, nothing half-written is left, and an incomplete folder from an interrupted run
+    is replaced."""
     data, matrices = tiny_gguf
     name = next(n for n, s in sorted(REGISTRY.items()) if len(s.modules) > 1)  # chunks: join and convert
     site, home = tmp_path / "site", tmp_path / "home"

@@ -25,9 +25,10 @@ from factedit.web.app import create_app  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
-# Statistics settings shared with the browser test (20k tokens, as tests/test_rome_default.py uses):
+# Statistics settings shared with the browser test (10k tokens, as tests/test_rome_default.py uses;
+# the Eiffel Tower edit lands as with 20k, p(Rome) 0.97 after 8 steps either way):
 # computed once into $FACTEDIT_HOME/stats by the first edit, then read from the cache.
-STATS_TOKENS = 20_000
+STATS_TOKENS = 10_000
 
 
 def web_overrides(corpus_file) -> dict:
@@ -222,7 +223,7 @@ def test_trace_job_and_queueing(client, app, default_model):
     before = state(app, default_model[0])
     session = app.state.session
     with HoldModel(app):  # a job holds the model: both traces wait, a quick read answers "busy"
-        first = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 2})
+        first = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 1})
         second = client.post(
             "/api/trace",
             json={"prompt": "The {} is located in the city of", "subject": SUBJECT, "samples": 1, "answer": "Paris"},
@@ -267,6 +268,7 @@ def test_edit_download_revert_upload(client, app, default_model):
             "paraphrases": ["The Eiffel Tower can be found in the city of"],
             "neighbours": ["The Louvre is located in the city of"],
             "generate_tokens": 8,
+            "hparams": {"v_num_grad_steps": 8},  # Rome at p = 0.97 already, in 2/5 of the default's time
         },
     )
     assert r.status_code == 202, r.text
@@ -352,7 +354,13 @@ def test_info_lists_the_registry_methods(client, default_model):
     assert schema["enum"] == info["methods"]
 
 
-@pytest.mark.parametrize("method, hparams", [("alphaedit", None), ("ft", {"num_steps": 20, "layers": [6]})])
+# AlphaEdit at layer 6 alone (the statistics file the ROME edits here use, not five more) and 8 value
+# steps: the API's dispatch and revert are tested, not AlphaEdit's efficacy (CI time)
+@pytest.mark.parametrize(
+    "method, hparams",
+    [("alphaedit", {"layers": [6], "v_num_grad_steps": 8}), ("ft", {"num_steps": 20, "layers": [6]})],
+    ids=["alphaedit", "ft"],
+)
 def test_registry_method_edit_and_revert(client, app, default_model, method, hparams):
     """AlphaEdit and FT through the API: the job completes, the prediction changes, the revert restores the weights."""
     model = default_model[0]

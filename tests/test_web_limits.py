@@ -85,7 +85,7 @@ def test_largest_trace_is_refused_and_ordinary_jobs_are_not(default_model, corpu
     """The largest trace the schema allows (64 tokens, 50 samples, window 64) would hold the worker for hours
     on the default model: refused with the estimate and the limit. The page's default trace and edit pass."""
     model, tok = default_model
-    app = create_app(model, tok, hparams_overrides={"mom2_n_tokens": 20_000, "mom2_dataset": str(corpus_file)})
+    app = create_app(model, tok, hparams_overrides={"mom2_n_tokens": 10_000, "mom2_dataset": str(corpus_file)})
     try:
         with TestClient(app, base_url="http://127.0.0.1") as client:
             words = SUBJECT

@@ -38,7 +38,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +74,7 @@ from factedit.models.registry import (
     gguf_parts,
 )
 from factedit.models.tokens import add_document_start
-from factedit.paths import cache_dir, factedit_home
+from factedit.paths import cache_dir, compute_lock, factedit_home
 from factedit.safetensors_meta import read_header
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,15 @@ def _usable_cache(folder: Path) -> bool:
     return True
 
 
+def _converted_once(target: Path, what: str, convert: Callable[[], Path]) -> Path:
+    """``convert()`` under the cache lock, called once the input is checked (a refused input leaves no
+    lock file): a second process loading the same model meanwhile waits, then reads the first one's copy."""
+    with compute_lock([target], what):
+        if _usable_cache(target):
+            return target
+        return convert()
+
+
 def _cached_from_gguf(source: ModelSource) -> Path:
     target = factedit_home() / "models" / source.name
     if _usable_cache(target):
@@ -306,14 +315,22 @@ def _cached_from_gguf(source: ModelSource) -> Path:
     if len(parts) == 1:
         info = read_gguf_info(parts[0], remedy=remedy)
         check_memory(info.float32_bytes, _CPU, f"converting {source.name} (float32)", torch.float32)
-        return _convert_gguf(parts[0].parent, parts[0].name, target, source=source.name)
-    label = f"the GGUF file of {source.name} (joined from {len(parts)} chunks)"
-    info = read_chunked_gguf_info(parts, remedy=remedy, label=label)  # before anything is written
-    check_memory(info.float32_bytes, _CPU, f"converting {source.name} (float32)", torch.float32)
-    joined = cache_dir("gguf") / source.name / source.gguf_name
-    if not matches_sidecar(joined):  # a join is kept only with its digest, and reused only if it matches
-        _join(parts, joined)
-    return _convert_gguf(joined.parent, joined.name, target, source=source.name)
+
+        def convert() -> Path:
+            return _convert_gguf(parts[0].parent, parts[0].name, target, source=source.name)
+
+    else:
+        label = f"the GGUF file of {source.name} (joined from {len(parts)} chunks)"
+        info = read_chunked_gguf_info(parts, remedy=remedy, label=label)  # before anything is written
+        check_memory(info.float32_bytes, _CPU, f"converting {source.name} (float32)", torch.float32)
+
+        def convert() -> Path:
+            joined = cache_dir("gguf") / source.name / source.gguf_name
+            if not matches_sidecar(joined):  # a join is kept only with its digest, and reused only if it matches
+                _join(parts, joined)
+            return _convert_gguf(joined.parent, joined.name, target, source=source.name)
+
+    return _converted_once(target, f"the float32 copy of {source.name}", convert)
 
 
 def _join(parts: list[Path], joined: Path) -> None:
@@ -344,7 +361,11 @@ def _cached_gguf_file(path: Path) -> Path:
         return target
     info = read_gguf_info(path)  # before any folder is created
     check_memory(info.float32_bytes, _CPU, f"converting {path} (float32)", torch.float32)
-    return _convert_gguf(path.parent, path.name, target, source=str(path))
+    return _converted_once(
+        target,
+        f"the float32 copy of {path.name}",
+        lambda: _convert_gguf(path.parent, path.name, target, source=str(path)),
+    )
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path, *, source: str) -> Path:
