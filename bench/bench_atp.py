@@ -1,6 +1,7 @@
 """Benchmark: attribution-patching traces (``method="attribution"``) against exact ones over many known facts.
 
     python bench/bench_atp.py [--n 200] [--out out/bench_atp] [--verify 10] [--threads 1] [--model NAME]
+    python bench/bench_atp.py --n 200 --sample 8 --threads 2 --out out/bench_atp_timing   # timing on a seeded mix
     python bench/bench_atp.py --out out/bench_atp --summary-only [--markdown]
 
 For each of the first ``--n`` known facts the model predicts, in one process and in this order: the
@@ -325,6 +326,10 @@ def print_markdown(s: dict[str, Any], verify: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="known facts the model predicts to trace")
+    ap.add_argument(
+        "--sample", type=int, default=None, help="trace only a seeded random sample of this many of the n facts"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
     ap.add_argument("--out", type=Path, default=Path("out/bench_atp"))
     ap.add_argument("--verify", type=int, default=10, help="cells per kind re-patched in the verified run")
     ap.add_argument("--samples", type=int, default=10)
@@ -352,6 +357,9 @@ def main() -> None:
     preds = known_selection(model, tok, facts, args.out, model_fingerprint(model), as_progress(None))
     by_id = {f.known_id: f for f in facts}
     chosen = [by_id[p["known_id"]] for p in preds if p["correct"]][: args.n]
+    if args.sample is not None:  # a timing run over a mix of prompt lengths like the whole set's, in one process
+        keep = np.random.default_rng(args.seed).choice(len(chosen), size=min(args.sample, len(chosen)), replace=False)
+        chosen = [chosen[i] for i in sorted(keep)]
     done = {r["known_id"] for r in read_jsonl(facts_path)}
     todo = [f for f in chosen if f.known_id not in done]
     log.info("%d of %d facts to trace (%d done before)", len(todo), len(chosen), len(chosen) - len(todo))

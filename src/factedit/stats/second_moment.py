@@ -569,15 +569,8 @@ def second_moments(
     sharded = distributed.collective()
     if sharded:
         _check_same_keys(keys)
-    result: dict[int, torch.Tensor] = {}
-    if cache:
-        reads_aliases = weights_dtype(model) in SHARED_TO.values()  # downward only: never for float32 weights
-        for layer, key in keys.items():
-            path = stats_path(key, cache_folder)
-            if path.is_file():
-                result[layer] = load_second_moment(path, key)
-            elif reads_aliases and (shared := load_aliased(key, cache_folder)) is not None:
-                result[layer] = shared
+    reads_aliases = weights_dtype(model) in SHARED_TO.values()  # downward only: never for float32 weights
+    result = _read_cached(keys, layers, cache_folder, aliases=reads_aliases) if cache else {}
     missing = [layer for layer in layers if layer not in result]
     if sharded:
         missing = _share_cached(result, layers, missing)
@@ -585,29 +578,29 @@ def second_moments(
     # read its files. torchrun's ranks compute together instead, so they take no lock.
     locks = [stats_path(keys[layer], cache_folder) for layer in missing] if cache and not sharded else []
     with compute_lock(locks, "second moments"):
-        if locks:
-            for layer in missing:
-                if (path := stats_path(keys[layer], cache_folder)).is_file():
-                    result[layer] = load_second_moment(path, keys[layer])
+        if locks:  # what the process we waited for wrote
+            result.update(_read_cached(keys, missing, cache_folder, aliases=reads_aliases))
             missing = [layer for layer in missing if layer not in result]
         _compute_missing(
-            model,
-            tok,
-            text,
-            keys,
-            missing,
-            result,
-            n_tokens=n_tokens,
-            max_length=max_length,
-            dtype=dtype,
-            shuffle_seed=shuffle_seed,
-            cache=cache,
-            cache_folder=cache_folder,
-            sharded=sharded,
-            progress=progress,
+            model, tok, text, keys, missing, result, cache=cache, cache_folder=cache_folder, progress=progress
         )
     # each matrix goes where its layer computes (layers of a placed model may sit on different devices)
     return {layer: result[layer].to(module_device(model, arch.rewrite_at(layer))) for layer in layers}
+
+
+def _read_cached(
+    keys: dict[int, StatsKey], layers: list[int], cache_folder: Path | None, *, aliases: bool
+) -> dict[int, torch.Tensor]:
+    """The layers whose matrices are in the cache (or, with ``aliases``, cast from a wider copy's)."""
+    found: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        key = keys[layer]
+        path = stats_path(key, cache_folder)
+        if path.is_file():
+            found[layer] = load_second_moment(path, key)
+        elif aliases and (shared := load_aliased(key, cache_folder)) is not None:
+            found[layer] = shared
+    return found
 
 
 def _compute_missing(
@@ -618,19 +611,18 @@ def _compute_missing(
     missing: list[int],
     result: dict[int, torch.Tensor],
     *,
-    n_tokens: int,
-    max_length: int,
-    dtype: str,
-    shuffle_seed: int | None,
     cache: bool,
     cache_folder: Path | None,
-    sharded: bool,
     progress: Progress | bool | None,
 ) -> None:
-    """Compute the layers not found in the cache into ``result`` in one pass and cache them."""
+    """Compute the layers not found in the cache into ``result`` in one pass and cache them; the sample
+    settings are the keys' (every key of one call has the same)."""
+    sharded = distributed.collective()
     if result:
         log.info("second moments for layer(s) %s read from the cache (corpus %s)", sorted(result), text.source)
     if missing:
+        sample = keys[missing[0]]
+        n_tokens = sample.n_tokens
         log.info(
             "computing second moments for layer(s) %s: %d tokens of %s (cached afterwards under %s)",
             missing,
@@ -646,9 +638,9 @@ def _compute_missing(
             missing,
             text,
             n_tokens=n_tokens,
-            max_length=max_length,
-            dtype=dtype,
-            shuffle_seed=shuffle_seed,
+            max_length=sample.max_length,
+            dtype=sample.dtype,
+            shuffle_seed=sample.shuffle_seed,
             progress=progress,
         )
         log.info("second moments for layers %s: %d tokens in %.1fs", missing, seen, time.perf_counter() - started)

@@ -11,7 +11,9 @@ makes plus one backward pass. For a state ``s`` (token ``t``, layer ``l``) and n
 the LM head with the config's soft-capping), the quantity whose mean over the samples the exact trace
 scores; so one backward pass of ``mean_n p_n`` through the ``N`` corrupted rows gives every gradient.
 The clean states, the noise (same samples, same seed) and the corrupted runs are those of
-:class:`~factedit.tracing.runs.FactRuns`, exactly as the exact trace uses them. The estimated score is
+:class:`~factedit.tracing.runs.FactRuns`, exactly as the exact trace uses them; the gradients are taken
+through that corrupted run itself (recorded by autograd), so the map costs one clean forward, one
+corrupted forward and one backward pass. The estimated score is
 ``low_prob + effect``.
 
 * ``hidden``: ``s`` is block ``l``'s output at token ``t``.
@@ -57,7 +59,7 @@ from factedit.hooks import Trace, TraceDict, frozen
 from factedit.models.runtime import lm_logits
 from factedit.progress import Stage
 from factedit.tracing.kinds import SEVERED_KINDS, window_layers
-from factedit.tracing.runs import FactRuns
+from factedit.tracing.runs import CorruptedGraph, FactRuns
 
 WINDOWED = ("mlp", "attn")
 
@@ -110,7 +112,8 @@ class AttributionTracer:
             }
             clean = {"hidden": f.clean_h, "mlp": f.clean_mlp, "attn": f.clean_attn}
             names = [n for k in main for n in modules[k]]
-            states, grads = self._gradients(names)
+            graph = f.take_graph()  # the corrupted run itself, when it was recorded: no second forward
+            states, grads = self._gradients(names) if graph is None else self._score_gradients(graph, names)
             for kind in main:
                 per_layer = np.stack(
                     [_dot(clean[kind][i], states[n], grads[n]) for i, n in enumerate(modules[kind])], axis=1
@@ -164,10 +167,18 @@ class AttributionTracer:
                 Trace(model, arch.final_norm, stop=True, detach=False) as fin,
             ):
                 model(input_ids=batch, use_cache=False)
-            logits = lm_logits(model, arch, fin.output[:, -1])
+        return self._score_gradients(CorruptedGraph({n: td[n].output for n in names}, fin.output), names)
+
+    def _score_gradients(
+        self, graph: CorruptedGraph, names: list[str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The outputs ``names`` of a recorded corrupted run and the gradients of its mean answer probability."""
+        outputs = [graph.outputs[n] for n in names]
+        with torch.enable_grad():
+            logits = lm_logits(self.f.model, self.f.arch, graph.final[:, -1])
             score = torch.softmax(logits.float(), dim=-1)[:, self.answer_id].mean()
-            grads = torch.autograd.grad(score, [td[n].output for n in names], allow_unused=True)
-        states = {n: td[n].output.detach() for n in names}
+            grads = torch.autograd.grad(score, outputs, allow_unused=True)
+        states = {n: out.detach() for n, out in zip(names, outputs, strict=True)}
         return states, {n: torch.zeros_like(states[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
 
 

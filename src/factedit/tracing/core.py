@@ -198,7 +198,8 @@ def causal_trace(
     noise_t = make_noise(samples, n_subj, embedding_width(model, arch), scale, seed).to(device=device, dtype=dtype)
     with precision.autocast(model, autocast):
         keep_kv = method == "fast" or (method == "attribution" and verify > 0)  # the fast runner's prefix cache
-        fact = FactRuns(model, arch, encoded, noise_t, kinds, keep_corrupted_kv=keep_kv)
+        graph = method == "attribution" and any(k not in SEVERED_KINDS for k in kinds)  # gradients from this run
+        fact = FactRuns(model, arch, encoded, noise_t, kinds, keep_corrupted_kv=keep_kv, keep_graph=graph)
 
     predicted_id = int(fact.clean_dist.argmax())
     if answer_id is None:

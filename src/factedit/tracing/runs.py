@@ -9,17 +9,21 @@
 Both runs keep what the runners reuse: the clean states to put back, the corrupted
 states, embeddings and keys/values to start restorations from. States are kept per
 layer, each on the device its module computed it on (with a device map, layers differ).
+With ``keep_graph`` the corrupted run is recorded by autograd from the noised embeddings on
+(:class:`CorruptedGraph`), so attribution patching takes its gradients from this very run
+instead of running the corrupted batch a second time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from factedit.hooks import Trace, TraceDict
+from factedit.hooks import Trace, TraceDict, frozen
 from factedit.models.architectures import ArchSpec, num_layers
 from factedit.models.cache import cache_states, full_cache
 from factedit.models.placement import input_device
@@ -37,6 +41,15 @@ class Restoration:
     start: int
 
 
+@dataclass
+class CorruptedGraph:
+    """The corrupted run's module outputs (``name -> (N, T, d)``) and final-norm output, still in the
+    autograd graph that starts at the noised embeddings (parameters frozen: no weight gradients)."""
+
+    outputs: dict[str, torch.Tensor]
+    final: torch.Tensor
+
+
 class FactRuns:
     """Clean and corrupted activations of one fact: everything a restoration can reuse."""
 
@@ -48,6 +61,7 @@ class FactRuns:
         noise: torch.Tensor,
         kinds: Sequence[str],
         keep_corrupted_kv: bool,
+        keep_graph: bool = False,
     ) -> None:
         self.model, self.arch = model, arch
         self.device = input_device(model)  # where the ids go
@@ -75,18 +89,32 @@ class FactRuns:
         sever = [n for k, ns in (("hidden_sever_mlp", mlps), ("hidden_sever_attn", attns)) if k in kinds for n in ns]
         batch = self.ids[None].expand(self.samples, -1)
         cache = full_cache() if keep_corrupted_kv else None  # full layers: keep every token's keys/values
+        recorded = list(dict.fromkeys(blocks + sever + (mlps + attns if keep_graph else [])))
+
+        def noised(x: torch.Tensor, name: str) -> torch.Tensor:
+            x = self.add_noise(x)
+            return x.requires_grad_(True) if keep_graph else x  # the graph starts at the noised embeddings
+
         with (
-            torch.no_grad(),
-            Trace(model, arch.embed, edit_output=self.add_noise) as emb,
-            TraceDict(model, blocks + sever) as td,
-            Trace(model, arch.final_norm, stop=True) as fin,
+            torch.enable_grad() if keep_graph else torch.no_grad(),
+            frozen(model) if keep_graph else nullcontext(),
+            Trace(model, arch.embed, edit_output=noised) as emb,
+            TraceDict(model, recorded, detach=not keep_graph) as td,
+            Trace(model, arch.final_norm, stop=True, detach=not keep_graph) as fin,
         ):
             model(input_ids=batch, cache=cache, use_cache=keep_corrupted_kv)
+        self.graph = CorruptedGraph({n: td[n].output for n in recorded}, fin.output) if keep_graph else None
         self.corr_embed = emb.output  # (N, T, d)
-        self.corr_h = [td[n].output for n in blocks]  # L x (N, T, d)
-        self.corr_sever = {n: td[n].output for n in sever}  # name -> (N, T, d)
-        self.corr_kv = cache_states(cache) if cache is not None else None
-        self.corr_dists = torch.softmax(lm_logits(model, arch, fin.output[:, -1]).float(), dim=-1)
+        self.corr_h = [td[n].output.detach() for n in blocks]  # L x (N, T, d)
+        self.corr_sever = {n: td[n].output.detach() for n in sever}  # name -> (N, T, d)
+        self.corr_kv = [(k.detach(), v.detach()) for k, v in cache_states(cache)] if cache is not None else None
+        with torch.no_grad():
+            self.corr_dists = torch.softmax(lm_logits(model, arch, fin.output[:, -1].detach()).float(), dim=-1)
+
+    def take_graph(self) -> CorruptedGraph | None:
+        """The recorded corrupted graph, handed over once (then released, so its memory goes with its user)."""
+        graph, self.graph = self.graph, None
+        return graph
 
     def add_noise(self, x: torch.Tensor, name: str = "") -> torch.Tensor:
         """Add the fixed noise samples at the subject tokens of rows 0..N-1 (or 1..N with a clean row 0)."""
