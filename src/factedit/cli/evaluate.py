@@ -20,7 +20,7 @@ from factedit.cli.options import (
     progress,
     with_model_options,
 )
-from factedit.cli.render import METHOD_CHOICES
+from factedit.cli.render import METHOD_CHOICES, check_method_name
 from factedit.errors import FactEditError
 
 
@@ -194,6 +194,7 @@ def eval_command(
     choice: ModelChoice = ModelChoice(),
 ) -> None:
     """Edit each case from the unedited model, evaluate, revert; one JSON line per case in OUT/cases.jsonl."""
+    check_method_name(method)
     from factedit.editing.methods import get_method
     from factedit.evaluation.runner import RunConfig, run_evaluation
     from factedit.paths import check_output_path

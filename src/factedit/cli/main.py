@@ -40,7 +40,7 @@ from factedit.cli.options import (  # noqa: F401 - re-exported for code that imp
     setup_logging,
     with_model_options,
 )
-from factedit.cli.render import METHOD_CHOICES, batch_table, probe_table
+from factedit.cli.render import METHOD_CHOICES, batch_table, check_method_name, probe_table
 from factedit.errors import FactEditError
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ def edit(
     Started with ``torchrun --nproc-per-node N -m factedit edit ...``: MEMIT/AlphaEdit share the batch's work
     between the N processes (the same patch); other methods edit on rank 0 alone once the statistics are
     computed together. Rank 0 alone prints and writes the patch; see docs/distributed.md."""
+    check_method_name(method)
     from factedit import distributed
     from factedit.editing.methods import get_method
     from factedit.editing.report import check_probe_texts, edit_and_compare

@@ -12,9 +12,12 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from factedit.errors import FactEditError
+
 # The names of factedit.editing.methods.METHODS, in its order. Listed here because importing the registry
 # imports torch and transformers (seconds), and option help must be instant; tests/test_cli.py checks
-# that this tuple and method_names() agree. Names are validated by the registry (get_method) itself.
+# that this tuple and method_names() agree. The registry (get_method) stays the authority;
+# check_method_name only answers a typo early.
 METHOD_CHOICES: tuple[str, ...] = (
     "none",
     "rome",
@@ -26,6 +29,12 @@ METHOD_CHOICES: tuple[str, ...] = (
     "emmet",
     "ultraedit",
 )
+
+
+def check_method_name(name: str) -> None:
+    """Refuse an unknown method before the registry (and with it torch) is imported: a typo costs no wait."""
+    if name not in METHOD_CHOICES:
+        raise FactEditError(f"unknown method {name!r}: choose one of {', '.join(METHOD_CHOICES)}")
 
 
 def _top(probe: dict[str, Any]) -> str:
