@@ -11,6 +11,7 @@ import pytest
 from factedit.errors import FactEditError
 from factedit.evaluation import RunConfig, batched, run_evaluation
 from factedit.evaluation.batched import read_drift
+from factedit.evaluation.cases import GENERATIVE_KEYS
 from factedit.evaluation.records import CASES
 from factedit.models import model_fingerprint
 
@@ -134,6 +135,18 @@ def test_pre_scores_are_reused_and_modes_are_checked(tokenizer, tmp_path):
     none, memit = _cases(tmp_path / "none"), _cases(tmp_path / "memit")
     assert {k: v["pre"] for k, v in memit.items()} == {k: v["pre"] for k, v in none.items()}
     assert not (tmp_path / "memit" / "pre.jsonl").exists() or not (tmp_path / "memit" / "pre.jsonl").read_text()
+
+    # unedited scores taken from a run without the generative blocks are completed once and kept, so a
+    # resumed run does not measure them again; the completed blocks are those the unedited run measured
+    plain = RunConfig(method="none", dataset="zsre", n=2, generative=False)
+    run_evaluation(model, tok, plain, tmp_path / "plain", progress=False)
+    completed = RunConfig(**{**config.__dict__, "pre_from": str(tmp_path / "plain")})
+    run_evaluation(model, tok, completed, tmp_path / "completed", progress=False)
+    kept = {
+        str(line["case_id"]): line["pre"] for line in map(json.loads, (tmp_path / "completed" / "pre.jsonl").open())
+    }
+    assert kept == {k: v["pre"] for k, v in none.items()}
+    assert all(set(GENERATIVE_KEYS) <= set(pre) for pre in kept.values())
 
     with pytest.raises(FactEditError, match="makes no edits"):
         run_evaluation(

@@ -286,6 +286,7 @@ def test_edit_download_revert_upload(client, app, default_model):
     assert client.post("/api/predict", json={"prompt": PROMPT}).json()["top"][0][0] == " Rome"
     listed = client.get("/api/patches").json()
     assert [p["id"] for p in listed["patches"]] == [patch_id]
+    assert app.state.session.patches[0].patch.hparams["v_num_grad_steps"] == 8  # the request's setting was used
     assert listed["fingerprint"] != listed["base_fingerprint"] == base["fingerprint"]
 
     # download: the core's single-file patch format

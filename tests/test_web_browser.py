@@ -147,6 +147,7 @@ def test_trace_edit_revert_in_chromium(server, browser, default_model):
     assert "top prediction: yes" in d.find_element("id", "edit-verdict").text
     wait_for(d, lambda d: top1(d) == " Rome", 60, "prediction panel shows Rome")
     assert len(css(d, "#patch-list tr[data-patch-id]")) == 1
+    assert app.state.session.patches[0].patch.hparams["v_num_grad_steps"] == 8  # the page's setting was used
     assert d.find_element("id", "gen-after").text.startswith("The Eiffel Tower is located in the city of")
     assert model_fingerprint(model) != base
 

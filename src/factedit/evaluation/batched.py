@@ -150,14 +150,21 @@ class _PreScores:
         """Measure (on the model as it is now, which must be unedited) the cases not known yet, and complete
         known ones that lack blocks this run records (taken from an older run)."""
         if self.complete is not None:
-            for case in cases:
-                key = str(case.case_id)
-                if key in self.known:
+            known = [c for c in cases if str(c.case_id) in self.known]
+            stage_of = progress if len(known) > 1 else SILENT
+            with stage_of.stage("completing unedited scores", total=len(known), unit="case") as stage:
+                for case in known:
+                    key = str(case.case_id)
                     try:
-                        self.known[key] = self.complete(case, self.known[key])
+                        completed = self.complete(case, self.known[key])
                     except FactEditError as exc:
                         log.warning("case %s: evaluation failed: %s", case.case_id, exc)
                         self.failed[key] = f"evaluation failed: {exc}"
+                        completed = None
+                    if completed is not None and completed != self.known[key]:  # kept: a resume does not redo it
+                        self.log.append({"case_id": case.case_id, "pre": completed})
+                        self.known[key] = completed
+                    stage.advance(1)
         todo = [c for c in cases if str(c.case_id) not in self.known and str(c.case_id) not in self.failed]
         if not todo:
             return
