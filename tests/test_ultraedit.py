@@ -81,6 +81,39 @@ def test_batch_of_two_edits_makes_both_targets_top1_and_reverts_bit_exact(model,
     assert _same(model, before)
 
 
+# the MLP input projections each family's table names, and the shape class their statistics share
+INPUT_MODULES = {
+    "llama": ["gate_proj", "up_proj"],
+    "gemma3": ["gate_proj", "up_proj"],
+    "phi3": ["gate_up_proj"],
+    "gpt2": ["c_fc"],
+    "gpt_neox": ["dense_h_to_4h"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(INPUT_MODULES))
+def test_input_projections_are_edited_when_asked_and_revert_bit_exact(family, tokenizer):
+    """modules="input" (the official Llama 3 / Qwen2.5 / Gemma 3 runs): the MLP's input projections of each
+    layer are edited from the same pass, share one set of statistics, and the batch lands and reverts."""
+    model, tok, requests = tiny_model(family, hidden=256, intermediate=512), tokenizer, [EIFFEL, LEBRON]
+    before = _weights(model)
+    targets = [_first_target(tok, r) for r in requests]
+    # the input projections act through the MLP's nonlinearity: lr 3e-3 moves both targets to the top on every
+    # family here (1e-3 leaves LeBron's on the Llama and Phi-3 ones short)
+    hp = UltraEditHyperParams.for_model(model, **{**SETTINGS, "lr": 3e-3, "modules": "input"})
+    result = compute_ultraedit(model, tok, requests, hp)
+    assert _same(model, before)
+    names = [e.name.split(".")[-2] for e in result.patch.entries]
+    assert names == INPUT_MODULES[family] * 2, names  # layers 1 and 2, in layer order
+    per_layer = len(INPUT_MODULES[family])
+    assert [int(e.name.split(".")[-4]) for e in result.patch.entries] == [1] * per_layer + [2] * per_layer
+    assert len(result.patch.info["normaliser_rows"]) == 1  # one shape: one set of statistics
+    handle = result.patch.apply(model)
+    assert [_argmax(model, tok, r.text) for r in requests] == targets
+    handle.revert()
+    assert _same(model, before)
+
+
 def test_running_moments_merge_to_the_statistics_of_all_rows():
     rows = torch.randn(7, 5, dtype=torch.float64)
     merged = RunningMoments.empty(5).merged(rows[:1]).merged(rows[1:4]).merged(rows[4:])

@@ -447,7 +447,11 @@ class UltraEditHyperParams(HyperParams):
     """UltraEdit (Gu et al., TMLR 2026, arXiv 2505.14679; XiaojieGu/UltraEdit ``config/editor/ultraedit.yaml``):
     one gradient per fact, lifelong-normalised, turned into a weight change by ridge regression."""
 
-    layers: Layers  # the rewrite module (MLP output projection) of each layer is edited
+    layers: Layers
+    # which of each layer's MLP weights are edited: "output" the rewrite module (MLP output projection, as
+    # ROME/MEMIT; the official Mistral, GPT-J and Phi-4 runs), "input" its input projections (gate and up on
+    # Llama-style models; the official Llama 3, Qwen2.5 and Gemma 3 runs)
+    modules: Literal["output", "input"] = "output"
     # Keys are read where the target is predicted: the prompt's last token and the target's own tokens,
     # so requests conflict as with MEMIT's fact_token="last" (the same prompt, different targets).
     fact_token: Literal["last"] = "last"

@@ -24,9 +24,10 @@ key at the last token), hooks (:mod:`factedit.hooks`), the LM head (:func:`~fact
 and the patch.
 
 Deviations from the official code:
-- The edited modules are the rewrite modules of ``layers`` (the MLP output projection, as ROME/MEMIT; the
-  official runs edit ``down_proj``/``fc_out`` on Mistral, GPT-J and Phi-4, but ``gate_proj``/``up_proj`` on
-  Llama 3, Qwen2.5 and Gemma 3).
+- The edited modules default to the rewrite modules of ``layers`` (the MLP output projection, as ROME/MEMIT;
+  the official runs edit ``down_proj``/``fc_out`` on Mistral, GPT-J and Phi-4); ``modules="input"`` edits the
+  MLP's input projections instead (``gate_proj`` and ``up_proj``, as the official Llama 3, Qwen2.5 and
+  Gemma 3 runs; Phi-3's fused ``gate_up_proj``), which share one set of statistics as they share a shape.
 - Running statistics: the batch's sum of squared deviations is merged exactly (Chan et al.); the official
   update adds n × the unbiased variance, which is NaN for a single row. As there, modules of the same weight
   shape share one set of statistics, σ = √(M₂ / (n − 1 + ε)) and ε is float32's machine epsilon; kept in
@@ -296,6 +297,15 @@ def _ridge_update(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> tup
     return left, right
 
 
+def _edited_modules(arch: ArchSpec, hp: UltraEditHyperParams) -> list[tuple[int, str]]:
+    """The (layer, module) pairs ``hp.modules`` names: each layer's MLP output projection or its inputs."""
+    if hp.modules == "output":
+        return [(layer, arch.rewrite_at(layer)) for layer in hp.layers]
+    if not arch.mlp_inputs:
+        raise FactEditError(f"modules='input': the architecture table names no MLP input projection for {arch.family}")
+    return [(layer, module) for layer in hp.layers for module in arch.mlp_inputs_at(layer)]
+
+
 def compute_ultraedit(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -313,7 +323,9 @@ def compute_ultraedit(
     hp = hparams or UltraEditHyperParams.for_model(model)
     hp.check_model(model)
     arch = arch_for(model)
-    weight_names = [arch.rewrite_weight_at(layer) for layer in hp.layers]
+    sites = _edited_modules(arch, hp)  # (layer, module) pairs, in layer order
+    modules = [module for _, module in sites]
+    weight_names = [f"{module}.weight" for module in modules]
     require_resident(model, weight_names, "edit with ultraedit")
     requests = check_batch(list(requests), hp.fact_token)
     problems, failures = [], []
@@ -327,10 +339,10 @@ def compute_ultraedit(
             f"{len(failures)} of {len(requests)} requests cannot be edited; nothing was changed: " + "; ".join(failures)
         )
     state = state if state is not None else UltraEditState()
-    shapes = {}
-    for layer, name in zip(hp.layers, weight_names, strict=True):
+    shapes = {}  # module -> its statistics' key (modules of one weight shape share them)
+    for module, name in zip(modules, weight_names, strict=True):
         out_features, in_features = math_shape(get_parameter(model, name), arch)
-        shapes[layer] = _statistics_key(int(in_features), int(out_features))
+        shapes[module] = _statistics_key(int(in_features), int(out_features))
     new_rows = sum(len(p.target) for p in problems)
     for key in set(shapes.values()):
         sharing = sum(1 for k in shapes.values() if k == key)
@@ -344,7 +356,6 @@ def compute_ultraedit(
     base_fp = model_fingerprint(model)
     timings: dict[str, float] = {}
     pad = pad_id(tok)
-    modules = [arch.rewrite_at(layer) for layer in hp.layers]
 
     started = time.perf_counter()
     turn = _gradients(model, arch, modules, problems, hp, pad, progress)
@@ -354,12 +365,12 @@ def compute_ultraedit(
     features = {m: torch.cat([torch.cat(turn.keys[m]), torch.cat(turn.grads[m])], dim=1) for m in modules}
     moments = {}
     for key in set(shapes.values()):
-        rows = [features[m] for layer, m in zip(hp.layers, modules, strict=True) if shapes[layer] == key]
+        rows = [features[m] for m in modules if shapes[m] == key]
         moments[key] = state.updated(key, torch.cat([r.cpu() for r in rows]))
     entries: list[PatchEntry] = []
-    for layer, module, name in zip(hp.layers, modules, weight_names, strict=True):
+    for (layer, module), name in zip(sites, weight_names, strict=True):
         keys = torch.cat(turn.keys[module])
-        normalised = moments[shapes[layer]].standardised(features[module])
+        normalised = moments[shapes[module]].standardised(features[module])
         keys_hat, grads_hat = normalised.split([keys.shape[1], normalised.shape[1] - keys.shape[1]], dim=1)
         values = -hp.lr * (keys_hat * keys_hat).sum(1, keepdim=True) * grads_hat  # (rows, out)
         left, right = _ridge_update(keys, values.to(keys.device), hp.L2)
@@ -376,8 +387,9 @@ def compute_ultraedit(
             )
         )
         log.info(
-            "layer %d: %d rows, |v| %.3g, |ΔW| %.3g",
+            "layer %d (%s): %d rows, |v| %.3g, |ΔW| %.3g",
             layer,
+            module.rsplit(".", 1)[-1],
             keys.shape[0],
             float(values.norm(dim=1).mean()),
             float(entries[-1].delta().norm()),

@@ -29,6 +29,8 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     conv1d: bool = False  # GPT-2's Conv1D stores weight as (in, out) instead of (out, in)
+    # the MLP's input projections (its input is the block's normalised hidden state), e.g. Llama's gate and up
+    mlp_inputs: tuple[str, ...] = ()
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -45,8 +47,11 @@ class ArchSpec:
     def rewrite_weight_at(self, layer: int) -> str:
         return f"{self.rewrite.format(layer)}.weight"
 
+    def mlp_inputs_at(self, layer: int) -> list[str]:
+        return [name.format(layer) for name in self.mlp_inputs]
 
-def _llama_like(family: str) -> ArchSpec:
+
+def _llama_like(family: str, mlp_inputs: tuple[str, ...] = ("gate_proj", "up_proj")) -> ArchSpec:
     return ArchSpec(
         family=family,
         embed="model.embed_tokens",
@@ -56,6 +61,7 @@ def _llama_like(family: str) -> ArchSpec:
         rewrite="model.layers.{}.mlp.down_proj",
         final_norm="model.norm",
         lm_head="lm_head",
+        mlp_inputs=tuple(f"model.layers.{{}}.mlp.{name}" for name in mlp_inputs),
     )
 
 
@@ -70,6 +76,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm="transformer.ln_f",
         lm_head="lm_head",
         conv1d=True,
+        mlp_inputs=("transformer.h.{}.mlp.c_fc",),
     ),
     "gptj": ArchSpec(
         family="gptj",
@@ -80,6 +87,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         rewrite="transformer.h.{}.mlp.fc_out",
         final_norm="transformer.ln_f",
         lm_head="lm_head",
+        mlp_inputs=("transformer.h.{}.mlp.fc_in",),
     ),
     "gpt_neox": ArchSpec(
         family="gpt_neox",
@@ -89,6 +97,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp="gpt_neox.layers.{}.mlp",
         rewrite="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
+        mlp_inputs=("gpt_neox.layers.{}.mlp.dense_h_to_4h",),
         lm_head="lm_head",  # transformers 5 renamed GPTNeoXForCausalLM.embed_out to lm_head
     ),
     "llama": _llama_like("llama"),
@@ -96,7 +105,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": _llama_like("qwen3"),
     "mistral": _llama_like("mistral"),
     "gemma3": _llama_like("gemma3"),
-    "phi3": _llama_like("phi3"),
+    "phi3": _llama_like("phi3", ("gate_up_proj",)),  # Phi-3 fuses gate and up into one projection
 }
 
 # model_type values that share another family's layout.
