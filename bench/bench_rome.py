@@ -44,7 +44,7 @@ def bench_load() -> dict:
 
 
 def bench_edit(model, tok, reps: int, plain: bool) -> dict:
-    hp = ROMEHyperParams.for_model(model, consistent_key=False)
+    hp = ROMEHyperParams.for_model(model, consistent_key=False, key_fit="mean")
     ref = REFERENCE / "rome_official_smollm2"
     if (ref / "second_moment_layer6.safetensors").is_file() and hp.layers == [6]:
         stats = {6: load_file(str(ref / "second_moment_layer6.safetensors"))["C"]}

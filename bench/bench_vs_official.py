@@ -148,7 +148,7 @@ def bench_rome(model, tok, args) -> dict:
     stats_file = seed_official_stats(off, model, off_hp, layer, C)
     off.rome_compute_u.inv_mom2_cache.clear()  # the first official edit reads the file and inverts C
     off.rome_rome_main.CONTEXT_TEMPLATES_CACHE = list(templates)
-    fe_hp = ROMEHyperParams.for_model(model, consistent_key=False)
+    fe_hp = ROMEHyperParams.for_model(model, consistent_key=False, key_fit="mean")
     if fe_hp.layers != [layer]:
         raise SystemExit(f"factedit's ROME layer {fe_hp.layers} is not the reference's {layer}")
     weight = dict(model.named_parameters())[f"{off_hp.rewrite_module_tmp.format(layer)}.weight"]

@@ -77,7 +77,9 @@ def main() -> None:
     ref = REFERENCE / "rome_official_smollm2"
     model, tok = load_model(document_start=False)  # as the official code tokenizes
     arch = arch_for(model)
-    hp = ROMEHyperParams.for_model(model, consistent_key=False).replace(prefix_cache=args.path != "plain")
+    hp = ROMEHyperParams.for_model(model, consistent_key=False, key_fit="mean").replace(
+        prefix_cache=args.path != "plain"
+    )
     templates = json.loads((ref / "context_templates.json").read_text())
     cases = {c["case_id"]: c for c in json.loads((ref / "edits.json").read_text())["cases"]}
     request = EditRequest.from_dict(cases[args.case]["request"])

@@ -90,6 +90,10 @@ def test_method_names_fix_what_they_imply(tiny):
         get_method("rome-original").hparams(model, overrides={"layers": [1], "consistent_key": True}).consistent_key
         is False
     )
+    original = get_method("rome-original").hparams(model, overrides={"layers": [1], "key_fit": "every_template"})
+    assert original.key_fit == "mean" and get_method("rome").hparams(model, overrides={"layers": [1]}).key_fit == (
+        "every_template"
+    )
     with pytest.raises(FactEditError, match="takes no hyper-parameters"):
         get_method("none").hparams(model, overrides={"layers": [1]})
     with pytest.raises(FactEditError, match="one request at a time"):

@@ -388,8 +388,10 @@ class ROMEHyperParams(ValueOptimizationParams):
     # Which direction u the rank-one update reads keys along: "mean" = C⁻¹k* (ROME); "every_template" =
     # the least-C-norm u with uᵀkᵢ ≈ uᵀk* for every template's key kᵢ (ridge ``key_fit_ridge``, relative to
     # the mean of diag(KᵀC⁻¹K)), so that every context, the bare prompt included, gets the change v* was
-    # optimised for (factedit, see rome.py). As the ridge grows, u tends to ROME's direction.
-    key_fit: Literal["mean", "every_template"] = "mean"
+    # optimised for (factedit, see rome.py). As the ridge grows, u tends to ROME's direction. The default since
+    # CounterFact dev-500 (ES 99.4 against 97.4 with "mean") and 200 sequential edits (earlier edits holding 0.97)
+    # measured it; rome-original keeps "mean", the official code's u.
+    key_fit: Literal["mean", "every_template"] = "every_template"
     key_fit_ridge: float = 0.01
     value_norm_skip_factor: float | None = Field(5.0, ge=1)  # NAS's ROME threshold (official compute_v)
 

@@ -186,11 +186,16 @@ class Rome(EditMethod):
         self.name, self.description = (
             ("rome", "ROME with r-ROME's consistent key")
             if consistent_key
-            else ("rome-original", "ROME as in the original code (bare prompt's key in the update)")
+            else ("rome-original", "ROME as in the original code (bare prompt's key in the update, u = C⁻¹k*)")
         )
 
     def _fixed(self, hp):
-        return hp if hp.consistent_key == self.consistent_key else hp.replace(consistent_key=self.consistent_key)
+        if self.consistent_key:
+            return hp if hp.consistent_key else hp.replace(consistent_key=True)
+        # the original code: the bare prompt's key in the update and u = C⁻¹k* (its compute_u)
+        return (
+            hp if (not hp.consistent_key and hp.key_fit == "mean") else hp.replace(consistent_key=False, key_fit="mean")
+        )
 
     def compute(self, model, tok, requests, hp, *, resources=None, state=None, progress=None, **options):
         from factedit.editing.rome import compute_rome
