@@ -190,12 +190,9 @@ class Rome(EditMethod):
         )
 
     def _fixed(self, hp):
-        if self.consistent_key:
-            return hp if hp.consistent_key else hp.replace(consistent_key=True)
-        # the original code: the bare prompt's key in the update and u = C⁻¹k* (its compute_u)
-        return (
-            hp if (not hp.consistent_key and hp.key_fit == "mean") else hp.replace(consistent_key=False, key_fit="mean")
-        )
+        # rome-original is the original code: the bare prompt's key in the update and u = C⁻¹k* (its compute_u)
+        implied = {"consistent_key": True} if self.consistent_key else {"consistent_key": False, "key_fit": "mean"}
+        return hp if all(getattr(hp, k) == v for k, v in implied.items()) else hp.replace(**implied)
 
     def compute(self, model, tok, requests, hp, *, resources=None, state=None, progress=None, **options):
         from factedit.editing.rome import compute_rome
