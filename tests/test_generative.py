@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from factedit.evaluation.cases import GenerativeSettings, easyedit_scores, generative_scores, teacher_forced_argmax
+from factedit.evaluation.cases import (
+    GenerativeSettings,
+    answer_slices,
+    easyedit_scores,
+    generative_prompts,
+    generative_scores,
+    prefetch_answers,
+    teacher_forced_argmax,
+)
 from factedit.evaluation.config import RunConfig
 from factedit.evaluation.generation import greedy_answers, stop_token_ids
 from factedit.evaluation.metrics import (
@@ -246,6 +254,23 @@ def test_case_blocks_have_one_entry_per_prompt(model, tok):
     n_true = len(tok(case.request.text + " French")["input_ids"]) - len(tok(case.request.text)["input_ids"])
     assert all(len(ids) >= 1 for ids in ee["neighborhood_prompts_argmax"]) and n_true >= 1
     assert all(0.0 <= a <= 1.0 for a in ee["paraphrase_prompts_token_acc"])
+
+
+def test_answers_batched_across_cases_equal_each_case_alone(model, tok):
+    """Where one model state scores many cases, their greedy answers share batches: the blocks are the same."""
+    from factedit.data.counterfact import parse_counterfact
+
+    cases, _, _ = parse_counterfact(CASES)
+    settings = GenerativeSettings(max_new_tokens=6)
+    shared = prefetch_answers(model, tok, cases, settings, batch_size=64)
+    assert set(shared) == {p for case in cases for p in generative_prompts(case)}
+    for case in cases:
+        alone = generative_scores(model, tok, case, settings)
+        assert generative_scores(model, tok, case, settings, answers=shared) == alone
+        partial = dict(list(shared.items())[:1])  # prompts missing from the given answers are answered here
+        assert generative_scores(model, tok, case, settings, answers=partial) == alone
+    assert [len(s) for s in answer_slices(cases, 1)] == [1, 1]  # each case's prompts fill a 1-row batch
+    assert [len(s) for s in answer_slices(cases, 64)] == [2]
 
 
 # ----------------------------------------------------------------------------- in a run, and old runs

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from factedit.data import load_dataset
+from factedit.editing.patch import Patch
 from factedit.errors import FactEditError
 from factedit.evaluation import RunConfig, batched, run_evaluation
 from factedit.evaluation.batched import read_drift
-from factedit.evaluation.cases import GENERATIVE_KEYS
+from factedit.evaluation.cases import GENERATIVE_KEYS, GenerativeSettings, generative_scores
 from factedit.evaluation.records import CASES
 from factedit.models import model_fingerprint
 
@@ -68,6 +70,28 @@ def test_memit_batches_score_every_case_and_resume_identically(tokenizer, tmp_pa
     for key, case in cases.items():
         assert resumed[key]["post"] == case["post"], key
         assert resumed[key]["pre"] == case["pre"], key
+
+
+def test_batch_run_answers_are_those_of_each_case_alone(tokenizer, tmp_path):
+    """A batch run answers the greedy prompts of several cases in shared batches (one model state): each
+    case's generative blocks, before and after the edit, are those it gets scored alone."""
+    model, tok = tiny_model("llama"), tokenizer
+    tiny = {**FAST, "layers": [1, 2], "v_num_grad_steps": 8}
+    config = RunConfig(method="memit", dataset="counterfact", n=3, batch=3, overrides=tiny, answer_tokens=4)
+    run_evaluation(model, tok, config, tmp_path / "run", progress=False)
+    records = _cases(tmp_path / "run")
+    settings = GenerativeSettings(max_new_tokens=4)
+    cases = load_dataset("counterfact", n=3).cases
+    alone = {str(c.case_id): generative_scores(model, tok, c, settings) for c in cases}
+    handle = Patch.load(tmp_path / "run" / "patches" / "chunk_00000.safetensors").apply(model)
+    try:
+        edited = {str(c.case_id): generative_scores(model, tok, c, settings) for c in cases}
+    finally:
+        handle.revert()
+    assert set(records) == set(alone)
+    for key, record in records.items():
+        assert {k: record["pre"][k] for k in GENERATIVE_KEYS} == alone[key], key
+        assert {k: record["post"][k] for k in GENERATIVE_KEYS} == edited[key], key
 
 
 @pytest.mark.slow  # 150 s on this CPU; CI covers sequential runs with MEMIT (test_cli_sequential_memit_...)

@@ -30,8 +30,8 @@ def browser():
     yield from chromium_driver("1400,2400", "factedit-report-chromium-")
 
 
-def _table(driver) -> list[list[str]]:
-    rows = driver.find_elements("css selector", "#summary tr")
+def _table(driver, table_id: str = "summary") -> list[list[str]]:
+    rows = driver.find_elements("css selector", f"#{table_id} tr")
     return [[c.text for c in r.find_elements("css selector", "th, td")] for r in rows]
 
 
@@ -51,7 +51,10 @@ def test_a_guarded_tiny_run_renders_its_table_drift_and_cases(model, tok, data, 
     summary = summarize_runs([run])
     browser.get(page.as_uri())
     table = _table(browser)
-    assert table[0][:3] == ["run", "method", "n"] and "Gen ES" in table[0] and table[0][-1] == "refused"
+    assert table[0][:3] == ["run", "method", "n"] and "ES" in table[0] and table[0][-1] == "refused"
+    views = _table(browser, "views")  # the other views beside ROME's: generative, EasyEdit's, cost
+    assert views[0][:3] == ["run", "method", "n"] and "Gen ES" in views[0] and "EE rel" in views[0]
+    assert [r[0] for r in views[1:]] == ["pre (unedited)", "seq_ft_guarded"] and "Gen ES" not in table[0]
     assert [r[0] for r in table[1:]] == ["pre (unedited)", "seq_ft_guarded"]
     es = summary.rows[-1].cells["ES"]
     assert table[2][table[0].index("ES")] in (
@@ -87,7 +90,7 @@ def test_old_format_runs_render(tmp_path, browser):
     browser.get(page.as_uri())
     table = _table(browser)
     assert [r[0] for r in table[1:]] == ["pre (unedited)", *OLD_RUNS]
-    assert "ES" in table[0] and "Gen ES" not in table[0]
+    assert "ES" in table[0] and not any("Gen ES" in row for row in _table(browser, "views"))
     assert len(browser.find_elements("css selector", ".case")) == 8
     assert "no greedy answers recorded" in browser.find_element("css selector", ".case").text
     assert "no run has drift points" in browser.find_element("tag name", "body").text

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from factedit.editing.result import EditResult
 from factedit.editing.sequential import SequentialEditor, edits_holding
 from factedit.errors import FactEditError
 from factedit.evaluation.capability import CapabilityProbe, CapabilitySettings
+from factedit.evaluation.cases import answer_slices
 from factedit.evaluation.config import GuardSettings, RunConfig
 from factedit.evaluation.edits import RunMethod
 from factedit.evaluation.guard import EditGuard, GuardVerdict, compute_step, settle
@@ -55,7 +56,8 @@ from factedit.text import encode_with_subject, target_ids
 
 log = logging.getLogger(__name__)
 
-Evaluate = Callable[[Any, bool], dict[str, Any]]
+Evaluate = Callable[..., dict[str, Any]]  # (case, with_generation, answers=None) -> the case's scores
+Prefetch = Callable[[list[Any]], dict[str, Any]]  # cases -> their greedy answers on the model as it is now
 Finished = Callable[[Any, dict[str, Any]], None]
 Compute = Callable[[list[EditRequest]], EditResult | None]
 Complete = Callable[[Any, dict[str, Any]], dict[str, Any]]
@@ -67,6 +69,17 @@ def _chunks(cases: Sequence[Any], size: int) -> list[list[Any]]:
 
 def _ids(chunk: Sequence[Any]) -> list[str]:
     return [str(c.case_id) for c in chunk]
+
+
+def _with_answers(cases: Sequence[Any], prefetch: Prefetch | None, rows: int) -> Iterator[tuple[Any, dict, float]]:
+    """Each case with the greedy answers computed for its slice of ``cases`` in shared batches, and its share
+    of the seconds that took. Lazy: the model must stay as it is while this is iterated."""
+    for chunk in answer_slices(cases, rows) if prefetch is not None else [list(cases)]:
+        started = time.perf_counter()
+        answers = prefetch(chunk) if prefetch is not None else {}
+        share = (time.perf_counter() - started) / len(chunk)
+        for case in chunk:
+            yield case, answers, share
 
 
 def split_valid(
@@ -138,12 +151,20 @@ class _PreScores:
     """The unedited model's scores per case: from ``pre_from``, ``pre.jsonl``, or measured now (and kept)."""
 
     def __init__(
-        self, out: Path, known: dict[str, dict[str, Any]], evaluate: Evaluate, complete: Complete | None = None
+        self,
+        out: Path,
+        known: dict[str, dict[str, Any]],
+        evaluate: Evaluate,
+        complete: Complete | None = None,
+        prefetch: Prefetch | None = None,
+        rows: int = 64,
     ) -> None:
         self.log = CaseLog(out / "pre.jsonl")
         self.known = {**known, **{k: v["pre"] for k, v in self.log.load().items()}}
         self.evaluate = evaluate
         self.complete = complete
+        self.prefetch = prefetch
+        self.rows = rows
         self.failed: dict[str, str] = {}  # case id -> why its unedited scores could not be measured
 
     def ensure(self, cases: Sequence[Any], progress: Progress) -> None:
@@ -169,9 +190,9 @@ class _PreScores:
         if not todo:
             return
         with (progress if len(todo) > 1 else SILENT).stage("unedited scores", total=len(todo), unit="case") as stage:
-            for case in todo:
+            for case, answers, _ in _with_answers(todo, self.prefetch, self.rows):
                 try:
-                    scores = self.evaluate(case, False)
+                    scores = self.evaluate(case, False, answers)
                 except FactEditError as exc:  # this case cannot be scored: it gets an error line, the run goes on
                     log.warning("case %s: evaluation failed: %s", case.case_id, exc)
                     self.failed[str(case.case_id)] = f"evaluation failed: {exc}"
@@ -204,11 +225,14 @@ def run_chunks(
     complete: Complete | None = None,
     capability: CapabilitySettings | None = None,
     edited_subjects: Sequence[str] = (),
+    prefetch: Prefetch | None = None,
 ) -> None:
     """Edit and evaluate ``cases`` in chunks of ``mode['batch']``; skip the ones in ``done``. With
-    ``capability``, its measures are taken on the unedited model and after each batch (or the sequence)."""
-    pre = _PreScores(out, pre_known, evaluate, complete)
-    run = _Run(model, tok, method, done, out, evaluate, pre, finished, base_fp, progress)
+    ``capability``, its measures are taken on the unedited model and after each batch (or the sequence).
+    ``prefetch``: greedy answers for several cases at once, used wherever many cases are scored on one
+    state of the model (``evaluate`` then gets them as its third argument)."""
+    pre = _PreScores(out, pre_known, evaluate, complete, prefetch, config.batch_size)
+    run = _Run(model, tok, method, done, out, evaluate, pre, finished, base_fp, progress, prefetch, config.batch_size)
     probe = None
     if capability is not None:  # the model is unedited here
         probe = CapabilityProbe.build(model, tok, capability, edited_subjects or [c.request.subject for c in cases])
@@ -257,6 +281,8 @@ class _Run:
     finished: Finished
     base_fp: str
     progress: Progress
+    prefetch: Prefetch | None = None
+    rows: int = 64
 
     def parts(self) -> tuple:
         return (
@@ -312,12 +338,11 @@ def _run_batches(run: _Run, chunks: list[list[Any]], capability: _CapabilityLog)
         handle = None
         try:
             handle = patch.apply(model)
-            for case in todo:
-                if str(case.case_id) in errors:
-                    continue
-                t = time.perf_counter()
+            scored = [c for c in todo if str(c.case_id) not in errors]
+            for case, answers, answers_s in _with_answers(scored, run.prefetch, run.rows):
+                t = time.perf_counter() - answers_s
                 try:
-                    post = evaluate(case, True)
+                    post = evaluate(case, True, answers)
                 except FactEditError as exc:  # this case only; the chunk's other cases are still scored
                     log.warning("case %s: evaluation failed: %s", case.case_id, exc)
                     finished(case, {**case_header(case), "error": f"evaluation failed: {exc}"})
@@ -454,14 +479,15 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
         capability.ensure("after", model, tok, when="after", edits=len(edited))
         infos = {step: edit_info(p) for step, p in patch_of.items()}
         for case in todo:
+            if str(case.case_id) in errors:
+                finished(case, {**case_header(case), "error": errors[str(case.case_id)]})
+        scored = [c for c in todo if str(c.case_id) not in errors]
+        for case, answers, answers_s in _with_answers(scored, run.prefetch, run.rows):
             key = str(case.case_id)
-            if key in errors:
-                finished(case, {**case_header(case), "error": errors[key]})
-                continue
-            t = time.perf_counter()
+            t = time.perf_counter() - answers_s
             step = step_of[key]
             try:
-                post = evaluate(case, True)
+                post = evaluate(case, True, answers)
             except FactEditError as exc:  # this case only
                 log.warning("case %s: evaluation failed: %s", case.case_id, exc)
                 finished(case, {**case_header(case), "error": f"evaluation failed: {exc}"})

@@ -49,6 +49,7 @@ th { background: #f3f3f3; } td.num { text-align: right; white-space: nowrap; fon
 .notes li { color: #555; } .muted { color: #777; } .figs img { max-width: 100%; margin: 6px 8px 6px 0; }
 .case { border: 1px solid #ddd; border-radius: 4px; padding: 8px 12px; margin: 12px 0; }
 .side { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; } .side pre { white-space: pre-wrap; margin: 0; }
+#summary td.num, #views td.num { white-space: normal; min-width: 4.5em; }
 .wide { overflow-x: auto; } .ok { color: #176b1d; } .bad { color: #a21b1b; } .refused { background: #fff1e0; }
 """
 
@@ -145,25 +146,48 @@ def _img(figure: Figure) -> str:
     return f'<img alt="{_e(figure.title)}" title="{_e(figure.title)}" src="data:image/png;base64,{data}">'
 
 
+def _is_other_view(column: str) -> bool:
+    """Generative (WILD), EasyEdit's token accuracies and cost: the second table, beside ROME's metrics."""
+    return column.startswith(("Gen ", "EE ")) or column in ("edit s", "cases/min")
+
+
 def summary_table(summary: Summary) -> str:
-    head = ["run", "method", "n", *summary.columns]
-    if any(r.refused for r in summary.rows):
-        head.append("refused")
+    """ROME/MEMIT's teacher-forced metrics in ``#summary``; the other views and the cost in ``#views`` (one
+    table with every column is too wide to read)."""
+    main = [c for c in summary.columns if not _is_other_view(c)]
+    other = [c for c in summary.columns if _is_other_view(c)]
+    refused = any(r.refused for r in summary.rows)
+    out = [_table("summary", summary, main, refused)]
+    if other:
+        out.append("<p class=muted>Generative success (WILD), EasyEdit's token accuracies and cost:</p>")
+        out.append(_table("views", summary, other, False))
+    return "\n".join(out)
+
+
+def _table(table_id: str, summary: Summary, columns: list[str], refused: bool) -> str:
+    head = ["run", "method", "n", *columns, *(["refused"] if refused else [])]
     out = [
-        '<div class="wide"><table id="summary"><thead><tr>'
+        f'<div class="wide"><table id="{table_id}"><thead><tr>'
         + "".join(f"<th>{_e(h)}</th>" for h in head)
         + "</tr></thead><tbody>"
     ]
     for row in summary.rows:
-        cells = [_fmt(row.cells.get(c), 2 if c == "edit s" else 1) for c in summary.columns]
-        if "refused" in head:
+        cells = [_fmt(row.cells.get(c), 2 if c == "edit s" else 1) for c in columns]
+        if refused:
             cells.append(str(row.refused))
         out.append(
             f"<tr><td>{_e(row.label)}</td><td>{_e(row.method)}</td><td class=num>{row.n}</td>"
-            + "".join(f"<td class=num>{_e(c)}</td>" for c in cells)
+            + "".join(f"<td class=num>{_wrap_after_mean(c)}</td>" for c in cells)
             + "</tr>"
         )
     return "\n".join(out) + "</tbody></table></div>"
+
+
+def _wrap_after_mean(cell: str) -> str:
+    """A cell escaped for HTML that a narrow column may break only between the mean and its interval
+    (so that a table with many columns fits the page without splitting an interval)."""
+    mean, _, interval = cell.partition(" ")
+    return _e(mean) + (" " + _e(interval).replace(" ", "&nbsp;") if interval else "")
 
 
 def capability_table(rows: list[dict[str, Any]]) -> str:

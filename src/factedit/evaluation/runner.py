@@ -59,9 +59,11 @@ from factedit.evaluation.cases import (
     GENERATIVE_KEYS,
     GenerationSettings,
     GenerativeSettings,
+    answer_slices,
     evaluate_counterfact,
     evaluate_zsre,
     extra_scores,
+    prefetch_answers,
 )
 from factedit.evaluation.config import RunConfig, RunReport
 from factedit.evaluation.edits import RunMethod
@@ -338,12 +340,27 @@ def run_evaluation(
                     more = extra_scores(model, tok, case, generative, batch_size=config.batch_size, have=pre)
                     return {**pre, **more} if more else pre
 
+                def prefetch(cases: list) -> dict:
+                    """Greedy answers of ``cases`` on the model as it is now, batched across them."""
+                    if not (extras and generative) or len(cases) < 2:
+                        return {}
+                    return prefetch_answers(model, tok, cases, generative, batch_size=config.batch_size)
+
                 if mode["kind"] == "single":
                     each = method.capabilities.each
                     if config.group > 1 and method.name != "none" and not each and distributed.is_main():
                         log.warning("%s computes one edit at a time; group=%d is ignored", method.name, config.group)
-                    for group in _groups(dataset.cases, mine, _group_size(config, method)):
-                        edits = _compute_each(model, tok, method, group) if len(group) > 1 else {}
+                    # the unedited model is the same for every case: its greedy answers are batched across cases
+                    groups = (
+                        answer_slices(mine, config.batch_size)
+                        if method.name == "none"
+                        else _groups(dataset.cases, mine, _group_size(config, method))
+                    )
+                    for group in groups:
+                        edits = (
+                            _compute_each(model, tok, method, group) if len(group) > 1 and method.name != "none" else {}
+                        )
+                        answers = prefetch(group) if method.name == "none" else {}
                         for case in group:
                             finished(
                                 case,
@@ -362,6 +379,7 @@ def run_evaluation(
                                     extras=extras,
                                     generative=generative,
                                     complete=complete,
+                                    answers=answers,
                                 ),
                             )
                 else:
@@ -374,7 +392,7 @@ def run_evaluation(
                         config,
                         mode,
                         out,
-                        evaluate=lambda case, with_generation: _evaluate(
+                        evaluate=lambda case, with_generation, answers=None: _evaluate(
                             model,
                             tok,
                             case,
@@ -385,7 +403,9 @@ def run_evaluation(
                             gen_ids,
                             extras=extras,
                             generative=generative,
+                            answers=answers,
                         ),
+                        prefetch=prefetch,
                         pre_known=pre_known,
                         complete=complete,
                         capability=capability,
@@ -566,6 +586,7 @@ def _evaluate(
     *,
     extras: bool = False,
     generative: GenerativeSettings | None = None,
+    answers: dict | None = None,
 ) -> dict[str, Any]:
     if gen_ids is not None and str(case.case_id) not in gen_ids:
         with_generation = False
@@ -579,8 +600,11 @@ def _evaluate(
             batch_size=config.batch_size,
             generative=generative,
             extras=extras,
+            answers=answers,
         )
-    return evaluate_zsre(model, tok, case, batch_size=config.batch_size, generative=generative, extras=extras)
+    return evaluate_zsre(
+        model, tok, case, batch_size=config.batch_size, generative=generative, extras=extras, answers=answers
+    )
 
 
 def _notes(
@@ -639,14 +663,26 @@ def _evaluate_case(
     extras: bool = False,
     generative: GenerativeSettings | None = None,
     complete: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    answers: dict | None = None,
 ) -> dict[str, Any]:
-    """One case: edit (or take the patch ``computed`` with its group), evaluate, revert."""
+    """One case: edit (or take the patch ``computed`` with its group), evaluate, revert. ``answers``: greedy
+    answers computed on the unedited model (method ``none`` only, where nothing is edited)."""
     req = case.request
     record = case_header(case)
 
     def evaluate(with_generation: bool) -> dict[str, Any]:
         return _evaluate(
-            model, tok, case, config, gen, reference, with_generation, gen_ids, extras=extras, generative=generative
+            model,
+            tok,
+            case,
+            config,
+            gen,
+            reference,
+            with_generation,
+            gen_ids,
+            extras=extras,
+            generative=generative,
+            answers=answers if method.name == "none" else None,
         )
 
     t0 = time.perf_counter()
