@@ -94,6 +94,25 @@ def test_batch_run_answers_are_those_of_each_case_alone(tokenizer, tmp_path):
         assert {k: record["post"][k] for k in GENERATIVE_KEYS} == edited[key], key
 
 
+def test_drift_points_at_given_numbers_of_edits(tokenizer, tmp_path):
+    """``drift_at``: a drift point once 2 and 5 edits are in the model (steps of 2: after steps 1 and 3),
+    besides the unedited reference; more than the run makes falls on its last step."""
+    config = RunConfig(method="memit", dataset="counterfact", n=5, batch=2, sequential=True, drift_at=(2, 5, 50))
+    assert config.drift_steps(3) == {0, 1, 3}
+    plain = {"method": "rome", "dataset": "counterfact", "sequential": True}
+    assert RunConfig(**plain, drift_every=2, drift_at=(1,)).drift_steps(5) == {0, 1, 2, 4}
+    assert RunConfig(**plain).drift_steps(5) == set()
+    with pytest.raises(FactEditError, match="drift_at needs a sequential run"):
+        RunConfig(method="memit", dataset="counterfact", batch=2, drift_at=(2,)).check()
+    with pytest.raises(FactEditError, match="drift_at must be"):
+        RunConfig(method="memit", dataset="counterfact", sequential=True, drift_at=(0,)).check()
+    model, tok = tiny_model("llama"), tokenizer
+    tiny = {**FAST, "layers": [1, 2], "v_num_grad_steps": 4}
+    run = {"overrides": tiny, "generative": False, "n": 3}
+    run_evaluation(model, tok, RunConfig(**{**config.__dict__, **run}), tmp_path / "run", progress=False)
+    assert [d["edits"] for d in read_drift(tmp_path / "run")] == [0, 2, 3]  # steps 0, 1 and the last (2)
+
+
 @pytest.mark.slow  # 150 s on this CPU; CI covers sequential runs with MEMIT (test_cli_sequential_memit_...)
 def test_sequential_alphaedit_keeps_edits_tracks_drift_and_resumes(default_model, tmp_path, monkeypatch):
     model, tok = default_model

@@ -16,6 +16,7 @@ from factedit.cli.options import (
     check_corpus,
     console,
     fail,
+    parse_counts,
     parse_overrides,
     progress,
     with_model_options,
@@ -102,6 +103,13 @@ def eval_command(
             help="with --sequential: every k steps, measure how many earlier edits hold (drift.jsonl)",
             min=1,
             metavar="K",
+        ),
+    ] = None,
+    drift_at: Annotated[
+        Optional[str],
+        typer.Option(
+            help="with --sequential: also measure once this many edits are in the model, e.g. 10,100,1000",
+            metavar="N,N,...",
         ),
     ] = None,
     pre_from: Annotated[
@@ -224,6 +232,7 @@ def eval_command(
             batch=batch,
             sequential=sequential,
             drift_every=drift_every,
+            drift_at=parse_counts(drift_at, "--drift-at"),
             pre_from=str(pre_from) if pre_from else None,
             group=group,
             generative=generative,

@@ -344,3 +344,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
         except ValueError:
             out[key.strip()] = value
     return out
+
+
+def parse_counts(text: str | None, option: str) -> tuple[int, ...]:
+    """``10,100,1000`` as whole numbers of at least 1, in increasing order (``()`` when not given)."""
+    if not text:
+        return ()
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise FactEditError(
+            f"{option} {text!r}: expected whole numbers separated by commas, e.g. 10,100,1000"
+        ) from None
+    if not values or values[0] < 1:
+        raise FactEditError(f"{option} {text!r}: the numbers must be at least 1")
+    return tuple(values)

@@ -12,7 +12,8 @@ and manifest, this module the chunks. What makes a killed run resumable without 
   keeps each computed patch, with the case ids it edits in its ``info``; a saved patch is used only
   if it edits exactly the same cases, else it is recomputed;
 * ``patches/state.safetensors``: AlphaEdit's kept keys after the last saved step;
-* ``drift.jsonl`` (sequential, CounterFact, with ``drift_every``): after every k-th step, how many of
+* ``drift.jsonl`` (sequential, CounterFact, with ``drift_every`` or ``drift_at``): after every k-th step
+  (or once so many edits are in), how many of
   the edits made so far still hold and how neighbourhood prompts and fluency drift (and, with
   ``capability``, the general-capability measures of :mod:`factedit.evaluation.capability`);
 * ``capability.jsonl`` (with ``capability``): those measures on the unedited model (``before``), after
@@ -381,7 +382,7 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
     # steps measured before fluency (or, when asked for, the capability measures) was part of a drift point
     # are measured again
     drift_done = {int(r["step"]) for r in read_drift(out) if _drift_complete(r, probe)}
-    drift_due = {0, *range(config.drift_every, len(chunks) + 1, config.drift_every)} if config.drift_every else set()
+    drift_due = config.drift_steps(len(chunks))
     guard_log = _GuardLog(out, config.guard)
     if 0 in drift_due - drift_done:  # the reference: the unedited model on the cases the sequence will edit
         drift_log.append({"case_id": 0, **drift_point(model, tok, all_cases, 0, probe=probe), "edits": 0})
@@ -471,7 +472,7 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
                 for case in valid:
                     step_of[str(case.case_id)] = index
                 patch_of[index] = patch
-                if config.drift_every and (index + 1) % config.drift_every == 0 and index + 1 not in drift_done:
+                if index + 1 in drift_due and index + 1 not in drift_done:
                     point = drift_point(model, tok, edited, index + 1, probe=probe)
                     if guard is not None:
                         point["refused"] = sum(len(r["case_ids"]) for r in refused.values())

@@ -113,6 +113,7 @@ class RunConfig:
     sequential: bool = False  # keep every edit: chunks applied one after another
     pre_from: str | None = None  # a run folder of the same model and data whose ``pre`` scores are reused
     drift_every: int | None = None  # sequential: measure earlier edits and neighbours every k steps
+    drift_at: tuple[int, ...] = ()  # sequential: also measure once this many edits are in the model (e.g. 10, 100)
     gen_cases: int | None = None  # generation metrics (slow) on the first this many cases only; None = all
     group: int = 1  # single mode: independent edits of this many cases computed together (``compute_each``)
     prompts_edit: str = "raw"  # "chat": edits are made on prompts wrapped in the chat template (models/chat.py)
@@ -129,6 +130,16 @@ class RunConfig:
     capability_prompts: int = 10
     # sequential runs: roll back (bit-exact) and record as refused every edit that moves the probe too far
     guard: GuardSettings | None = None
+
+    def drift_steps(self, n_steps: int) -> set[int]:
+        """The steps after which a sequential run takes a drift point: 0 (the unedited model), every
+        ``drift_every``-th, and the first step by which ``drift_at`` edits are in the model (steps of
+        ``batch`` edits; the last step when the run has fewer)."""
+        if not self.drift_every and not self.drift_at:
+            return set()
+        every = range(self.drift_every, n_steps + 1, self.drift_every) if self.drift_every else ()
+        size = self.batch or 1
+        return {0, *every, *(min(n_steps, -(-edits // size)) for edits in self.drift_at)}
 
     def capability_settings(self):
         """The capability measures' sizes (None when they are off)."""
@@ -178,6 +189,12 @@ class RunConfig:
                 raise FactEditError(f"{name} must be a whole number {span}, not {value!r}")
         if self.drift_every is not None and not self.sequential:
             raise FactEditError("drift_every needs a sequential run")
+        if self.drift_at:
+            if not self.sequential:
+                raise FactEditError("drift_at needs a sequential run")
+            bad = [v for v in self.drift_at if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+            if bad:
+                raise FactEditError(f"drift_at must be numbers of edits of at least 1, not {bad[0]!r}")
         if self.capability:
             if self.batch is None and not self.sequential:
                 raise FactEditError(

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Shared by the resumable run tables (bench/honest_table.sh, bench/drift_table.sh): runs a PLAN of
+# `factedit eval` runs in order, one model-heavy process at a time, at two levels of resumability. A run
+# interrupted mid-way resumes from its folder under $RUNS (same machine); each finished run's small state
+# files (manifest and JSON lines, no patches) are copied to $STATE/<run>, which a fresh checkout restores
+# before running, so a committed run is never redone.
+#
+# The caller sets RUNS, STATE, PLAN ("name|eval options" entries), COMMON (options every run gets) and
+# PRE (the name of the run whose unedited scores the others reuse with --pre-from; empty for none), then
+# calls run_plan "$@" and, for the table, done_runs.
+set -euo pipefail
+FACTEDIT=${FACTEDIT:-.venv/bin/factedit}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
+restore() {  # a committed finished run comes back as a run folder, for the summary
+  local name=$1
+  if [ -d "$STATE/$name" ] && [ ! -f "$RUNS/$name/manifest.json" ]; then
+    mkdir -p "$RUNS/$name" && cp "$STATE/$name"/* "$RUNS/$name"/
+  fi
+}
+
+keep() {  # the small state files of a finished run, for git
+  local name=$1
+  mkdir -p "$STATE/$name"
+  cp "$RUNS/$name/manifest.json" "$STATE/$name"/
+  for f in "$RUNS/$name"/*.jsonl; do [ -f "$f" ] && cp "$f" "$STATE/$name"/; done
+}
+
+run_plan() {  # every run of PLAN not committed yet, unless called with --summary
+  [ "${1:-}" != "--summary" ] || return 0
+  local entry name opts pre
+  for entry in "${PLAN[@]}"; do
+    name=${entry%%|*}
+    read -r -a opts <<<"${entry#*|}"
+    if [ -d "$STATE/$name" ]; then restore "$name"; continue; fi  # finished and committed: never redone
+    pre=()
+    if [ -n "${PRE:-}" ] && [ "$name" != "$PRE" ]; then pre=(--pre-from "$RUNS/$PRE"); fi
+    "$FACTEDIT" eval "${opts[@]}" "${COMMON[@]}" "${pre[@]}" --out "$RUNS/$name"
+    keep "$name"
+  done
+}
+
+done_runs() {  # the run folders of PLAN that are finished (restored from git where needed), one per line
+  local entry name
+  for entry in "${PLAN[@]}"; do
+    name=${entry%%|*}
+    restore "$name"
+    [ -f "$RUNS/$name/cases.jsonl" ] && echo "$RUNS/$name"
+  done
+  return 0
+}
