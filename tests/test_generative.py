@@ -273,6 +273,26 @@ def test_answers_batched_across_cases_equal_each_case_alone(model, tok):
     assert [len(s) for s in answer_slices(cases, 64)] == [2]
 
 
+def test_easyedit_block_comes_from_the_case_scores_forward(model, tok):
+    """The EasyEdit pairs are among the case's ROME pairs: the block equals the one computed alone, and
+    the case takes one forward pass (its pairs fit one batch), not a second for EasyEdit."""
+    from factedit.data.counterfact import parse_counterfact
+    from factedit.evaluation.cases import evaluate_counterfact
+
+    cases, _, _ = parse_counterfact(CASES)
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for case in cases:
+            alone = easyedit_scores(model, tok, case)
+            calls.clear()
+            block = evaluate_counterfact(model, tok, case, extras=True)
+            assert len(calls) == 1
+            assert {k: block[k] for k in alone} == alone
+    finally:
+        hook.remove()
+
+
 # ----------------------------------------------------------------------------- in a run, and old runs
 
 

@@ -86,10 +86,12 @@ def top_next_tokens(
 
 @dataclass(frozen=True)
 class ContinuationScore:
-    """Per continuation token: log p(token | prompt, previous tokens) and whether it was the argmax."""
+    """Per continuation token: log p(token | prompt, previous tokens), whether it was the argmax, and the
+    argmax token itself (EasyEdit's locality compares those before and after an edit)."""
 
     logprobs: tuple[float, ...]
     argmax: tuple[bool, ...]
+    predicted: tuple[int, ...] = ()
 
     @property
     def nll(self) -> float:
@@ -131,10 +133,15 @@ def score_continuations(
         logp = torch.log_softmax(lm_logits(model, arch, states[rows, pos]).float(), dim=-1)
         wanted = ids[rows.to(ids.device), (pos + 1).to(ids.device)].to(logp.device)
         token_logp = logp.gather(1, wanted[:, None]).squeeze(1).tolist()
-        hits = (logp.argmax(-1) == wanted).tolist()
+        best = logp.argmax(-1)
+        hits, predicted = (best == wanted).tolist(), best.tolist()
         k = 0
         for _, n in chunk_spans:
-            out.append(ContinuationScore(tuple(token_logp[k : k + n]), tuple(bool(h) for h in hits[k : k + n])))
+            out.append(
+                ContinuationScore(
+                    tuple(token_logp[k : k + n]), tuple(bool(h) for h in hits[k : k + n]), tuple(predicted[k : k + n])
+                )
+            )
             k += n
     return out
 

@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -26,12 +25,8 @@ from factedit.data.zsre import ZsRECase
 from factedit.evaluation.generation import GreedyAnswer, case_seed, greedy_answers, sample_texts
 from factedit.evaluation.metrics import ARGMAX, GENERATED, TOKEN_ACC, generation_entropy, generative_success
 from factedit.evaluation.reference import ReferenceTexts
-from factedit.hooks import Trace
-from factedit.models.architectures import arch_for
-from factedit.models.placement import input_device
-from factedit.models.runtime import lm_logits
-from factedit.predict import score_continuations
-from factedit.text import pad_id, pad_right, target_ids
+from factedit.predict import ContinuationScore, score_continuations
+from factedit.text import target_ids
 
 # keys of the generative (WILD) block, and of EasyEdit's: a block has all of one kind or none
 GENERATIVE_KEYS = tuple(GENERATED.format(key=k) for k in ("rewrite", "paraphrase", "neighborhood"))
@@ -147,58 +142,49 @@ def generative_scores(
     return out
 
 
-@torch.no_grad()
 def teacher_forced_argmax(
     model: nn.Module, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], *, batch_size: int = 64
 ) -> list[tuple[list[int], list[int]]]:
     """Per ``(prompt, continuation)``: the argmax token at each continuation position given the prompt and the
     preceding continuation tokens, and the continuation's tokens (as EasyEdit's ``test_prediction_acc``)."""
-    device = input_device(model)
-    seqs, spans = [], []
-    for prompt, cont in pairs:
-        p, t = tok(prompt)["input_ids"], target_ids(tok, prompt, cont)
-        seqs.append(p + t)
-        spans.append((len(p), t))
-    arch = arch_for(model)
-    out: list[tuple[list[int], list[int]]] = []
-    for lo in range(0, len(seqs), batch_size):
-        chunk = spans[lo : lo + batch_size]
-        ids, mask = pad_right(seqs[lo : lo + batch_size], pad_id(tok), device)
-        with Trace(model, arch.final_norm, stop=True) as fin:  # the LM head only where a target token is predicted
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        states = fin.output
-        rows = torch.cat([torch.full((len(t),), r, dtype=torch.long) for r, (_, t) in enumerate(chunk)])
-        pos = torch.cat([torch.arange(start - 1, start - 1 + len(t)) for start, t in chunk])
-        predicted = lm_logits(model, arch, states[rows.to(states.device), pos.to(states.device)]).argmax(-1).tolist()
-        k = 0
-        for _, target in chunk:
-            out.append((predicted[k : k + len(target)], list(target)))
-            k += len(target)
-    return out
+    scores = score_continuations(model, tok, pairs, batch_size=batch_size)
+    return [(list(s.predicted), target_ids(tok, p, c)) for s, (p, c) in zip(scores, pairs)]
 
 
 def easyedit_scores(
-    model: nn.Module, tok: PreTrainedTokenizerBase, case: CounterFactCase | ZsRECase, *, batch_size: int = 64
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    case: CounterFactCase | ZsRECase,
+    *,
+    batch_size: int = 64,
+    scores: Mapping[tuple[str, str], ContinuationScore] | None = None,
 ) -> dict[str, Any]:
     """EasyEdit's token accuracies: per rewrite/paraphrase prompt the share of the new target's tokens that
     are the teacher-forced argmax (reliability, generalisation), and the neighbourhood prompts' argmax tokens
-    under the true target (locality compares them with the unedited model's)."""
+    under the true target (locality compares them with the unedited model's).
+
+    ``scores``: teacher-forced scores of ``(prompt, continuation)`` pairs already computed on this model (the
+    case's ROME/MEMIT scores hold every pair needed here), so no second forward pass is made for them."""
     req = case.scored_request
     if isinstance(case, CounterFactCase):
         neighbours = [(p, req.true_text) for p in case.neighborhood_prompts]
     else:
         neighbours = list(case.neighborhood)
     edited = [(p, req.new_text) for p in case.rewrite_prompts()] + [(p, req.new_text) for p in case.paraphrase_prompts]
-    results = teacher_forced_argmax(model, tok, edited + neighbours, batch_size=batch_size)
+    pairs = edited + neighbours
+    known = scores or {}
+    missing = list(dict.fromkeys(pair for pair in pairs if pair not in known))
+    lookup = {**dict(zip(missing, score_continuations(model, tok, missing, batch_size=batch_size))), **known}
+    results = [lookup[pair] for pair in pairs]
     n_rw = len(case.rewrite_prompts())
 
-    def accuracy(chunk) -> list[float]:
-        return [sum(int(a == b) for a, b in zip(p, t)) / len(t) for p, t in chunk]
+    def accuracy(chunk: list[ContinuationScore]) -> list[float]:
+        return [sum(s.argmax) / len(s.argmax) for s in chunk]
 
     return {
         TOKEN_ACC.format(key="rewrite"): accuracy(results[:n_rw]),
         TOKEN_ACC.format(key="paraphrase"): accuracy(results[n_rw : len(edited)]),
-        ARGMAX.format(key="neighborhood"): [p for p, _ in results[len(edited) :]],
+        ARGMAX.format(key="neighborhood"): [list(s.predicted) for s in results[len(edited) :]],
     }
 
 
@@ -211,14 +197,15 @@ def extra_scores(
     batch_size: int = 64,
     have: dict[str, Any] | None = None,
     answers: Mapping[str, GreedyAnswer] | None = None,
+    scores: Mapping[tuple[str, str], ContinuationScore] | None = None,
 ) -> dict[str, Any]:
     """The EasyEdit block and (with ``generative``) the WILD block, leaving out those ``have`` already holds
     (so the unedited scores of an older run can be completed instead of measured again); ``answers`` as
-    :func:`generative_scores` takes them."""
+    :func:`generative_scores` takes them, ``scores`` as :func:`easyedit_scores` does."""
     have = have or {}
     out: dict[str, Any] = {}
     if not all(k in have for k in EASYEDIT_KEYS):
-        out.update(easyedit_scores(model, tok, case, batch_size=batch_size))
+        out.update(easyedit_scores(model, tok, case, batch_size=batch_size, scores=scores))
     if generative is not None and not all(k in have for k in GENERATIVE_KEYS):
         out.update(generative_scores(model, tok, case, generative, batch_size=batch_size, answers=answers))
     return out
@@ -246,7 +233,8 @@ def evaluate_counterfact(
         "neighborhood": list(case.neighborhood_prompts),
     }
     pairs = [(p, t) for prompts in groups.values() for p in prompts for t in (req.new_text, req.true_text)]
-    scores = iter(score_continuations(model, tok, pairs, batch_size=batch_size))
+    scored = score_continuations(model, tok, pairs, batch_size=batch_size)
+    scores = iter(scored)
     out: dict[str, Any] = {}
     for key, prompts in groups.items():
         probs, correct = [], []
@@ -273,7 +261,11 @@ def evaluate_counterfact(
         out["reference_score"] = reference.score(texts, req.target_new) if (reference and texts) else None
         out["text"] = texts
     if extras:
-        out.update(extra_scores(model, tok, case, generative, batch_size=batch_size, answers=answers))
+        out.update(
+            extra_scores(
+                model, tok, case, generative, batch_size=batch_size, answers=answers, scores=dict(zip(pairs, scored))
+            )
+        )
     return out
 
 
@@ -294,6 +286,7 @@ def evaluate_zsre(
     pairs += [(p, req.new_text) for p in case.paraphrase_prompts]
     pairs += list(case.neighborhood)
     scores = score_continuations(model, tok, pairs, batch_size=batch_size)
+    by_pair = dict(zip(pairs, scores))
     n_rw, n_para = len(case.rewrite_prompts()), len(case.paraphrase_prompts)
 
     def flat(chunk) -> list[bool]:
@@ -305,5 +298,5 @@ def evaluate_zsre(
         "neighborhood_prompts_correct": flat(scores[n_rw + n_para :]),
     }
     if extras:
-        out.update(extra_scores(model, tok, case, generative, batch_size=batch_size, answers=answers))
+        out.update(extra_scores(model, tok, case, generative, batch_size=batch_size, answers=answers, scores=by_pair))
     return out
