@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from factedit.evaluation.metrics import first_sentence
-from factedit.models.cache import full_cache
+from factedit.models.cache import cache_states, full_cache, select_rows
 from factedit.models.placement import input_device
 from factedit.text import pad_id
 
@@ -115,18 +115,22 @@ def greedy_answers(
     *,
     max_new_tokens: int = 50,
     batch_size: int = 64,
+    compact: bool = True,
 ) -> list[GreedyAnswer]:
     """Greedy (argmax) continuation of each prompt, at most ``max_new_tokens`` tokens; a row stops at a
     special token (not kept), a newline or its first sentence end (:func:`~factedit.evaluation.metrics.
-    first_sentence`); the text is cut there. Batched with left padding, so rows do not wait on each other
-    beyond the batch's longest answer."""
+    first_sentence`); the text is cut there. Batched with left padding; a finished row leaves the batch
+    (its cache rows dropped), so later steps cost only the answers still running. ``compact=False`` keeps
+    every row to the end (the plain path, for comparison: same answers up to float ties)."""
     out: list[GreedyAnswer] = []
     for lo in range(0, len(prompts), batch_size):
-        out += _greedy_batch(model, tok, list(prompts[lo : lo + batch_size]), max_new_tokens)
+        out += _greedy_batch(model, tok, list(prompts[lo : lo + batch_size]), max_new_tokens, compact)
     return out
 
 
-def _greedy_batch(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int):
+def _greedy_batch(
+    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, compact: bool = True
+):
     if not prompts:
         return []
     device = input_device(model)
@@ -136,14 +140,13 @@ def _greedy_batch(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[
     generated: list[list[int]] = [[] for _ in prompts]
     texts = [""] * len(prompts)
     active = [True] * len(prompts)
+    running = list(range(len(prompts)))  # the prompts still in the batch, by batch row
     cache = full_cache()
     step_ids, positions = ids, (mask.cumsum(1) - 1).clamp(min=0)
     for _ in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)
-        for row, token in enumerate(nxt[:, 0].tolist()):
-            if not active[row]:
-                continue
+        for row, token in zip(running, nxt[:, 0].tolist()):
             if token in stops:
                 active[row] = False
                 continue
@@ -151,8 +154,14 @@ def _greedy_batch(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[
             texts[row] = tok.decode(generated[row], skip_special_tokens=True)
             if first_sentence(texts[row], final=False) is not None:
                 active[row] = False
-        if not any(active):
+        keep = [i for i, row in enumerate(running) if active[row]]
+        if not keep:
             break
+        if compact and len(keep) < len(running):  # finished answers leave: later steps cost what still runs
+            index = torch.tensor(keep, device=mask.device)
+            cache = full_cache(select_rows(cache_states(cache), index))
+            mask, positions, nxt = mask[index], positions[index], nxt[index.to(nxt.device)]
+            running = [running[i] for i in keep]
         step_ids = nxt.to(device)
         positions = positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(nxt, device=mask.device)], dim=1)
