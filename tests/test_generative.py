@@ -181,6 +181,18 @@ def test_greedy_answers_match_a_direct_greedy_loop_and_are_deterministic(model, 
     assert all(len(a.ids) <= 12 for a in answers)
 
 
+def test_finished_answers_leave_the_batch_without_changing_any(default_model):
+    """On the default model, whose answers end at different lengths: dropping finished rows from the batch
+    gives the answers of the plain path (every row kept to the end) and of a direct greedy loop."""
+    model, tok = default_model
+    prompts = ["The capital of France is", "Danielle Darrieux's mother tongue is", "Toko Yasuda plays the", "Hi"]
+    compact = greedy_answers(model, tok, prompts, max_new_tokens=16)
+    assert len({len(a.ids) for a in compact}) > 1  # rows did finish at different steps
+    assert compact == greedy_answers(model, tok, prompts, max_new_tokens=16, compact=False)
+    for prompt, answer in zip(prompts, compact):
+        assert list(answer.ids) == _direct_greedy(model, tok, prompt, 16)
+
+
 def test_greedy_answers_stop_at_a_sentence_end(model, tok):
     """A model that always says ". " stops after one token; one that never does runs to the budget."""
     dot = tok(".", add_special_tokens=False)["input_ids"][-1]

@@ -147,6 +147,8 @@ def _greedy_batch(
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)
         for row, token in zip(running, nxt[:, 0].tolist()):
+            if not active[row]:  # finished, still in the batch (compact=False)
+                continue
             if token in stops:
                 active[row] = False
                 continue
