@@ -7,7 +7,8 @@
 #
 # The caller sets RUNS, STATE, PLAN ("name|eval options" entries), COMMON (options every run gets) and
 # PRE (the name of the run whose unedited scores the others reuse with --pre-from; empty for none), then
-# calls run_plan "$@" and, for the table, done_runs.
+# calls run_plan "$@" and, for the table, done_runs. Before a session ends, `bash <table>.sh --keep-partial`
+# copies the unfinished run's state to $STATE/partial/<run> for git; the next run of the table resumes it.
 set -euo pipefail
 FACTEDIT=${FACTEDIT:-.venv/bin/factedit}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -19,6 +20,25 @@ restore() {  # a committed finished run comes back as a run folder, for the summ
   fi
 }
 
+restore_partial() {  # a committed unfinished run comes back as its folder, so the run resumes from it
+  local name=$1 from=$STATE/partial/$name
+  if [ -d "$from" ] && [ ! -f "$RUNS/$name/manifest.json" ]; then
+    mkdir -p "$RUNS/$name" && cp -r "$from"/. "$RUNS/$name"/
+  fi
+}
+
+keep_partial() {  # an unfinished run's state for git: manifest, JSON lines, and its saved patches if small
+  local name=$1 to=$STATE/partial/$1
+  [ -f "$RUNS/$name/manifest.json" ] || return 0
+  rm -rf "$to" && mkdir -p "$to"
+  cp "$RUNS/$name/manifest.json" "$to"/
+  for f in "$RUNS/$name"/*.jsonl; do [ -f "$f" ] && cp "$f" "$to"/; done
+  if [ -d "$RUNS/$name/patches" ] && [ "$(du -sm "$RUNS/$name/patches" | cut -f1)" -lt 32 ]; then
+    cp -r "$RUNS/$name/patches" "$to"/
+  fi
+  echo "kept $RUNS/$name in $to (commit it; the next run of this plan resumes from it)"
+}
+
 keep() {  # the small state files of a finished run, for git
   local name=$1
   mkdir -p "$STATE/$name"
@@ -26,17 +46,26 @@ keep() {  # the small state files of a finished run, for git
   for f in "$RUNS/$name"/*.jsonl; do [ -f "$f" ] && cp "$f" "$STATE/$name"/; done
 }
 
-run_plan() {  # every run of PLAN not committed yet, unless called with --summary
-  [ "${1:-}" != "--summary" ] || return 0
+run_plan() {  # every run of PLAN not committed yet; --summary: none; --keep-partial: keep unfinished ones
   local entry name opts pre
+  if [ "${1:-}" = "--keep-partial" ]; then
+    for entry in "${PLAN[@]}"; do
+      name=${entry%%|*}
+      [ -d "$STATE/$name" ] || keep_partial "$name"
+    done
+    exit 0
+  fi
+  [ "${1:-}" != "--summary" ] || return 0
   for entry in "${PLAN[@]}"; do
     name=${entry%%|*}
     read -r -a opts <<<"${entry#*|}"
     if [ -d "$STATE/$name" ]; then restore "$name"; continue; fi  # finished and committed: never redone
+    restore_partial "$name"
     pre=()
     if [ -n "${PRE:-}" ] && [ "$name" != "$PRE" ]; then pre=(--pre-from "$RUNS/$PRE"); fi
     "$FACTEDIT" eval "${opts[@]}" "${COMMON[@]}" "${pre[@]}" --out "$RUNS/$name"
     keep "$name"
+    rm -rf "$STATE/partial/$name"
   done
 }
 
