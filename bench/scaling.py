@@ -120,6 +120,7 @@ def plot(rows: list[dict], stem: Path) -> None:
 
 DRIFT = [
     ("edits_holding", "earlier edits holding"),
+    ("paraphrases_holding", "their paraphrases holding"),
     ("neighbourhood_kept", "neighbours keeping truth"),
     ("ngram_entropy", "fluency (GE)"),
 ]
@@ -136,7 +137,7 @@ def plot_drift(rows: list[dict], stem: Path) -> None:
     fig, axes = _panels(len(DRIFT), 3.4)
     for ax, (key, title) in zip(axes, DRIFT):
         for label, r in longest.items():
-            pts = [(d["edits"], d[key]) for d in read_drift(r["folder"]) if key in d]
+            pts = [(d["edits"], d[key]) for d in read_drift(r["folder"]) if d.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=f"{label} ({r['edits']})")
         ax.set_title(title)

@@ -305,6 +305,19 @@ def test_easyedit_block_comes_from_the_case_scores_forward(model, tok):
         hook.remove()
 
 
+def test_new_beats_true_for_many_items_at_once_equals_each_alone(model, tok):
+    """Drift points score every edit's rewrite, paraphrases and neighbours in shared batches, whatever their
+    targets: the verdicts are those of one item at a time, and of the NLLs compared directly."""
+    from factedit.predict import new_beats_true, new_beats_true_each, score_continuations
+
+    items = [("the cat is", " in", " on"), ("is", " the cat", " a"), ("Danielle Darrieux speaks", " French", " cat")]
+    together = new_beats_true_each(model, tok, items, batch_size=4)
+    assert together == [new_beats_true(model, tok, [t], n, r)[0] for t, n, r in items]
+    for (text, new, true), verdict in zip(items, together):
+        a, b = score_continuations(model, tok, [(text, new), (text, true)])
+        assert verdict == (a.nll < b.nll)
+
+
 # ----------------------------------------------------------------------------- in a run, and old runs
 
 

@@ -110,7 +110,10 @@ def test_drift_points_at_given_numbers_of_edits(tokenizer, tmp_path):
     tiny = {**FAST, "layers": [1, 2], "v_num_grad_steps": 4}
     run = {"overrides": tiny, "generative": False, "n": 3}
     run_evaluation(model, tok, RunConfig(**{**config.__dict__, **run}), tmp_path / "run", progress=False)
-    assert [d["edits"] for d in read_drift(tmp_path / "run")] == [0, 2, 3]  # steps 0, 1 and the last (2)
+    drift = read_drift(tmp_path / "run")
+    assert [d["edits"] for d in drift] == [0, 2, 3]  # steps 0, 1 and the last (2)
+    assert all(0.0 <= d["paraphrases_holding"] <= 1.0 for d in drift)
+    assert [d["measured_cases"] for d in drift] == [3, 2, 3]  # every edit made so far (under drift_cases)
 
 
 @pytest.mark.slow  # 150 s on this CPU; CI covers sequential runs with MEMIT (test_cli_sequential_memit_...)

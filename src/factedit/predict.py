@@ -169,6 +169,20 @@ def new_beats_true(
     return [a / n > b / m for (a, n), (b, m) in zip(scores[: len(texts)], scores[len(texts) :])]
 
 
+def new_beats_true_each(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[tuple[str, str, str]],
+    *,
+    batch_size: int = 64,
+) -> list[bool]:
+    """Per ``(text, new, true)``: is the new target more likely than the true one (per-token NLL, ROME's
+    test)? Every item's two continuations go through shared forward passes, whatever their targets."""
+    pairs = [pair for text, new, true in items for pair in ((text, new), (text, true))]
+    scores = score_continuations(model, tok, pairs, batch_size=batch_size)
+    return [scores[2 * i].nll < scores[2 * i + 1].nll for i in range(len(items))]
+
+
 def target_probs(model, tok, texts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """Joint probability of each (multi-token) target after its text."""
     return [float(torch.tensor(s).exp()) for s, _ in target_log_probs(model, tok, texts, targets)]

@@ -112,6 +112,10 @@ def eval_command(
             metavar="N,N,...",
         ),
     ] = None,
+    drift_cases: Annotated[
+        int,
+        typer.Option(help="a drift point measures the first N edited cases (the oldest edits)", min=1, metavar="N"),
+    ] = 200,
     pre_from: Annotated[
         Optional[Path],
         typer.Option(help="reuse the unedited scores of another run of the same model and data", metavar="DIR"),
@@ -233,6 +237,7 @@ def eval_command(
             sequential=sequential,
             drift_every=drift_every,
             drift_at=parse_counts(drift_at, "--drift-at"),
+            drift_cases=drift_cases,
             pre_from=str(pre_from) if pre_from else None,
             group=group,
             generative=generative,

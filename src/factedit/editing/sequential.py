@@ -26,7 +26,7 @@ from factedit.editing.requests import EditRequest
 from factedit.editing.resources import EditResources
 from factedit.editing.result import EditResult
 from factedit.errors import FactEditError
-from factedit.predict import new_beats_true
+from factedit.predict import new_beats_true_each
 from factedit.progress import Progress, as_progress
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def edits_holding(
     """A drift measure: the share of the first ``max_requests`` edited requests (with a true target)
     whose new target still beats the true one on the model as it is now."""
     measured = [r for r in requests if r.target_true][:max_requests]
-    held = sum(new_beats_true(model, tok, [r.text], r.new_text, r.true_text)[0] for r in measured)
+    held = sum(new_beats_true_each(model, tok, [(r.text, r.new_text, r.true_text) for r in measured]))
     return {"measured": len(measured), "edits_holding": held / len(measured) if measured else None}
 
 

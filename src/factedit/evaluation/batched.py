@@ -385,7 +385,8 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
     drift_due = config.drift_steps(len(chunks))
     guard_log = _GuardLog(out, config.guard)
     if 0 in drift_due - drift_done:  # the reference: the unedited model on the cases the sequence will edit
-        drift_log.append({"case_id": 0, **drift_point(model, tok, all_cases, 0, probe=probe), "edits": 0})
+        point = drift_point(model, tok, all_cases, 0, max_cases=config.drift_cases, probe=probe)
+        drift_log.append({"case_id": 0, **point, "edits": 0})
         drift_done.add(0)
     if not todo and drift_due <= drift_done and not capability.missing("after"):
         return
@@ -473,7 +474,7 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
                     step_of[str(case.case_id)] = index
                 patch_of[index] = patch
                 if index + 1 in drift_due and index + 1 not in drift_done:
-                    point = drift_point(model, tok, edited, index + 1, probe=probe)
+                    point = drift_point(model, tok, edited, index + 1, max_cases=config.drift_cases, probe=probe)
                     if guard is not None:
                         point["refused"] = sum(len(r["case_ids"]) for r in refused.values())
                     drift_log.append({"case_id": index + 1, **point})
@@ -700,19 +701,21 @@ def _edit_drift(
 ) -> dict[str, Any]:
     from factedit.evaluation.generation import case_seed, sample_texts
     from factedit.evaluation.metrics import generation_entropy
-    from factedit.predict import new_beats_true
+    from factedit.predict import new_beats_true_each
 
     cases = [c for c in edited if isinstance(c, CounterFactCase)][:max_cases]
     if not cases:
         return {"step": step, "edits": len(edited)}
     holding = edits_holding(model, tok, [c.request for c in cases], max_requests=max_cases)
+
+    def scored(c: CounterFactCase, prompts) -> list[tuple[str, str, str]]:
+        return [(p, c.scored_request.new_text, c.scored_request.true_text) for p in prompts]
+
     kept = [
         not x
-        for c in cases
-        for x in new_beats_true(
-            model, tok, list(c.neighborhood_prompts[:2]), c.scored_request.new_text, c.scored_request.true_text
-        )
+        for x in new_beats_true_each(model, tok, [i for c in cases for i in scored(c, c.neighborhood_prompts[:2])])
     ]
+    paraphrased = new_beats_true_each(model, tok, [i for c in cases for i in scored(c, c.paraphrase_prompts)])
     texts = [
         sample_texts(model, tok, [c.generation_prompts[0]], seed=case_seed(seed, c.case_id))[0]
         for c in cases[:fluency_cases]
@@ -723,6 +726,7 @@ def _edit_drift(
         "edits": len(edited),
         "measured_cases": len(cases),
         "edits_holding": holding["edits_holding"],
+        "paraphrases_holding": sum(paraphrased) / len(paraphrased) if paraphrased else None,
         "neighbourhood_kept": sum(kept) / max(1, len(kept)),
         "ngram_entropy": generation_entropy(texts),
         "fluency_cases": len(texts),

@@ -114,6 +114,7 @@ class RunConfig:
     pre_from: str | None = None  # a run folder of the same model and data whose ``pre`` scores are reused
     drift_every: int | None = None  # sequential: measure earlier edits and neighbours every k steps
     drift_at: tuple[int, ...] = ()  # sequential: also measure once this many edits are in the model (e.g. 10, 100)
+    drift_cases: int = 200  # a drift point measures the first this many edited cases (the oldest edits)
     gen_cases: int | None = None  # generation metrics (slow) on the first this many cases only; None = all
     group: int = 1  # single mode: independent edits of this many cases computed together (``compute_each``)
     prompts_edit: str = "raw"  # "chat": edits are made on prompts wrapped in the chat template (models/chat.py)
@@ -177,6 +178,7 @@ class RunConfig:
             ("batch_size", self.batch_size, 1, MAX_SCORE_BATCH, False),
             ("batch", self.batch, 1, MAX_BATCH, True),
             ("drift_every", self.drift_every, 1, None, True),
+            ("drift_cases", self.drift_cases, 1, None, False),
             ("gen_cases", self.gen_cases, 1, None, True),
             ("group", self.group, 1, MAX_GROUP, False),
             ("answer_tokens", self.answer_tokens, 1, MAX_ANSWER_TOKENS, False),

@@ -32,6 +32,7 @@ PAGE = "index.html"
 MAX_CASES = 1000
 DRIFT_FIELDS = [  # (title, field of a drift point, or capability.<field>, scale)
     ("earlier edits holding (%)", "edits_holding", 100),
+    ("their paraphrases holding (%)", "paraphrases_holding", 100),
     ("neighbours keeping the true answer (%)", "neighbourhood_kept", 100),
     ("fluency: GE of seeded samples", "ngram_entropy", 100),
     ("edits refused by the guard", "refused", 1),
