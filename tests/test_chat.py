@@ -184,3 +184,21 @@ def test_eval_records_the_prompt_formats(tmp_path, default_model, one_torch_thre
     again = RunConfig(method="none", dataset="counterfact", n=1, generative=False)
     with pytest.raises(FactEditError, match="prompts"):
         run_evaluation(model, tok, again, tmp_path / "run", model_name="smollm2-135m", progress=False)
+
+
+def test_generative_answers_under_chat_are_read_after_the_assistant_prefix(data_dir, default_model, one_torch_thread):
+    """WILD's greedy answers of a chat-wrapped case: every prompt is the wrapped one, and an answer is the
+    assistant's reply, ending at the end of its turn (a special token, not kept) or its first sentence."""
+    from factedit.evaluation.cases import GenerativeSettings, generative_prompts, generative_scores
+    from factedit.evaluation.generation import stop_token_ids
+
+    model, tok = default_model
+    fmt = chat_format(tok)
+    case = load_counterfact(data_dir / "counterfact" / "counterfact_dev.json", n=1).cases[0].in_formats(fmt, fmt)
+    prompts = generative_prompts(case)
+    assert prompts and all(p.startswith(fmt.before) and p.endswith(fmt.after) for p in prompts)
+    block = generative_scores(model, tok, case, GenerativeSettings(max_new_tokens=12))
+    answers = [a for key in ("rewrite", "paraphrase", "neighborhood") for a in block[f"{key}_prompts_generated"]]
+    assert len(answers) == len(prompts) and any(a["text"].strip() for a in answers)
+    assert not any(set(a["ids"]) & stop_token_ids(tok) for a in answers)
+    assert not any(fmt.after.strip() in a["text"] or "<|im" in a["text"] for a in answers)
