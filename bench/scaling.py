@@ -37,6 +37,7 @@ def main() -> None:
         edits = len(run.cases) + len(run.errors)
         summary = summarize_runs([folder], common=False, pre=True)
         pre_row, post_row = summary.rows[0], summary.rows[-1]
+        edit_s = sum(c.get("timing", {}).get("edit_s", 0.0) for c in run.cases.values())
         rows.append(
             {
                 "label": label,
@@ -45,20 +46,27 @@ def main() -> None:
                 "mode": run.manifest.get("mode", {}),
                 "post": post_row.cells,
                 "pre": pre_row.cells,
+                "edit_s": edit_s,
+                "steps_s": _edit_seconds_by_step(run.cases.values()),
             }
         )
     rows.sort(key=lambda r: (r["label"], r["edits"]))
 
     lines = [
-        "| method | edits | mode | " + " | ".join(METRICS) + " | NS unedited |",
-        "|---|---:|---|" + "---:|" * (len(METRICS) + 1),
+        "| method | edits | mode | " + " | ".join(METRICS) + " | NS unedited | edit time | edits/s |",
+        "|---|---:|---|" + "---:|" * (len(METRICS) + 3),
     ]
     for r in rows:
         cells = [f"{r['post'][m].mean:.1f} ± {r['post'][m].half:.1f}" if m in r["post"] else "–" for m in METRICS]
         mode = r["mode"]
         mode_text = f"{mode.get('kind', '?')}" + (f" (batch {mode['batch']})" if "batch" in mode else "")
         pre_ns = f"{r['pre']['NS'].mean:.1f}" if "NS" in r["pre"] else "–"
-        lines.append(f"| {r['label']} | {r['edits']} | {mode_text} | " + " | ".join(cells) + f" | {pre_ns} |")
+        rate = f"{r['edits'] / r['edit_s']:.2f}" if r["edit_s"] else "–"
+        lines.append(
+            f"| {r['label']} | {r['edits']} | {mode_text} | " + " | ".join(cells) + f" | {pre_ns} | "
+            f"{r['edit_s'] / 60:.1f} min | {rate} |"
+        )
+    lines += ["", *drift_table(rows)]
     table = "\n".join(lines)
     (out / "scaling.md").write_text(table + "\n")
     with open(out / "scaling.csv", "w", newline="") as fh:
@@ -72,6 +80,45 @@ def main() -> None:
     print(table)
     plot(rows, out / "scaling")
     plot_drift(rows, out / "drift")
+
+
+def _edit_seconds_by_step(cases) -> dict[int, float]:
+    """Editing seconds of each sequential step (the per-case shares of its edit time, summed)."""
+    out: dict[int, float] = defaultdict(float)
+    for case in cases:
+        step = (case.get("edit") or {}).get("step")
+        if step is not None:
+            out[int(step)] += case.get("timing", {}).get("edit_s", 0.0)
+    return out
+
+
+def _scaled(value: float | None, scale: float) -> str:
+    return "–" if value is None else f"{scale * value:.1f}"
+
+
+def drift_table(rows: list[dict]) -> list[str]:
+    """Along each sequential run: its drift points, with the editing time spent up to each (markdown lines).
+    A point measuring every edit so far (``--drift-cases`` at least the edits) gives ES and PS over all of
+    them (new beats true on the rewrite prompt and on the paraphrases) and NS on two neighbours per case."""
+    lines = [
+        "| method | edits in the model | edits measured | edits holding (ES) | paraphrases holding (PS) |"
+        " neighbours keeping truth | GE | edit time so far | edits/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    found = False
+    for r in rows:
+        for d in read_drift(r["folder"]):
+            if not d.get("edits"):
+                continue
+            found = True
+            spent = sum(s for step, s in r["steps_s"].items() if step < d["step"])
+            cells = [_scaled(d.get(key), 100) for key in ("edits_holding", "paraphrases_holding", "neighbourhood_kept")]
+            lines.append(
+                f"| {r['label']} | {d['edits']} | {d.get('measured_cases', '–')} | " + " | ".join(cells) + " | "
+                f"{_scaled(d.get('ngram_entropy'), 100)} | {spent / 60:.1f} min | "
+                + (f"{d['edits'] / spent:.2f} |" if spent else "– |")
+            )
+    return lines if found else []
 
 
 def _panels(n: int, width: float):
@@ -141,9 +188,6 @@ def plot_drift(rows: list[dict], stem: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=f"{label} ({r['edits']})")
         ax.set_title(title)
-    for label, r in longest.items():
-        for d in read_drift(r["folder"]):
-            print(label, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items() if k != "case_id"})
     _finish(fig, axes, stem)
 
 
