@@ -21,7 +21,7 @@ restore() {  # a committed finished run comes back as a run folder, for the summ
 }
 
 restore_partial() {  # a committed unfinished run comes back as its folder, so the run resumes from it
-  local name=$1 from=$STATE/partial/$name
+  local name=$1 from=$STATE/partial/$1
   if [ -d "$from" ] && [ ! -f "$RUNS/$name/manifest.json" ]; then
     mkdir -p "$RUNS/$name" && cp -r "$from"/. "$RUNS/$name"/
   fi
