@@ -340,6 +340,22 @@ def run_evaluation(
                     more = extra_scores(model, tok, case, generative, batch_size=config.batch_size, have=pre)
                     return {**pre, **more} if more else pre
 
+                def score(case, with_generation: bool, answers: dict | None = None) -> dict[str, Any]:
+                    """A case's scores on the model as it is now (the one call every protocol makes)."""
+                    return _evaluate(
+                        model,
+                        tok,
+                        case,
+                        config,
+                        gen,
+                        reference,
+                        with_generation,
+                        gen_ids,
+                        extras=extras,
+                        generative=generative,
+                        answers=answers,
+                    )
+
                 def prefetch(cases: list) -> dict:
                     """Greedy answers of ``cases`` on the model as it is now, batched across them."""
                     if not (extras and generative) or len(cases) < 2:
@@ -369,15 +385,10 @@ def run_evaluation(
                                     tok,
                                     method,
                                     case,
-                                    config,
-                                    gen,
-                                    reference,
+                                    score,
                                     base_fp,
                                     pre_known.get(str(case.case_id)),
-                                    gen_ids,
                                     edits.get(str(case.case_id)),
-                                    extras=extras,
-                                    generative=generative,
                                     complete=complete,
                                     answers=answers,
                                 ),
@@ -392,19 +403,7 @@ def run_evaluation(
                         config,
                         mode,
                         out,
-                        evaluate=lambda case, with_generation, answers=None: _evaluate(
-                            model,
-                            tok,
-                            case,
-                            config,
-                            gen,
-                            reference,
-                            with_generation,
-                            gen_ids,
-                            extras=extras,
-                            generative=generative,
-                            answers=answers,
-                        ),
+                        evaluate=score,
                         prefetch=prefetch,
                         pre_known=pre_known,
                         complete=complete,
@@ -652,38 +651,21 @@ def _evaluate_case(
     tok,
     method: RunMethod,
     case,
-    config: RunConfig,
-    gen,
-    reference,
+    score: Callable[..., dict[str, Any]],
     base_fp: str,
     pre: dict[str, Any] | None = None,
-    gen_ids: frozenset[str] | None = None,
     computed: tuple[Any, float, int] | None = None,
     *,
-    extras: bool = False,
-    generative: GenerativeSettings | None = None,
     complete: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
     answers: dict | None = None,
 ) -> dict[str, Any]:
-    """One case: edit (or take the patch ``computed`` with its group), evaluate, revert. ``answers``: greedy
-    answers computed on the unedited model (method ``none`` only, where nothing is edited)."""
+    """One case: edit (or take the patch ``computed`` with its group), ``score`` it, revert. ``answers``:
+    greedy answers computed on the unedited model (method ``none`` only, where nothing is edited)."""
     req = case.request
     record = case_header(case)
 
     def evaluate(with_generation: bool) -> dict[str, Any]:
-        return _evaluate(
-            model,
-            tok,
-            case,
-            config,
-            gen,
-            reference,
-            with_generation,
-            gen_ids,
-            extras=extras,
-            generative=generative,
-            answers=answers if method.name == "none" else None,
-        )
+        return score(case, with_generation, answers if method.name == "none" else None)
 
     t0 = time.perf_counter()
     if method.name == "none":
