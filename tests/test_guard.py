@@ -178,6 +178,8 @@ def test_a_guarded_run_refuses_resumes_and_summarises(model, tok, data, tmp_path
     assert [s["verdict"] for s in log["steps"]] == ["accepted", "refused", "accepted"]
     drift = {p["step"]: p for p in read_drift(out)}
     assert drift[3]["refused"] == 1 and drift[3]["edits"] == 2
+    assert sorted(drift) == [0, 1, 2, 3]  # the refused step keeps its drift point: the model without its edit
+    assert drift[2]["refused"] == 1 and drift[2]["edits"] == 1
     summary = summarize_runs([out])
     assert summary.rows[-1].refused == 1 and "the guard refused 1 of its 3 edits" in to_markdown(summary)
 

@@ -452,27 +452,26 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
                         record = guard_log.record(index, _ids(valid), judged, patch, path)
                         if not judged.accepted:
                             refused[index] = record
-                            for case in valid:
-                                step_of[str(case.case_id)] = index
-                            continue
-                    _save_state(state, state_path, index)
+                        else:
+                            _save_state(state, state_path, index)
+                    else:
+                        _save_state(state, state_path, index)
                 elif guard is not None and verdict is None:  # saved, never judged (killed in between): judge now
                     judged = guard.try_patch(model, tok, patch, editor.stack)
                     record = guard_log.record(index, _ids(valid), judged, patch, path)
                     if not judged.accepted:
                         refused[index] = record
-                        for case in valid:
-                            step_of[str(case.case_id)] = index
-                        continue
                 else:
                     editor.stack.push(patch)
                     if verdict is not None:
                         guard.accept(verdict["after"])
-                last_step = index
-                edited.extend(valid)
                 for case in valid:
                     step_of[str(case.case_id)] = index
-                patch_of[index] = patch
+                if index not in refused:
+                    last_step = index
+                    edited.extend(valid)
+                    patch_of[index] = patch
+                # a drift point is due whatever this step's verdict: a refused edit leaves the model as it was
                 if index + 1 in drift_due and index + 1 not in drift_done:
                     point = drift_point(model, tok, edited, index + 1, max_cases=config.drift_cases, probe=probe)
                     if guard is not None:
