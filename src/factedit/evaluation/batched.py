@@ -452,9 +452,7 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
                         record = guard_log.record(index, _ids(valid), judged, patch, path)
                         if not judged.accepted:
                             refused[index] = record
-                        else:
-                            _save_state(state, state_path, index)
-                    else:
+                    if index not in refused:
                         _save_state(state, state_path, index)
                 elif guard is not None and verdict is None:  # saved, never judged (killed in between): judge now
                     judged = guard.try_patch(model, tok, patch, editor.stack)
