@@ -188,7 +188,12 @@ def test_a_guarded_run_refuses_resumes_and_summarises(model, tok, data, tmp_path
     guard_lines = (out / "guard.jsonl").read_text()
     step_files = {p.name: load_file(p) for p in (out / "patches").glob("step_*.safetensors")}
     (out / "cases.jsonl").unlink()
+    # and the point after the refused step lost (a run from before points were taken at refused steps):
+    # measured again on resume, though the refused step is never judged again
+    lines = (out / "drift.jsonl").read_text().splitlines(keepends=True)
+    (out / "drift.jsonl").write_text("".join(line for line in lines if json.loads(line)["case_id"] != 2))
     run_evaluation(model, tok, _config(data, **LIMIT), out, progress=False)
+    assert {p["step"]: p for p in read_drift(out)} == drift
     assert (out / "guard.jsonl").read_text() == guard_lines
     again = read_cases(out)
     assert {k: r["guard"]["verdict"] for k, r in again.items()} == verdicts

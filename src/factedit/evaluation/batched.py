@@ -409,9 +409,22 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
     edited: list[Any] = []
     last_step = -1  # the last step applied
     recomputing = False
+
+    def drift_at(step: int) -> None:
+        """The drift point after ``step`` steps, when due: taken whatever those steps' fate (refused,
+        failed, judged in an earlier session), since a step that changed nothing leaves the model as it was."""
+        if step not in drift_due or step in drift_done:
+            return
+        point = drift_point(model, tok, edited, step, max_cases=config.drift_cases, probe=probe)
+        if guard is not None:
+            point["refused"] = sum(len(r["case_ids"]) for r in refused.values())
+        drift_log.append({"case_id": step, **point})
+        drift_done.add(step)
+
     try:
         with progress.stage(f"{method.name} sequence", total=len(chunks), unit="step") as steps:
             for index, chunk in enumerate(chunks):
+                drift_at(index)  # after the steps before this one, whichever way each ended
                 steps.advance(1)
                 valid, chunk_errors = split_valid(tok, chunk, method.fact_token)
                 errors.update(chunk_errors)
@@ -469,12 +482,7 @@ def _run_sequence(run: _Run, chunks: list[list[Any]], config: RunConfig, capabil
                     last_step = index
                     edited.extend(valid)
                     patch_of[index] = patch
-                # a drift point is due whatever this step's verdict: a refused edit leaves the model as it was
-                if index + 1 in drift_due and index + 1 not in drift_done:
-                    point = drift_point(model, tok, edited, index + 1, max_cases=config.drift_cases, probe=probe)
-                    if guard is not None:
-                        point["refused"] = sum(len(r["case_ids"]) for r in refused.values())
-                    drift_log.append({"case_id": index + 1, **point})
+            drift_at(len(chunks))
         capability.ensure("after", model, tok, when="after", edits=len(edited))
         infos = {step: edit_info(p) for step, p in patch_of.items()}
         for case in todo:
