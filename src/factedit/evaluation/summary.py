@@ -404,9 +404,11 @@ def to_csv(summary: Summary) -> str:
                         row.method,
                         row.n,
                         c,
-                        f"{cell.mean:.6g}",
-                        f"{cell.low:.6g}",
-                        f"{cell.high:.6g}",
+                        # full precision: a table rounded from the file rounds as the report does
+                        # (11.85 kept as 11.85 reads back as 11.8499..., 11.8 where the report says 11.9)
+                        repr(float(cell.mean)),
+                        repr(float(cell.low)),
+                        repr(float(cell.high)),
                     ]
                 )
     return buf.getvalue()
