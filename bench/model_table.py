@@ -18,7 +18,7 @@ Steps per model: ``load`` (cold: a fresh home converts the GGUF; cached: a secon
 (trace peak + ROME layer sweep, ``factedit locate``), ``rome`` (ROME on the first ``--n`` dev cases with
 the located ``rome.json``, else the defaults), ``memit`` (one batch of ``--n`` edits, located
 ``memit.json``), ``chat`` (ROME runs chat/chat, raw->chat and chat->raw; models without a chat template
-are skipped with the reason).
+are skipped with the reason). The generative view is off unless `--generative` (it more than doubles a case's time).
 """
 
 from __future__ import annotations
@@ -127,11 +127,12 @@ def has_chat_template(model: str) -> bool:
     return probe.returncode == 0
 
 
-def model_steps(model: str, steps: list[str], out: Path, n: int, threads: int, approx: bool) -> None:
+def model_steps(model: str, steps: list[str], out: Path, n: int, threads: int, approx: bool, generative: bool) -> None:
     """Every step not finished yet (committed under state/models or done in ``out``), in order."""
     folder = out / model
     common = ["--model", model, "--threads", str(threads)]
-    evaluate = ["eval", *common, "--dataset", "counterfact", "--n", str(n)]
+    views = [] if generative else ["--no-generative"]  # greedy answers: more than half of a case's time
+    evaluate = ["eval", *common, "--dataset", "counterfact", "--n", str(n), *views]
 
     def step(name: str, args: list[str]) -> None:
         if restore(folder, name):
@@ -188,7 +189,10 @@ def print_table(models: list[str], out: Path) -> None:
     print("|" + "---|" * len(columns))
     for model in models:
         folder = out / model
-        load = json.loads((folder / "load.json").read_text()) if (folder / "load.json").is_file() else {}
+        loads = [p for p in (folder / "load.json", STATE / model / "load.json") if p.is_file()]
+        load = json.loads(loads[0].read_text()) if loads else {}
+        for name in ("locate", "rome", "memit", *CHAT_RUNS):
+            restore(folder, name)  # a fresh checkout: the committed finished steps
         located = folder / "locate" / "locate.json"
         loc = json.loads(located.read_text()) if located.is_file() else {}
         rome, memit = summary(folder / "rome"), summary(folder / "memit")
@@ -218,6 +222,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=usable_cores())
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--approx", action="store_true", help="locate with the estimated trace (locate --approx)")
+    ap.add_argument("--generative", action="store_true", help="also the generative view (doubles the time)")
     ap.add_argument("--keep-partial", action="store_true", help="copy unfinished steps' state for git, then stop")
     args = ap.parse_args()
     steps = [s for s in args.steps.split(",") if s]
@@ -229,7 +234,7 @@ def main() -> None:
         return
     if not args.table_only:
         for model in args.models:
-            model_steps(model, steps, args.out, args.n, args.threads, args.approx)
+            model_steps(model, steps, args.out, args.n, args.threads, args.approx, args.generative)
     print_table(args.models, args.out)
 
 

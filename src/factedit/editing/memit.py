@@ -5,6 +5,10 @@
 2. For each critical layer l_i in order: keys K (template-averaged rewrite-module inputs),
    residual R = z − (current last-layer output), spread as R / (n_layers − i), and
    ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ solved in float64; later layers see earlier updates.
+   Where a norm follows the MLP (Gemma 3's post-feedforward norm; official MEMIT has no such model), R is
+   first mapped through it to the MLP output change that moves the residual by R
+   (:func:`~factedit.models.runtime.mlp_output_change`): without that, ΔW k = R changes the residual by
+   norm(m + R) − norm(m), not R.
 The statistics C, keys, templates and value optimisation are the core's, shared with ROME.
 
 Several processes (every rank of a torchrun job calling :func:`compute_memit` with the same requests,
@@ -47,6 +51,7 @@ from factedit.integrity import load_signed, save_signed
 from factedit.models.architectures import arch_for, get_parameter
 from factedit.models.fingerprint import model_fingerprint, tensor_sha256
 from factedit.models.placement import module_device, require_resident
+from factedit.models.runtime import mlp_output_change
 from factedit.paths import atomic_write_bytes
 from factedit.progress import Progress, as_progress
 from factedit.text import encode_with_subject, pad_id
@@ -307,14 +312,19 @@ def compute_memit(
                 model, tok, arch, layer, requests, templates, weights_tw, hp.fact_token,
                 batch_size=key_batch_size, shared=sharded,
             )  # fmt: skip
-            cur = module_inputs_at(
-                model, [name_z], [b.ids for b in bare], bare_pos,
+            post_norm = arch.mlp_post_norm_at(layer) is not None  # then the MLP's own output is needed too
+            read = [arch.rewrite_at(layer), name_z] if post_norm else [name_z]
+            outputs = module_inputs_at(
+                model, read, [b.ids for b in bare], bare_pos,
                 pad=pad_id(tok), batch_size=key_batch_size, output=True, shared=sharded,
-            )[name_z]  # fmt: skip
+            )  # fmt: skip
+            cur = outputs[name_z]
             t1 = time.perf_counter()
             name = arch.rewrite_weight_at(layer)
             weight = get_parameter(model, name)
-            resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out)
+            resid = (zs - cur.float()).double() / (len(hp.layers) - i)  # (n, d_out): the residual's share
+            if post_norm:  # the MLP output change that makes that residual change through the norm
+                resid = mlp_output_change(model, arch, layer, outputs[arch.rewrite_at(layer)], resid).double()
             solve = functools.partial(_layer_entry, solver, layer, keys, resid, name, weight, arch.conv1d)
             if sharded:  # rank 0 solves; every rank applies its entry (the same weights for the next layer)
                 entry = distributed.on_main(

@@ -31,6 +31,9 @@ class ArchSpec:
     conv1d: bool = False  # GPT-2's Conv1D stores weight as (in, out) instead of (out, in)
     # the MLP's input projections (its input is the block's normalised hidden state), e.g. Llama's gate and up
     mlp_inputs: tuple[str, ...] = ()
+    # a norm between the MLP's output and the residual stream (Gemma 2/3's post_feedforward_layernorm):
+    # then a change of the rewrite module's output is not the change it makes to the residual
+    mlp_post_norm: str = ""
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -50,8 +53,13 @@ class ArchSpec:
     def mlp_inputs_at(self, layer: int) -> list[str]:
         return [name.format(layer) for name in self.mlp_inputs]
 
+    def mlp_post_norm_at(self, layer: int) -> str | None:
+        return self.mlp_post_norm.format(layer) if self.mlp_post_norm else None
 
-def _llama_like(family: str, mlp_inputs: tuple[str, ...] = ("gate_proj", "up_proj")) -> ArchSpec:
+
+def _llama_like(
+    family: str, mlp_inputs: tuple[str, ...] = ("gate_proj", "up_proj"), mlp_post_norm: str = ""
+) -> ArchSpec:
     return ArchSpec(
         family=family,
         embed="model.embed_tokens",
@@ -62,6 +70,7 @@ def _llama_like(family: str, mlp_inputs: tuple[str, ...] = ("gate_proj", "up_pro
         final_norm="model.norm",
         lm_head="lm_head",
         mlp_inputs=tuple(f"model.layers.{{}}.mlp.{name}" for name in mlp_inputs),
+        mlp_post_norm=mlp_post_norm,
     )
 
 
@@ -104,7 +113,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _llama_like("qwen2"),
     "qwen3": _llama_like("qwen3"),
     "mistral": _llama_like("mistral"),
-    "gemma3": _llama_like("gemma3"),
+    "gemma3": _llama_like("gemma3", mlp_post_norm="model.layers.{}.post_feedforward_layernorm"),
     "phi3": _llama_like("phi3", ("gate_up_proj",)),  # Phi-3 fuses gate and up into one projection
 }
 
