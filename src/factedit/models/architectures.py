@@ -31,7 +31,7 @@ class ArchSpec:
     conv1d: bool = False  # GPT-2's Conv1D stores weight as (in, out) instead of (out, in)
     # the MLP's input projections (its input is the block's normalised hidden state), e.g. Llama's gate and up
     mlp_inputs: tuple[str, ...] = ()
-    # a norm between the MLP's output and the residual stream (Gemma 2/3's post_feedforward_layernorm):
+    # a norm between the MLP's output and the residual stream (Gemma 3's post_feedforward_layernorm):
     # then a change of the rewrite module's output is not the change it makes to the residual
     mlp_post_norm: str = ""
 

@@ -49,7 +49,7 @@ def mlp_output_change(
     """The change of the rewrite module's output that changes the residual stream by ``residual_change``.
 
     MEMIT (and every method solving for its residuals) writes ΔW k = R, which moves the residual by R only
-    when the MLP's output is added to it as it is. Where a norm sits between them (Gemma 2/3's
+    when the MLP's output is added to it as it is. Where a norm sits between them (Gemma 3's
     post-feedforward norm) the residual receives norm(m): the output m* whose norm(m*) is nearest to
     norm(m) + R is solved for per row (L-BFGS through the model's own norm module, from m) and m* − m
     returned. A norm fixes its output's RMS before the gain, so a residual change that alters that RMS is
